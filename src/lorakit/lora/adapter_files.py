@@ -1,0 +1,284 @@
+"""Adapters on disk, in PEFT's format: `adapter_config.json` + `adapter_model.safetensors`.
+
+Tensor names are the ones PEFT writes for the same model: the path of the module inside
+`base_model.model`, then `lora_A.weight` / `lora_B.weight` (or `lora_embedding_A` /
+`lora_embedding_B`), with the adapter's name left out; a `modules_to_save` module is stored
+under its own path (`base_model.model.classifier.weight`). The safetensors header also records
+the base model's name, a fingerprint of its weights and lorakit's version.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import warnings
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+from torch import nn
+
+from .config import LoraConfig
+from .errors import AdapterFileError, AdapterShapeError, LoraError
+from .layers import LoraLayer, ModulesToSaveWrapper
+from .model import add_adapter, configs, lora_layers, name_matches, set_adapter
+
+CONFIG_NAME = "adapter_config.json"
+WEIGHTS_NAME = "adapter_model.safetensors"
+PREFIX = "base_model.model."
+
+
+class FingerprintWarning(UserWarning):
+    """The adapter was trained on a base model with other weights."""
+
+
+def _version() -> str:
+    try:
+        from importlib.metadata import version
+
+        return version("lorakit")
+    except Exception:
+        return "unknown"
+
+
+# ---------------------------------------------------------------- names
+def adapter_state_dict(model: nn.Module, adapter_name: str = "default") -> dict[str, torch.Tensor]:
+    """The adapter's tensors under PEFT's file names (live tensors, not copies)."""
+    if adapter_name not in configs(model):
+        raise LoraError(
+            f"no adapter named {adapter_name!r}; adapters here: {sorted(configs(model))}"
+        )
+    config = configs(model)[adapter_name]
+    tensors: dict[str, torch.Tensor] = {}
+    for path, module in model.named_modules():
+        if isinstance(module, LoraLayer) and adapter_name in module.r:
+            for key, param in module.named_parameters(recurse=True):
+                parts = key.split(".")
+                if parts[0].startswith("lora_") and parts[1] == adapter_name:
+                    del parts[1]
+                    tensors[PREFIX + path + "." + ".".join(parts)] = param
+            bias = getattr(module.base_layer, "bias", None)
+            if config.bias == "lora_only" and bias is not None:
+                tensors[f"{PREFIX}{path}.base_layer.bias"] = bias
+        elif isinstance(module, ModulesToSaveWrapper) and adapter_name in module.modules_to_save:
+            for key, tensor in module.modules_to_save[adapter_name].state_dict().items():
+                tensors[f"{PREFIX}{path}.{key}"] = tensor
+    if config.bias == "all":
+        for key, param in model.named_parameters():
+            if (
+                key.endswith("bias")
+                and "modules_to_save" not in key
+                and "original_module" not in key
+            ):
+                tensors[PREFIX + key] = param
+    return tensors
+
+
+# ---------------------------------------------------------------- fingerprint
+def base_fingerprint(model: nn.Module, modules_to_save: list[str] | None = None) -> str:
+    """A digest of the base model's weights, under their names before LoRA was added.
+
+    Adapters and `modules_to_save` (e.g. a freshly initialised head) are left out, so the same
+    pretrained weights give the same fingerprint before and after `inject`.
+    """
+    merged = [layer for _, layer in lora_layers(model) if layer.merged]
+    if merged:
+        raise LoraError("unmerge the adapter (unmerge_adapter) before fingerprinting the base")
+    saved = set(modules_to_save or [])
+    for config in configs(model).values():
+        saved |= set(config.modules_to_save or [])
+    digest = hashlib.blake2b(digest_size=16)
+    for name, param in model.named_parameters():
+        if "lora_" in name or ".modules_to_save." in name:
+            continue
+        base_name = name.replace(".base_layer.", ".").replace(".original_module.", ".")
+        if name_matches(base_name.rsplit(".", 1)[0], sorted(saved)):
+            continue
+        tensor = param.detach().contiguous().cpu()
+        digest.update(f"{base_name}|{tensor.dtype}|{tuple(tensor.shape)}".encode())
+        digest.update(tensor.view(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
+# ---------------------------------------------------------------- saving
+def _atomic_write(path: Path, write) -> None:
+    """Writes through a temporary file in the same folder, then renames: never half a file."""
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        write(tmp)
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+def save_adapter(
+    model: nn.Module,
+    directory: str | os.PathLike,
+    adapter_name: str = "default",
+    base_model_name_or_path: str | None = None,
+) -> Path:
+    """Writes the adapter alone (a few KB to MB), loadable by lorakit and by PEFT."""
+    directory = Path(directory)
+    config = configs(model).get(adapter_name)
+    if config is None:
+        raise LoraError(
+            f"no adapter named {adapter_name!r}; adapters here: {sorted(configs(model))}"
+        )
+    base_name = base_model_name_or_path or config.base_model_name_or_path
+    tensors = {
+        k: v.detach().to("cpu").contiguous().clone()
+        for k, v in adapter_state_dict(model, adapter_name).items()
+    }
+    metadata = {
+        "format": "pt",
+        "lorakit_version": _version(),
+        "base_model": str(base_name or ""),
+        "base_fingerprint": base_fingerprint(model),
+    }
+    config_dict = config.to_dict()
+    config_dict["base_model_name_or_path"] = base_name
+    config_dict["inference_mode"] = True
+    # PEFT reads GPT-2's Conv1D weights as (in, out) only when told so
+    config_dict["fan_in_fan_out"] = config.fan_in_fan_out or any(
+        getattr(layer, "fan_in_fan_out", False) and adapter_name in layer.r
+        for _, layer in lora_layers(model)
+    )
+    directory.mkdir(parents=True, exist_ok=True)
+    _atomic_write(directory / WEIGHTS_NAME, lambda p: save_file(tensors, str(p), metadata))
+    _atomic_write(
+        directory / CONFIG_NAME,
+        lambda p: p.write_text(json.dumps(config_dict, indent=2, sort_keys=True) + "\n"),
+    )
+    return directory
+
+
+# ---------------------------------------------------------------- loading
+def read_adapter(directory: str | os.PathLike) -> tuple[LoraConfig, dict[str, torch.Tensor], dict]:
+    """Config, tensors and header metadata of an adapter folder, with errors that name the fix."""
+    directory = Path(directory)
+    if not directory.is_dir():
+        raise AdapterFileError(
+            f"{directory} is not a folder; point at the adapter folder that holds "
+            f"{CONFIG_NAME} and {WEIGHTS_NAME} (e.g. RUN_DIR/adapter)"
+        )
+    missing = [n for n in (CONFIG_NAME, WEIGHTS_NAME) if not (directory / n).is_file()]
+    if missing:
+        hint = (
+            " (adapter_model.bin is pickle, which lorakit never loads)"
+            if (directory / "adapter_model.bin").exists()
+            else ""
+        )
+        raise AdapterFileError(
+            f"{directory} has no {' and no '.join(missing)}{hint}; an adapter folder holds "
+            f"{CONFIG_NAME} and {WEIGHTS_NAME}, as save_adapter or PEFT's save_pretrained write them"
+        )
+    try:
+        config = LoraConfig.from_dict(json.loads((directory / CONFIG_NAME).read_text()))
+    except json.JSONDecodeError as e:
+        raise AdapterFileError(
+            f"{directory / CONFIG_NAME} is not valid JSON ({e}); save the adapter again"
+        ) from None
+    except TypeError as e:
+        raise AdapterFileError(f"{directory / CONFIG_NAME} has a bad field: {e}") from None
+    try:
+        tensors = {}
+        with safe_open(str(directory / WEIGHTS_NAME), framework="pt") as f:
+            metadata = f.metadata() or {}
+            for key in f.keys():  # noqa: SIM118 (safe_open is no dict)
+                tensors[key] = f.get_tensor(key)
+    except Exception as e:  # safetensors raises its own error types for bad headers
+        raise AdapterFileError(
+            f"{directory / WEIGHTS_NAME} is truncated or corrupted ({type(e).__name__}: {e}); "
+            "save or download the adapter again"
+        ) from None
+    return config, tensors, metadata
+
+
+def load_adapter(
+    model: nn.Module,
+    directory: str | os.PathLike,
+    adapter_name: str = "default",
+    is_trainable: bool = False,
+) -> nn.Module:
+    """Loads an adapter saved by lorakit or PEFT into `model` (adding LoRA layers if needed)."""
+    config, tensors, metadata = read_adapter(directory)
+    config.inference_mode = not is_trainable
+    recorded = metadata.get("base_fingerprint")
+    if recorded:
+        actual = base_fingerprint(model, config.modules_to_save)
+        if actual != recorded:
+            warnings.warn(
+                f"adapter {directory} was trained on a base model with fingerprint {recorded}, "
+                f"but this model's weights have fingerprint {actual}; outputs may differ from "
+                f"training (base recorded: {metadata.get('base_model') or 'unknown'})",
+                FingerprintWarning,
+                stacklevel=2,
+            )
+    fresh = not configs(model)
+    if adapter_name in configs(model):
+        raise LoraError(
+            f"the model already has an adapter named {adapter_name!r}; "
+            "load under another adapter_name or delete_adapter first"
+        )
+    add_adapter(model, adapter_name, config)
+    expected = adapter_state_dict(model, adapter_name)
+    extra_base = {k: v for k, v in tensors.items() if k not in expected}
+    _check_and_copy(model, adapter_name, directory, expected, tensors, extra_base)
+    if fresh:
+        for name, param in model.named_parameters():
+            if "lora_" not in name and ".modules_to_save." not in name:
+                param.requires_grad = False
+    set_adapter(model, adapter_name)
+    return model
+
+
+def _check_and_copy(model, adapter_name, directory, expected, tensors, extra_base) -> None:
+    missing = [k for k in expected if k not in tensors]
+    if missing:
+        _undo(model, adapter_name)
+        raise AdapterShapeError(
+            f"adapter {directory} lacks {len(missing)} tensor(s) this model needs, first: "
+            f"{missing[0]}; it was made for another model or other target_modules"
+        )
+    # PEFT may store full tensors of targeted embedding layers beside the adapter.
+    model_params = dict(model.named_parameters())
+    unknown = []
+    for key in extra_base:
+        name = key.removeprefix(PREFIX)
+        name = name if name in model_params else name.replace(".weight", ".base_layer.weight")
+        if name not in model_params:
+            unknown.append(key)
+        else:
+            expected[key] = model_params[name]
+    if unknown:
+        _undo(model, adapter_name)
+        raise AdapterShapeError(
+            f"adapter {directory} has tensors this model lacks, first: {unknown[0]}; "
+            "it was made for another model"
+        )
+    for key, target in expected.items():
+        source = tensors[key]
+        if tuple(source.shape) != tuple(target.shape):
+            _undo(model, adapter_name)
+            raise AdapterShapeError(
+                f"adapter tensor {key} has shape {tuple(source.shape)} but this model needs "
+                f"{tuple(target.shape)}: the adapter was made for a different base model "
+                "(or another r / number of labels)"
+            )
+    with torch.no_grad():
+        for key, target in expected.items():
+            target.copy_(tensors[key].to(target.dtype))
+
+
+def _undo(model: nn.Module, adapter_name: str) -> None:
+    from .model import delete_adapter, unload
+
+    if len(configs(model)) == 1:
+        unload(model)
+    else:
+        delete_adapter(model, adapter_name)

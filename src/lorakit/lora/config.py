@@ -1,0 +1,108 @@
+"""`LoraConfig`: PEFT's field names and defaults, validated on creation.
+
+The JSON form is PEFT's `adapter_config.json`, so a config written here loads in
+`peft.LoraConfig.from_pretrained` and one written by PEFT loads here.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from .errors import LoraError
+
+ALL_LINEAR = "all-linear"
+
+
+@dataclass
+class LoraConfig:
+    """How to add LoRA to a model.
+
+    r: rank of the update B·A (LoRA paper, section 4.1).
+    lora_alpha: the update is scaled by lora_alpha / r (section 4.1), so that changing r does
+        not change the learning rate one needs; with `use_rslora`, by lora_alpha / sqrt(r)
+        (Kalajdzievski 2023, "rank-stabilized LoRA").
+    lora_dropout: dropout on the input of the LoRA branch only.
+    target_modules: which modules get LoRA: a list of names (a module matches when its full name
+        equals an entry or ends with "." + entry), a regex string (full match), or "all-linear".
+    exclude_modules: same forms; never targeted.
+    modules_to_save: modules trained in full and saved with the adapter (e.g. a new head).
+    bias: "none", "all" (every bias trainable) or "lora_only" (biases of LoRA layers).
+    init_lora_weights: True = Kaiming-uniform A and zero B, so training starts at the base
+        model (section 4.1); "gaussian" = normal A with std 1/r; False = random B too (tests).
+    fan_in_fan_out: the base stores weight as (in, out), as GPT-2's Conv1D does.
+    """
+
+    r: int = 8
+    lora_alpha: float = 8
+    lora_dropout: float = 0.0
+    target_modules: list[str] | str | None = None
+    exclude_modules: list[str] | str | None = None
+    modules_to_save: list[str] | None = None
+    bias: Literal["none", "all", "lora_only"] = "none"
+    use_rslora: bool = False
+    init_lora_weights: bool | Literal["gaussian"] = True
+    fan_in_fan_out: bool = False
+    task_type: str | None = None
+    base_model_name_or_path: str | None = None
+    inference_mode: bool = False
+    extra: dict[str, Any] = field(default_factory=dict, repr=False)
+
+    def __post_init__(self) -> None:
+        if isinstance(self.target_modules, (set, tuple)):
+            self.target_modules = sorted(self.target_modules)
+        if isinstance(self.exclude_modules, (set, tuple)):
+            self.exclude_modules = sorted(self.exclude_modules)
+        if isinstance(self.modules_to_save, (set, tuple)):
+            self.modules_to_save = list(self.modules_to_save)
+        if isinstance(self.r, bool) or not isinstance(self.r, int) or self.r <= 0:
+            raise LoraError(f"r must be a positive integer (e.g. r=8), got {self.r!r}")
+        if not isinstance(self.lora_alpha, (int, float)) or not math.isfinite(self.lora_alpha):
+            raise LoraError(
+                f"lora_alpha must be a finite number (e.g. 16), got {self.lora_alpha!r}"
+            )
+        if not (isinstance(self.lora_dropout, (int, float)) and 0 <= self.lora_dropout < 1):
+            raise LoraError(f"lora_dropout must be in [0, 1) (e.g. 0.1), got {self.lora_dropout!r}")
+        if self.bias not in ("none", "all", "lora_only"):
+            raise LoraError(f"bias must be 'none', 'all' or 'lora_only', got {self.bias!r}")
+        if self.init_lora_weights not in (True, False, "gaussian"):
+            raise LoraError(
+                f"init_lora_weights must be True, False or 'gaussian', got {self.init_lora_weights!r}"
+            )
+        if not self.target_modules:
+            raise LoraError(
+                "target_modules is empty: name the modules to adapt, e.g. ['query', 'value'], "
+                "or 'all-linear' (`lorakit inspect MODEL` lists the names)"
+            )
+
+    @property
+    def scaling(self) -> float:
+        return self.lora_alpha / (math.sqrt(self.r) if self.use_rslora else self.r)
+
+    def to_dict(self) -> dict[str, Any]:
+        """PEFT's adapter_config.json fields."""
+        data = {
+            f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "extra"
+        }
+        data.update(peft_type="LORA", revision=None, layers_to_transform=None, layers_pattern=None)
+        data.update(rank_pattern={}, alpha_pattern={}, use_dora=False)
+        return {**self.extra, **data}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> LoraConfig:
+        """Reads PEFT's adapter_config.json; fields lorakit does not use are kept in `extra`."""
+        if data.get("peft_type", "LORA") != "LORA":
+            raise LoraError(f"only LoRA adapters are supported, this one is {data['peft_type']!r}")
+        if data.get("use_dora"):
+            raise LoraError("DoRA adapters (use_dora=true) are not supported by lorakit's engine")
+        for key in ("rank_pattern", "alpha_pattern"):
+            if data.get(key):
+                raise LoraError(
+                    f"{key} is not supported by lorakit's engine; load it with engine=peft"
+                )
+        names = {f.name for f in dataclasses.fields(cls)} - {"extra"}
+        known = {k: v for k, v in data.items() if k in names}
+        extra = {k: v for k, v in data.items() if k not in names}
+        return cls(**known, extra=extra)

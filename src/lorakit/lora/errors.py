@@ -1,0 +1,17 @@
+"""Errors raised by the LoRA engine. Each message says what was wrong and how to fix it."""
+
+
+class LoraError(ValueError):
+    """Base class: bad LoRA configuration, targets, adapter files or shapes."""
+
+
+class TargetModulesError(LoraError):
+    """`target_modules` (or `modules_to_save`) matched nothing in the model."""
+
+
+class AdapterFileError(LoraError):
+    """An adapter folder is missing, incomplete or corrupted."""
+
+
+class AdapterShapeError(LoraError):
+    """An adapter's tensors do not fit the model they are loaded into."""

@@ -1,0 +1,270 @@
+"""LoRA layers: a frozen base layer plus one low-rank update per named adapter.
+
+    x ──► base_layer (W0, frozen) ───────────────────────────┐
+    │                                                        (+) ──► h = W0·x + (alpha/r)·B·A·x
+    └──► dropout ──► lora_A (r × in) ──► lora_B (out × r) ──► × scaling
+
+A starts random and B at zero, so an untouched adapter leaves the model exactly as it was
+(LoRA paper, Hu et al. 2021, section 4.1). Merging writes scaling·B·A into W0, after which the
+layer costs nothing extra; unmerging subtracts it again.
+
+The attribute names are PEFT's (`base_layer`, `lora_A`, `lora_B`, `lora_embedding_A`,
+`lora_embedding_B`, `lora_dropout`, `scaling`), so state-dict keys line up with PEFT's files.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .config import LoraConfig
+from .errors import LoraError
+
+try:  # GPT-2 style layers store their weight as (in, out): "fan_in_fan_out"
+    from transformers.pytorch_utils import Conv1D
+except ImportError:  # transformers is optional for the engine
+    Conv1D = None
+
+
+class LoraLayer(nn.Module):
+    """What every LoRA layer shares: the adapters it holds and which one is active."""
+
+    def __init__(self, base_layer: nn.Module) -> None:
+        super().__init__()
+        self.base_layer = base_layer
+        self.lora_dropout = nn.ModuleDict()
+        self.r: dict[str, int] = {}
+        self.lora_alpha: dict[str, float] = {}
+        self.scaling: dict[str, float] = {}
+        self.active_adapter: str | None = None
+        self.merged_adapters: list[str] = []
+        self.disabled = False
+
+    @property
+    def merged(self) -> bool:
+        return bool(self.merged_adapters)
+
+    @property
+    def weight(self) -> torch.Tensor:  # so code that reads `layer.weight` keeps working
+        return self.base_layer.weight
+
+    @property
+    def bias(self) -> torch.Tensor | None:
+        return self.base_layer.bias
+
+    def adapter_names(self) -> list[str]:
+        return list(self.r)
+
+    def update_layer(self, adapter_name: str, config: LoraConfig) -> None:
+        self.r[adapter_name] = config.r
+        self.lora_alpha[adapter_name] = config.lora_alpha
+        self.scaling[adapter_name] = config.scaling
+        p = config.lora_dropout
+        # Identity when p == 0: no copy of the input on every forward.
+        self.lora_dropout[adapter_name] = nn.Dropout(p) if p > 0 else nn.Identity()
+        self._create_weights(adapter_name, config.r)
+        self._init_weights(adapter_name, config.init_lora_weights)
+        weight = self.base_layer.weight
+        self._to(adapter_name, device=weight.device)
+
+    def delete_adapter(self, adapter_name: str) -> None:
+        if adapter_name in self.merged_adapters:
+            raise LoraError(f"unmerge adapter {adapter_name!r} before deleting it")
+        for store in [*self._adapter_stores(), self.lora_dropout]:
+            if adapter_name in store:
+                del store[adapter_name]
+        for table in (self.r, self.lora_alpha, self.scaling):
+            table.pop(adapter_name, None)
+        if self.active_adapter == adapter_name:
+            self.active_adapter = None
+
+    def merge(self, adapter_names: list[str] | None = None, safe_merge: bool = False) -> None:
+        """Adds scaling·B·A to the base weight. safe_merge checks the result for NaN/inf first."""
+        names = adapter_names or ([self.active_adapter] if self.active_adapter else [])
+        weight = self.base_layer.weight
+        for name in names:
+            if name in self.merged_adapters:
+                continue
+            delta = self.get_delta_weight(name).to(weight.dtype)
+            if safe_merge:
+                merged = weight.data + delta
+                if not torch.isfinite(merged).all():
+                    raise LoraError(
+                        f"merging adapter {name!r} gives NaN/inf weights; the adapter is broken "
+                        "(retrain it, or lower the learning rate)"
+                    )
+                weight.data = merged
+            else:
+                weight.data += delta
+            self.merged_adapters.append(name)
+
+    def unmerge(self) -> None:
+        weight = self.base_layer.weight
+        while self.merged_adapters:
+            name = self.merged_adapters.pop()
+            weight.data -= self.get_delta_weight(name).to(weight.dtype)
+
+    def _lora_active(self) -> str | None:
+        if self.disabled or self.merged or self.active_adapter not in self.r:
+            return None
+        return self.active_adapter
+
+    def _to(self, adapter_name: str, device: torch.device) -> None:
+        for store in self._adapter_stores():
+            if adapter_name in store:
+                store[adapter_name].to(device)
+
+    # implemented by each layer type
+    def _adapter_stores(self) -> list[nn.ModuleDict | nn.ParameterDict]:
+        raise NotImplementedError
+
+    def _create_weights(self, adapter_name: str, r: int) -> None:
+        raise NotImplementedError
+
+    def _init_weights(self, adapter_name: str, init: bool | str) -> None:
+        raise NotImplementedError
+
+    def get_delta_weight(self, adapter_name: str) -> torch.Tensor:
+        raise NotImplementedError
+
+
+class Linear(LoraLayer):
+    """LoRA for `nn.Linear` (weight out × in) and GPT-2's `Conv1D` (weight in × out)."""
+
+    def __init__(self, base_layer: nn.Module, adapter_name: str, config: LoraConfig) -> None:
+        super().__init__(base_layer)
+        self.fan_in_fan_out = Conv1D is not None and isinstance(base_layer, Conv1D)
+        weight = base_layer.weight
+        self.in_features, self.out_features = (
+            weight.shape if self.fan_in_fan_out else weight.shape[::-1]
+        )
+        self.lora_A = nn.ModuleDict()
+        self.lora_B = nn.ModuleDict()
+        self.update_layer(adapter_name, config)
+
+    def _adapter_stores(self):
+        return [self.lora_A, self.lora_B]
+
+    def _create_weights(self, adapter_name, r):
+        dtype = torch.float32 if not self.base_layer.weight.is_floating_point() else None
+        self.lora_A[adapter_name] = nn.Linear(self.in_features, r, bias=False, dtype=dtype)
+        self.lora_B[adapter_name] = nn.Linear(r, self.out_features, bias=False, dtype=dtype)
+
+    def _init_weights(self, adapter_name, init):
+        A, B = self.lora_A[adapter_name].weight, self.lora_B[adapter_name].weight
+        if init == "gaussian":
+            nn.init.normal_(A, std=1 / self.r[adapter_name])
+        else:
+            nn.init.kaiming_uniform_(A, a=math.sqrt(5))
+        if init is False:  # a non-identity start, for tests and experiments
+            nn.init.kaiming_uniform_(B, a=math.sqrt(5))
+        else:
+            nn.init.zeros_(B)
+
+    def get_delta_weight(self, adapter_name: str) -> torch.Tensor:
+        A, B = self.lora_A[adapter_name].weight, self.lora_B[adapter_name].weight
+        delta = (B @ A) * self.scaling[adapter_name]  # out × in
+        return delta.T if self.fan_in_fan_out else delta
+
+    def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        result = self.base_layer(x, *args, **kwargs)
+        name = self._lora_active()
+        if name is None:
+            return result
+        A, B = self.lora_A[name], self.lora_B[name]
+        return result + B(A(self.lora_dropout[name](x))) * self.scaling[name]
+
+
+class Embedding(LoraLayer):
+    """LoRA for `nn.Embedding`: a lookup in A, then a product with B (PEFT's layout)."""
+
+    def __init__(self, base_layer: nn.Embedding, adapter_name: str, config: LoraConfig) -> None:
+        super().__init__(base_layer)
+        self.num_embeddings, self.embedding_dim = base_layer.weight.shape
+        self.lora_embedding_A = nn.ParameterDict()  # r × num_embeddings
+        self.lora_embedding_B = nn.ParameterDict()  # embedding_dim × r
+        self.update_layer(adapter_name, config)
+
+    def _adapter_stores(self):
+        return [self.lora_embedding_A, self.lora_embedding_B]
+
+    def _create_weights(self, adapter_name, r):
+        self.lora_embedding_A[adapter_name] = nn.Parameter(torch.empty(r, self.num_embeddings))
+        self.lora_embedding_B[adapter_name] = nn.Parameter(torch.empty(self.embedding_dim, r))
+
+    def _init_weights(self, adapter_name, init):
+        # PEFT's choice for embeddings: A = 0 and B ~ N(0, 1), so the start is still the base.
+        A, B = self.lora_embedding_A[adapter_name], self.lora_embedding_B[adapter_name]
+        nn.init.normal_(B)
+        if init is False:
+            nn.init.normal_(A)
+        else:
+            nn.init.zeros_(A)
+
+    def _to(self, adapter_name, device):
+        for store in self._adapter_stores():
+            store[adapter_name].data = store[adapter_name].data.to(device)
+
+    def get_delta_weight(self, adapter_name: str) -> torch.Tensor:
+        A, B = self.lora_embedding_A[adapter_name], self.lora_embedding_B[adapter_name]
+        return (B @ A).T * self.scaling[adapter_name]  # num_embeddings × embedding_dim
+
+    def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        result = self.base_layer(x, *args, **kwargs)
+        name = self._lora_active()
+        if name is None:
+            return result
+        base = self.base_layer
+        after_A = F.embedding(x, self.lora_embedding_A[name].T, padding_idx=base.padding_idx)
+        return result + (after_A @ self.lora_embedding_B[name].T) * self.scaling[name]
+
+
+class ModulesToSaveWrapper(nn.Module):
+    """A module trained in full: the frozen original plus one trainable copy per adapter."""
+
+    def __init__(self, module: nn.Module, adapter_name: str) -> None:
+        super().__init__()
+        self.original_module = module
+        self.modules_to_save = nn.ModuleDict()
+        self.active_adapter: str | None = None
+        self.disabled = False
+        self.update(adapter_name)
+
+    def update(self, adapter_name: str) -> None:
+        copy_ = copy.deepcopy(self.original_module)
+        copy_.requires_grad_(True)
+        self.modules_to_save[adapter_name] = copy_
+
+    def adapter_names(self) -> list[str]:
+        return list(self.modules_to_save)
+
+    def delete_adapter(self, adapter_name: str) -> None:
+        if adapter_name in self.modules_to_save:
+            del self.modules_to_save[adapter_name]
+        if self.active_adapter == adapter_name:
+            self.active_adapter = None
+
+    def active_module(self) -> nn.Module:
+        if self.disabled or self.active_adapter not in self.modules_to_save:
+            return self.original_module
+        return self.modules_to_save[self.active_adapter]
+
+    def forward(self, *args, **kwargs):
+        return self.active_module()(*args, **kwargs)
+
+
+def make_lora_layer(module: nn.Module, adapter_name: str, config: LoraConfig) -> LoraLayer | None:
+    """The LoRA layer for `module`, or None when its type has no LoRA layer."""
+    if isinstance(module, nn.Linear) or (Conv1D is not None and isinstance(module, Conv1D)):
+        return Linear(module, adapter_name, config)
+    if isinstance(module, nn.Embedding):
+        return Embedding(module, adapter_name, config)
+    return None
+
+
+def supported_types() -> tuple[type, ...]:
+    return (nn.Linear, nn.Embedding) + ((Conv1D,) if Conv1D is not None else ())

@@ -1,0 +1,277 @@
+"""The engine's behaviour on its own (issue 2, points 3-6)."""
+
+import json
+import warnings
+
+import pytest
+import torch
+from torch import nn
+from transformers import BertConfig, BertForSequenceClassification
+
+import lorakit.lora as lora
+
+
+def tiny_bert() -> BertForSequenceClassification:
+    torch.manual_seed(0)
+    config = BertConfig(
+        vocab_size=120,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        intermediate_size=64,
+        max_position_embeddings=64,
+        num_labels=3,
+    )
+    return BertForSequenceClassification(config).eval()
+
+
+def batch() -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(2)
+    return {"input_ids": torch.randint(0, 120, (4, 12), generator=g)}
+
+
+def out(model) -> torch.Tensor:
+    with torch.no_grad():
+        return model(**batch()).logits
+
+
+def adapted(**kwargs) -> nn.Module:
+    options = dict(
+        r=4,
+        lora_alpha=8,
+        target_modules=["query", "value", "word_embeddings"],
+        modules_to_save=["classifier"],
+        init_lora_weights=False,
+    )
+    options.update(kwargs)
+    return lora.inject(tiny_bert(), lora.LoraConfig(**options))
+
+
+def test_parameter_count_of_a_rank_2_linear():
+    model = nn.Sequential(nn.Linear(100, 128), nn.ReLU(), nn.Linear(128, 2))
+    lora.inject(model, lora.LoraConfig(r=2, target_modules=["0"]))
+    assert model[0].lora_A["default"].weight.shape == (2, 100)
+    assert model[0].lora_B["default"].weight.shape == (128, 2)
+    count = lora.trainable_parameters(model)
+    assert count.trainable == 456
+    assert count.total == 100 * 128 + 128 + 128 * 2 + 2 + 456
+    assert f"{count.trainable:,}" in str(count)
+
+
+def test_default_init_starts_at_the_base_model():
+    base = out(tiny_bert())
+    model = lora.inject(tiny_bert(), lora.LoraConfig(target_modules=["query", "value"]))
+    assert torch.equal(out(model), base)
+
+
+def test_merge_unmerge_unload_and_disable():
+    base = out(tiny_bert())
+    model = adapted()
+    base_weights = {n: p.detach().clone() for n, p in model.named_parameters() if "base_layer" in n}
+    unmerged = out(model)
+    assert (unmerged - base).abs().max() > 1e-3
+
+    lora.merge_adapter(model, safe_merge=True)
+    assert (out(model) - unmerged).abs().max() <= 1e-4
+    with lora.disable_adapters(model):  # merged weights are taken out inside the block
+        assert (out(model) - base).abs().max() <= 1e-5
+    assert (out(model) - unmerged).abs().max() <= 1e-4
+
+    lora.unmerge_adapter(model)
+    for name, param in model.named_parameters():
+        if name in base_weights:
+            assert (param - base_weights[name]).abs().max() <= 1e-6, name
+    with lora.disable_adapters(model):  # unmerge leaves float rounding only
+        assert (out(model) - base).abs().max() <= 1e-5
+
+    types_before = {n: type(m) for n, m in tiny_bert().named_modules()}
+    lora.unload(model)
+    assert {n: type(m) for n, m in model.named_modules()} == types_before
+    assert (out(model) - base).abs().max() <= 1e-5
+
+
+def test_merge_and_unload_keeps_outputs_and_module_types():
+    model = adapted()
+    expected = out(model)
+    merged = lora.merge_and_unload(model)
+    assert not any(
+        isinstance(m, (lora.LoraLayer, lora.ModulesToSaveWrapper)) for m in merged.modules()
+    )
+    assert (out(merged) - expected).abs().max() <= 1e-4
+
+
+def test_safe_merge_refuses_nan():
+    model = adapted()
+    with torch.no_grad():
+        model.bert.encoder.layer[0].attention.self.query.lora_B["default"].weight[0, 0] = float(
+            "nan"
+        )
+    with pytest.raises(lora.LoraError, match="NaN"):
+        lora.merge_adapter(model, safe_merge=True)
+
+
+def test_one_optimizer_step_changes_only_adapter_and_head():
+    model = adapted().train()
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable and all("lora_" in n or ".modules_to_save." in n for n in trainable)
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    model(**batch(), labels=torch.tensor([0, 1, 2, 0])).loss.backward()
+    optimizer.step()
+    for name, param in model.named_parameters():
+        changed = not torch.equal(param, before[name])
+        assert changed == (name in trainable), name
+
+
+def test_several_named_adapters():
+    model = adapted()
+    first = out(model)
+    lora.add_adapter(
+        model, "other", lora.LoraConfig(r=2, target_modules=["key"], init_lora_weights=False)
+    )
+    assert torch.equal(out(model), first)  # adding does not switch
+    lora.set_adapter(model, "other")
+    second = out(model)
+    assert (second - first).abs().max() > 1e-4
+    assert all(
+        "other" in n for n, p in model.named_parameters() if p.requires_grad and "lora_" in n
+    )
+    lora.set_adapter(model, "default")
+    assert torch.equal(out(model), first)
+    lora.delete_adapter(model, "other")
+    assert sorted(lora.configs(model)) == ["default"]
+    with pytest.raises(lora.LoraError, match="no adapter named 'other'"):
+        lora.set_adapter(model, "other")
+
+
+def test_rslora_scaling():
+    model = lora.inject(
+        tiny_bert(), lora.LoraConfig(r=4, lora_alpha=8, use_rslora=True, target_modules=["query"])
+    )
+    layer = model.bert.encoder.layer[0].attention.self.query
+    assert layer.scaling["default"] == pytest.approx(8 / 2)
+
+
+def test_gaussian_init_and_bias_all():
+    model = lora.inject(
+        tiny_bert(),
+        lora.LoraConfig(target_modules=["query"], init_lora_weights="gaussian", bias="all"),
+    )
+    layer = model.bert.encoder.layer[0].attention.self.query
+    assert layer.lora_A["default"].weight.std().item() == pytest.approx(1 / 8, rel=0.3)
+    assert layer.base_layer.bias.requires_grad
+    assert any(k.endswith("bias") for k in lora.adapter_state_dict(model))
+
+
+# ---------------------------------------------------------------- errors that name the fix
+def test_targets_that_match_nothing_list_the_names_closest_first():
+    with pytest.raises(lora.TargetModulesError) as err:
+        lora.inject(tiny_bert(), lora.LoraConfig(target_modules=["q_lin", "v_lin"]))
+    message = str(err.value)
+    assert "matched no module" in message
+    assert "query" in message and "value" in message and "dense" in message
+    assert message.index("value") < message.index("dense")  # closest first
+
+
+def test_target_of_unsupported_type_is_named():
+    with pytest.raises(lora.TargetModulesError, match="LayerNorm"):
+        lora.inject(tiny_bert(), lora.LoraConfig(target_modules=["LayerNorm"]))
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "words"),
+    [
+        ({"r": 0}, "r must be a positive integer"),
+        ({"r": -2}, "r must be a positive integer"),
+        ({"lora_dropout": 1.0}, "lora_dropout must be in [0, 1)"),
+        ({"lora_dropout": -0.1}, "lora_dropout must be in [0, 1)"),
+        ({"bias": "some"}, "bias must be"),
+        ({"target_modules": []}, "target_modules is empty"),
+    ],
+)
+def test_bad_config_values(kwargs, words):
+    options = {"target_modules": ["query"], **kwargs}
+    with pytest.raises(lora.LoraError) as err:
+        lora.LoraConfig(**options)
+    assert words in str(err.value)
+
+
+def test_folder_without_adapter_files(tmp_path):
+    with pytest.raises(lora.AdapterFileError, match="adapter_config.json"):
+        lora.load_adapter(tiny_bert(), tmp_path)
+    with pytest.raises(lora.AdapterFileError, match="not a folder"):
+        lora.load_adapter(tiny_bert(), tmp_path / "nowhere")
+
+
+def test_truncated_or_corrupted_weights(tmp_path):
+    lora.save_adapter(adapted(), tmp_path)
+    weights = tmp_path / lora.WEIGHTS_NAME
+    data = weights.read_bytes()
+    weights.write_bytes(data[: len(data) // 2])
+    with pytest.raises(lora.AdapterFileError, match="truncated or corrupted"):
+        lora.load_adapter(tiny_bert(), tmp_path)
+    weights.write_bytes(b"\x00garbage" * 10)
+    with pytest.raises(lora.AdapterFileError, match="truncated or corrupted"):
+        lora.load_adapter(tiny_bert(), tmp_path)
+    (tmp_path / lora.CONFIG_NAME).write_text("{not json")
+    with pytest.raises(lora.AdapterFileError, match="not valid JSON"):
+        lora.load_adapter(tiny_bert(), tmp_path)
+
+
+def test_shape_mismatch_names_the_tensor_and_both_shapes(tmp_path):
+    lora.save_adapter(adapted(), tmp_path)
+    config = json.loads((tmp_path / lora.CONFIG_NAME).read_text())
+    config["r"] = 2
+    (tmp_path / lora.CONFIG_NAME).write_text(json.dumps(config))
+    model = tiny_bert()
+    with pytest.raises(lora.AdapterShapeError) as err:
+        lora.load_adapter(model, tmp_path)
+    message = str(err.value)
+    assert "lora_embedding_A" in message and "(4, 120)" in message and "(2, 120)" in message
+    assert not any(isinstance(m, lora.LoraLayer) for m in model.modules())  # nothing half-done
+
+
+def test_fingerprint_mismatch_warns_with_both(tmp_path):
+    model = adapted()
+    lora.save_adapter(model, tmp_path)
+    same = tiny_bert()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", lora.FingerprintWarning)
+        lora.load_adapter(same, tmp_path)
+    other = tiny_bert()
+    with torch.no_grad():
+        other.bert.encoder.layer[0].output.dense.weight.add_(0.01)
+    with pytest.warns(lora.FingerprintWarning) as record:
+        lora.load_adapter(other, tmp_path)
+    text = str(record[0].message)
+    assert lora.base_fingerprint(same) in text and lora.base_fingerprint(other) in text
+
+
+def test_save_is_atomic_when_writing_fails(tmp_path, monkeypatch):
+    good = adapted()
+    lora.save_adapter(good, tmp_path)
+    before = (tmp_path / lora.WEIGHTS_NAME).read_bytes()
+
+    def fail(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr("lorakit.lora.adapter_files.save_file", fail)
+    with pytest.raises(OSError, match="No space"):
+        lora.save_adapter(adapted(r=2), tmp_path)
+    assert (tmp_path / lora.WEIGHTS_NAME).read_bytes() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == [lora.CONFIG_NAME, lora.WEIGHTS_NAME]
+
+
+def test_reload_reproduces_outputs_and_records_metadata(tmp_path):
+    model = adapted()
+    lora.save_adapter(model, tmp_path, base_model_name_or_path="tiny-bert")
+    _, _, metadata = lora.read_adapter(tmp_path)
+    assert metadata["base_model"] == "tiny-bert"
+    assert metadata["base_fingerprint"] == lora.base_fingerprint(model)
+    loaded = lora.load_adapter(tiny_bert(), tmp_path)
+    assert torch.equal(out(loaded), out(model))
+    assert lora.trainable_parameters(loaded).trainable == 0  # loaded for inference
+    trainable = lora.load_adapter(tiny_bert(), tmp_path, is_trainable=True)
+    assert (
+        lora.trainable_parameters(trainable).trainable == lora.trainable_parameters(model).trainable
+    )

