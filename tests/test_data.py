@@ -1,0 +1,146 @@
+"""Built-in datasets, hash splits, fingerprints, name resolution and the offline hub path."""
+
+from __future__ import annotations
+
+import os
+import random
+import socket
+import subprocess
+import sys
+import time
+from collections import Counter
+from pathlib import Path
+
+import pytest
+from datasets import ClassLabel
+
+from lorakit.data import DataError, dataset_fingerprint, load_dataset, split_of
+from lorakit.network import OfflineError, hub_reachable
+
+SRC = Path(__file__).resolve().parents[1] / "src"
+
+
+@pytest.fixture(scope="module")
+def data_rotten_tomatoes():
+    return load_dataset("rotten-tomatoes")
+
+
+@pytest.fixture(scope="module")
+def data_bbc_news():
+    return load_dataset("bbc-news")
+
+
+def _label_counts(dsd) -> dict[str, int]:
+    names = dsd["train"].features["label"].names
+    counts = Counter(label for split in dsd.values() for label in split["label"])
+    return {names[label]: count for label, count in counts.items()}
+
+
+def _assert_about_80_10_10(dsd) -> None:
+    total = sum(len(split) for split in dsd.values())
+    assert list(dsd) == ["train", "validation", "test"]
+    assert abs(len(dsd["train"]) / total - 0.8) < 0.02
+    assert abs(len(dsd["validation"]) / total - 0.1) < 0.02
+    assert abs(len(dsd["test"]) / total - 0.1) < 0.02
+
+
+def test_rotten_tomatoes_counts_labels_and_splits(data_rotten_tomatoes):
+    dsd = data_rotten_tomatoes
+    assert set(dsd["train"].column_names) == {"text", "label"}
+    assert dsd["train"].features["label"] == ClassLabel(names=["negative", "positive"])
+    assert sum(len(split) for split in dsd.values()) == 12_752
+    assert _label_counts(dsd) == {"positive": 7_368, "negative": 5_384}
+    texts = [text for split in dsd.values() for text in split["text"]]
+    assert len(set(texts)) == len(texts), "duplicate texts must be dropped"
+    _assert_about_80_10_10(dsd)
+
+
+def test_bbc_news_counts_labels_and_splits(data_bbc_news):
+    dsd = data_bbc_news
+    names = ["business", "entertainment", "politics", "sport", "tech"]
+    assert dsd["train"].features["label"].names == names
+    assert _label_counts(dsd) == dict(zip(names, [510, 386, 417, 511, 401], strict=True))
+    first = dsd["train"][0]["text"]
+    assert "\n" in first and len(first.splitlines()[0]) < 150, "title line, then the body"
+    everything = "".join(text for split in dsd.values() for text in split["text"])
+    assert "\ufffd" not in everything and "£15.8m" in everything  # the one cp1252 article
+    _assert_about_80_10_10(dsd)
+
+
+def test_every_row_sits_in_the_split_its_text_hashes_to(data_bbc_news):
+    for split, dataset in data_bbc_news.items():
+        assert {split_of(text) for text in dataset["text"]} == {split}
+
+
+def test_split_of_ignores_row_order_case_and_spacing():
+    texts = [f"review number {i}: a film" for i in range(300)]
+    shuffled = texts[:]
+    random.Random(0).shuffle(shuffled)
+    assert {t: split_of(t) for t in texts} == {t: split_of(t) for t in shuffled}
+    assert split_of("A  Fine Film\n") == split_of("a fine film")
+    assert Counter(split_of(t) for t in texts).keys() == {"train", "validation", "test"}
+
+
+def test_fingerprint_is_stable_across_processes_and_changes_with_data(data_rotten_tomatoes):
+    here = dataset_fingerprint(data_rotten_tomatoes)
+    assert len(here) == 16 and int(here, 16) >= 0
+    code = "from lorakit.data import *; print(dataset_fingerprint(load_dataset('rotten-tomatoes')))"
+    env = {**os.environ, "PYTHONPATH": str(SRC), "PYTHONHASHSEED": "123"}
+    other = subprocess.run(
+        [sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True
+    )
+    assert other.stdout.strip() == here
+    changed = data_rotten_tomatoes.copy()
+    changed["test"] = changed["test"].select(range(len(changed["test"]) - 1))
+    assert dataset_fingerprint(changed) != here
+
+
+def test_hub_name_offline_fails_fast_naming_offline_data(monkeypatch):
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    assert hub_reachable() is False
+    started = time.perf_counter()
+    with pytest.raises(OfflineError) as caught:
+        load_dataset("imdb")
+    assert time.perf_counter() - started < 5
+    message = str(caught.value)
+    assert isinstance(caught.value, DataError)
+    for words in ("no network", "rotten-tomatoes", "bbc-news", ".csv", "aclImdb"):
+        assert words in message
+
+
+def test_unknown_name_lists_choices_closest_first():
+    with pytest.raises(DataError) as caught:
+        load_dataset("roten-tomatos")
+    message = str(caught.value)
+    assert "Did you mean 'rotten-tomatoes'" in message
+    assert "bbc-news" in message and ".parquet" in message and "aclImdb" in message
+
+
+def test_missing_path_is_a_data_error(tmp_path):
+    with pytest.raises(DataError, match="No such file or folder"):
+        load_dataset(tmp_path / "nowhere.csv")
+    with pytest.raises(DataError, match="No such file or folder"):
+        load_dataset(str(tmp_path / "no_folder"))
+
+
+def test_hub_reachable_tries_a_real_connection(monkeypatch):
+    for name in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE"):
+        monkeypatch.delenv(name, raising=False)
+    with socket.socket() as server:
+        server.bind(("127.0.0.1", 0))
+        server.listen()
+        port = server.getsockname()[1]
+        monkeypatch.setenv("HF_ENDPOINT", f"http://127.0.0.1:{port}")
+        assert hub_reachable(timeout=2.0) is True
+    monkeypatch.setenv("HF_ENDPOINT", f"http://127.0.0.1:{port}")  # now closed
+    started = time.perf_counter()
+    assert hub_reachable(timeout=2.0) is False
+    with pytest.raises(OfflineError, match="no network"):
+        load_dataset("ag_news")
+    assert time.perf_counter() - started < 5
+
+
+def test_validation_fraction_moves_the_boundary(data_bbc_news):
+    wider = load_dataset("bbc-news", validation_fraction=0.2)
+    assert wider["test"]["text"] == data_bbc_news["test"]["text"]
+    assert len(wider["validation"]) > 1.5 * len(data_bbc_news["validation"])
