@@ -1,0 +1,7 @@
+"""`python -m lorakit` is the `lorakit` command."""
+
+import sys
+
+from lorakit.cli import main
+
+sys.exit(main())

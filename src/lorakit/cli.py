@@ -1,0 +1,138 @@
+"""``lorakit``: a thin command-line shell over ``lorakit.api``."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from lorakit import api
+
+app = typer.Typer(
+    add_completion=False,
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    help="LoRA fine-tuning: small, fast, correct and easy to see into.",
+)
+
+
+@app.command()
+def train(
+    recipe: Annotated[
+        str | None, typer.Argument(help="a recipe name (see `lorakit recipes`) or a .toml config")
+    ] = None,
+    out: Annotated[
+        Path | None, typer.Option(help="run directory (default runs/<recipe>-<time>)")
+    ] = None,
+    set_: Annotated[
+        list[str] | None,
+        typer.Option("--set", help="KEY=VALUE override, e.g. train.lr=1e-3 (repeatable)"),
+    ] = None,
+    dry_run: Annotated[
+        bool, typer.Option("--dry-run", help="print the resolved config and parameter report")
+    ] = False,
+) -> None:
+    """Train a recipe (default: the built-in default recipe) and write a run directory."""
+    overrides = set_ or []
+    if dry_run:
+        typer.echo(api.dry_run(recipe, overrides))
+        return
+    summary = api.train(recipe, out=out, overrides=overrides)
+    figures = {k: v for k, v in summary.items() if k.startswith("test_") or k == "run_dir"}
+    typer.echo(
+        " ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}" for k, v in figures.items())
+    )
+
+
+@app.command()
+def recipes() -> None:
+    """List the built-in recipes, one line each."""
+    for name, description in api.list_recipes().items():
+        marker = " (default)" if name == api.DEFAULT_RECIPE else ""
+        typer.echo(f"{name:<24} {description}{marker}")
+
+
+@app.command("eval")
+def eval_(
+    run_dir: Annotated[Path, typer.Argument(help="a run directory written by `lorakit train`")],
+    data: Annotated[
+        str | None, typer.Option(help="a dataset name or path (default: the run's)")
+    ] = None,
+    split: Annotated[str, typer.Option(help="train, validation or test")] = "test",
+) -> None:
+    """Evaluate a run's adapter on a split."""
+    result = api.evaluate(run_dir, data=data, split=split)
+    typer.echo(json.dumps(result, indent=2))
+
+
+@app.command()
+def predict(
+    run_dir: Annotated[Path, typer.Argument(help="a run directory written by `lorakit train`")],
+    texts: Annotated[list[str] | None, typer.Argument(help="texts to classify")] = None,
+    file: Annotated[Path | None, typer.Option(help="a file with one text per line")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="one JSON object per text")] = False,
+) -> None:
+    """Predict the label of each text, with its probability."""
+    texts = list(texts or [])
+    if file is not None:
+        if not file.is_file():
+            raise api.ConfigError(f"--file: {str(file)!r} does not exist")
+        texts += [line for line in file.read_text(encoding="utf-8").splitlines() if line.strip()]
+    if not texts:
+        raise api.ConfigError("predict: give texts as arguments or --file FILE (one text per line)")
+    for text, result in zip(texts, api.predict(run_dir, texts), strict=True):
+        if as_json:
+            typer.echo(json.dumps({"text": text, **result}))
+        else:
+            typer.echo(f"{result['label']}\t{result['probability']:.3f}\t{text}")
+
+
+def _clean_errors() -> tuple[type[BaseException], ...]:
+    """Errors that are the user's to fix: one message, no traceback."""
+    errors: list[type[BaseException]] = [api.ConfigError]
+    try:
+        from lorakit.data import DataError
+
+        errors.append(DataError)
+    except ImportError:
+        pass
+    from lorakit.lora import LoraError
+    from lorakit.network import OfflineError
+
+    errors += [LoraError, OfflineError]
+    try:
+        from lorakit.models.classic import EmbeddingsError
+
+        errors.append(EmbeddingsError)
+    except ImportError:
+        pass
+    return tuple(errors)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """The ``lorakit`` entry point."""
+    try:
+        app(args=argv, standalone_mode=False)
+    except _clean_errors() as err:
+        typer.echo(f"error: {err}", err=True)
+        return 2
+    except typer.Exit as done:
+        return done.exit_code
+    except (typer.Abort, KeyboardInterrupt):
+        typer.echo("aborted", err=True)
+        return 130
+    except Exception as err:  # click's usage errors
+        import click
+
+        if isinstance(err, click.ClickException):
+            err.show()
+            return 2
+        raise
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

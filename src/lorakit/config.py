@@ -1,0 +1,298 @@
+"""One validated configuration schema for every recipe.
+
+A config is a TOML file (a built-in ``recipes/<name>.toml`` or the user's own) plus ``--set
+key.sub=value`` overrides. Everything is checked before any work starts, and every problem is
+reported on its own line naming the dotted key and what it accepts. ``to_toml`` writes the fully
+resolved config back, so ``lorakit train RUN_DIR/config.toml`` repeats a run.
+"""
+
+from __future__ import annotations
+
+import difflib
+import json
+import math
+import re
+import tomllib
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+
+class ConfigError(ValueError):
+    """A config that cannot run: the message has one line per problem."""
+
+    def __init__(self, problems: str | list[str]):
+        self.problems = [problems] if isinstance(problems, str) else list(problems)
+        super().__init__("\n".join(self.problems))
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class DataConfig(_Section):
+    """The task's data: a built-in name (``rotten-tomatoes``, ``bbc-news``) or a file/folder."""
+
+    name: str = "rotten-tomatoes"
+    path: str | None = Field(
+        None, description="a .csv/.jsonl/.parquet file or folder; wins over name"
+    )
+    text_column: str = "text"
+    label_column: str = "label"
+    max_length: int = Field(128, gt=0)
+    max_train_samples: int | None = Field(None, gt=0)
+
+    @property
+    def source(self) -> str:
+        """What to pass to ``lorakit.data.load_dataset``."""
+        return self.path or self.name
+
+
+class ModelConfig(_Section):
+    name: str = Field(
+        "glove-classifier", description="a model folder, a hub id, or the classic model"
+    )
+    embeddings: str = Field(
+        "glove-6b-50d", description="classic model: 'glove-6b-50d' or a GloVe .txt"
+    )
+    pretrained: str | None = Field(
+        None, description="an existing base model folder; skips pretraining"
+    )
+    hidden: int = Field(128, gt=0)
+
+
+class PretrainConfig(_Section):
+    """Recipes that first train their own base model (``classic``) read this section."""
+
+    data: str = "bbc-news"
+    epochs: int = Field(5, gt=0)
+    lr: float = Field(3e-3, gt=0)
+    batch_size: int = Field(32, gt=0)
+    max_length: int = Field(256, gt=0)
+
+
+class LoraSection(_Section):
+    engine: Literal["lorakit", "peft"] = "lorakit"
+    r: int = Field(8, gt=0)
+    lora_alpha: float = Field(8, gt=0)
+    lora_dropout: float = Field(0.0, ge=0, lt=1)
+    target_modules: list[str] | str | None = Field(
+        None, description="module names, a regex string, or 'all-linear'"
+    )
+    modules_to_save: list[str] | None = None
+    bias: Literal["none", "all", "lora_only"] = "none"
+    use_rslora: bool = False
+    init_lora_weights: bool | Literal["gaussian"] = True
+
+    @field_validator("target_modules")
+    @classmethod
+    def _targets_not_empty(cls, value: list[str] | str | None) -> list[str] | str | None:
+        if value is not None and len(value) == 0:
+            raise ValueError("is empty: name at least one module, a regex, or 'all-linear'")
+        return value
+
+
+class TrainConfig(_Section):
+    trainer: Literal["lorakit", "hf"] = "lorakit"
+    epochs: int = Field(3, gt=0)
+    max_steps: int = Field(0, ge=0, description="0 = no limit")
+    batch_size: int = Field(16, gt=0)
+    eval_batch_size: int = Field(64, gt=0)
+    lr: float = Field(1e-3, gt=0)
+    weight_decay: float = Field(0.0, ge=0)
+    warmup_ratio: float = Field(0.0, ge=0, lt=1)
+    max_grad_norm: float = Field(1.0, ge=0, description="0 = no clipping")
+    grad_accum_steps: int = Field(1, gt=0)
+    eval_every: int = Field(0, ge=0, description="steps; 0 = once per epoch")
+    early_stopping_patience: int = Field(0, ge=0, description="evaluations; 0 = off")
+    bf16: bool = False
+    log_every: int = Field(50, gt=0)
+    num_workers: int = Field(0, ge=0)
+
+
+class Config(_Section):
+    recipe: str
+    pipeline: str | None = Field(
+        None, description="the module lorakit.recipes.<pipeline> that runs it; default: recipe"
+    )
+    description: str = ""
+    task: Literal["classification", "causal-lm"] = "classification"
+    seed: int = Field(42, ge=0)
+    out: str | None = Field(None, description="run directory; default runs/<recipe>-<timestamp>")
+    compare: bool = Field(False, description="also run the recipe's comparison table")
+    data: DataConfig = DataConfig()
+    model: ModelConfig = ModelConfig()
+    pretrain: PretrainConfig | None = None
+    lora: LoraSection = LoraSection()
+    train: TrainConfig = TrainConfig()
+
+
+# ---------------------------------------------------------------- loading and overrides
+
+
+def parse_value(text: str) -> Any:
+    """A ``--set`` value: a TOML literal (``3``, ``1e-3``, ``true``, ``["a","b"]``), ``a,b,c``
+    as a list, anything else as a plain string."""
+    try:
+        return tomllib.loads(f"v = {text}")["v"]
+    except tomllib.TOMLDecodeError:
+        pass
+    if "," in text:
+        return [parse_value(part.strip()) for part in text.split(",") if part.strip()]
+    return text
+
+
+def apply_overrides(data: dict[str, Any], overrides: Iterable[str]) -> list[str]:
+    """Set each ``key.sub=value`` in ``data`` (in place); return one problem line per bad item."""
+    problems = []
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        key = key.strip()
+        if not sep or not key:
+            problems.append(f"--set {item!r}: expected KEY=VALUE, e.g. train.lr=1e-3")
+            continue
+        *parents, leaf = key.split(".")
+        node = data
+        for i, part in enumerate(parents):
+            child = node.setdefault(part, {})
+            if not isinstance(child, dict):
+                problems.append(f"{'.'.join(parents[: i + 1])}: is a value, not a section")
+                break
+            node = child
+        else:
+            node[leaf] = parse_value(raw.strip())
+    return problems
+
+
+def _valid_keys(model: type[BaseModel], prefix: str = "") -> list[str]:
+    keys = []
+    for name, field in model.model_fields.items():
+        keys.append(prefix + name)
+        for sub in _section_types(field.annotation):
+            keys.extend(_valid_keys(sub, f"{prefix}{name}."))
+    return keys
+
+
+def _section_types(annotation: Any) -> list[type[BaseModel]]:
+    args = getattr(annotation, "__args__", (annotation,))
+    return [a for a in args if isinstance(a, type) and issubclass(a, BaseModel)]
+
+
+def _clean_location(loc: tuple[Any, ...], unknown_key: bool) -> str:
+    """``('lora', 'target_modules', 'list[str]', 0)`` -> ``lora.target_modules[0]``: pydantic
+    names union members in the location; keep only real keys and list indexes."""
+    valid, key = set(_valid_keys(Config)), ""
+    for i, part in enumerate(loc):
+        candidate = f"{key}.{part}" if key else str(part)
+        if isinstance(part, int):
+            key += f"[{part}]"
+        elif candidate in valid or not key or (unknown_key and i == len(loc) - 1):
+            key = candidate
+    return key
+
+
+def _describe(error: dict[str, Any]) -> tuple[str, str]:
+    kind = error["type"]
+    loc = _clean_location(error["loc"], unknown_key=kind == "extra_forbidden")
+    if kind == "extra_forbidden":
+        section = loc.rpartition(".")[0]
+        candidates = [k for k in _valid_keys(Config) if k.rpartition(".")[0] == section]
+        close = difflib.get_close_matches(loc, candidates, n=3, cutoff=0.5) or candidates
+        return loc, f"unknown key; did you mean: {', '.join(close)}"
+    if kind == "missing":
+        return loc, "missing; it is required"
+    message = error["msg"].replace("Input should be ", "must be ").replace("Value error, ", "")
+    for noise in (", unable to interpret input", ", unable to parse string as a number"):
+        message = message.replace(noise, "")
+    return loc, re.sub(r"\s*or instance of \w+", " (a [section] table)", message)
+
+
+def validate(data: Mapping[str, Any]) -> Config:
+    """Validate a plain dict; raise ConfigError with one line per problem (per key)."""
+    try:
+        return Config.model_validate(dict(data))
+    except ValidationError as err:
+        by_key: dict[str, list[str]] = {}
+        got: dict[str, str] = {}
+        for error in err.errors():
+            loc, message = _describe(error)
+            by_key.setdefault(loc, []).append(message)
+            if error["type"] not in ("extra_forbidden", "missing"):
+                value = error.get("input")
+                got[loc] = "" if isinstance(value, dict) else f" (got {value!r})"
+        lines = [
+            f"{loc or 'config'}: {_joined(messages)}{got.get(loc, '')}"
+            for loc, messages in by_key.items()
+        ]
+        raise ConfigError(lines) from None
+
+
+def _joined(messages: list[str]) -> str:
+    """``["must be a list", "must be a string"]`` -> ``"must be a list or a string"``."""
+    unique = list(dict.fromkeys(messages))
+    musts = [m.removeprefix("must be ") for m in unique if m.startswith("must be ")]
+    others = [m for m in unique if not m.startswith("must be ")]
+    return "; ".join(others + (["must be " + " or ".join(musts)] if musts else []))
+
+
+def read_toml(path: str | Path) -> dict[str, Any]:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file {str(path)!r} does not exist")
+    try:
+        return tomllib.loads(path.read_text(encoding="utf-8"))
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as err:
+        raise ConfigError(f"{path}: not valid TOML ({err})") from None
+
+
+def load_config(path: str | Path, overrides: Iterable[str] = ()) -> Config:
+    """Read a TOML config, apply ``--set`` overrides, validate; all problems in one error."""
+    data = read_toml(path)
+    problems = apply_overrides(data, overrides)
+    try:
+        config = validate(data)
+    except ConfigError as err:
+        problems += err.problems
+    if problems:
+        raise ConfigError(problems)
+    return config
+
+
+# ---------------------------------------------------------------- writing TOML
+
+
+def _toml_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int):
+        return str(value)
+    if isinstance(value, float):
+        if math.isnan(value):
+            return "nan"
+        if math.isinf(value):
+            return "inf" if value > 0 else "-inf"
+        return repr(value)
+    if isinstance(value, str):
+        return json.dumps(value, ensure_ascii=False)  # a valid TOML basic string
+    if isinstance(value, (list, tuple)):
+        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
+    raise TypeError(f"cannot write {type(value).__name__} to TOML")
+
+
+def to_toml(config: Config, *, header: str = "") -> str:
+    """The config as TOML: top-level values first, then one table per section. ``None`` values
+    are left out (TOML has no null), so reading the text back gives the same config."""
+    data = config.model_dump(mode="json")
+    lines = [f"# {line}" for line in header.splitlines()]
+    sections = []
+    for key, value in data.items():
+        if isinstance(value, dict):
+            sections.append((key, value))
+        elif value is not None:
+            lines.append(f"{key} = {_toml_value(value)}")
+    for name, table in sections:
+        lines += ["", f"[{name}]"]
+        lines += [f"{k} = {_toml_value(v)}" for k, v in table.items() if v is not None]
+    return "\n".join(lines) + "\n"

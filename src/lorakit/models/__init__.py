@@ -1,0 +1,1 @@
+"""Models: the classic GloVe classifier (`lorakit.models.classic`) and transformers loaders."""

@@ -1,0 +1,81 @@
+"""Recipes: a TOML config (``recipes/<name>.toml``) plus the module that runs it.
+
+A recipe's module is ``lorakit.recipes.<pipeline>`` (``pipeline`` in the TOML, default the
+recipe's own name, ``-`` read as ``_``), so several TOMLs can share one pipeline. It provides:
+
+    run(config: Config, run_dir: RunDir) -> dict        # trains; returns the summary
+    load_predictor(run_dir: Path) -> Predictor          # for `lorakit predict` / `eval`
+    dry_run(config: Config) -> str                      # optional: trainable-parameter report
+
+A ``Predictor`` has ``labels`` (class names) and ``predict_proba(texts) -> array (n, classes)``.
+"""
+
+from __future__ import annotations
+
+import difflib
+import importlib
+from pathlib import Path
+from types import ModuleType
+from typing import Protocol
+
+import numpy as np
+
+from lorakit.config import Config, ConfigError, read_toml
+
+RECIPES_DIR = Path(__file__).parent
+
+
+class Predictor(Protocol):
+    labels: list[str]
+
+    def predict_proba(self, texts: list[str]) -> np.ndarray: ...
+
+
+def recipe_names() -> list[str]:
+    return sorted(p.stem for p in RECIPES_DIR.glob("*.toml"))
+
+
+def recipe_path(name: str) -> Path:
+    """The TOML of a built-in recipe; a ConfigError naming the close ones otherwise."""
+    path = RECIPES_DIR / f"{name}.toml"
+    if path.is_file():
+        return path
+    names = recipe_names()
+    close = difflib.get_close_matches(name, names, n=3, cutoff=0.4)
+    hint = f"did you mean {', '.join(close)}? " if close else ""
+    raise ConfigError(
+        f"recipe: unknown recipe or config file {name!r}; {hint}built-in recipes: "
+        f"{', '.join(names)} (or give a path to a .toml config)"
+    )
+
+
+def describe(name: str) -> str:
+    """The recipe's one-line description (its TOML's ``description``)."""
+    return str(read_toml(recipe_path(name)).get("description", ""))
+
+
+def pipeline_module(config: Config) -> ModuleType:
+    """The module that runs ``config``."""
+    name = (config.pipeline or config.recipe).replace("-", "_")
+    try:
+        return importlib.import_module(f"lorakit.recipes.{name}")
+    except ModuleNotFoundError as err:
+        if err.name != f"lorakit.recipes.{name}":
+            raise
+        raise ConfigError(
+            f"pipeline: no pipeline module lorakit.recipes.{name}; set recipe (or pipeline) to "
+            f"one of: {', '.join(recipe_names())}"
+        ) from None
+
+
+def write_reports(run_dir: Path) -> list[Path]:
+    """Plots and report.html from the run directory's files (``lorakit.report``)."""
+    try:
+        from lorakit.report import html, plots
+    except ImportError:  # the report package is optional for a run
+        return []
+    written = [plots.plot_loss_accuracy(run_dir)]
+    if (Path(run_dir) / "summary.json").is_file():
+        written.append(plots.plot_confusion_matrix(run_dir))
+    written.append(html.write_report(run_dir))
+    return [Path(p) for p in written if p]

@@ -1,0 +1,68 @@
+"""Two LoRA engines behind one config section: lorakit's own (default) and PEFT.
+
+Both write PEFT's adapter format (``adapter_config.json`` + ``adapter_model.safetensors``), so
+either engine's adapter loads in the other.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from lorakit import lora
+from lorakit.config import LoraSection
+
+
+def lora_kwargs(section: LoraSection) -> dict:
+    """The LoraConfig fields shared by both engines."""
+    return section.model_dump(exclude={"engine"})
+
+
+def apply_lora(
+    model: torch.nn.Module,
+    section: LoraSection,
+    *,
+    base_name: str | None = None,
+    task_type: str | None = None,
+) -> torch.nn.Module:
+    """``model`` with LoRA added (base frozen) by the engine ``section.engine`` names."""
+    if section.engine == "peft":
+        import peft
+
+        config = peft.LoraConfig(**lora_kwargs(section), task_type=task_type)
+        config.base_model_name_or_path = base_name
+        return peft.get_peft_model(model, config)
+    config = lora.LoraConfig(
+        **lora_kwargs(section), task_type=task_type, base_model_name_or_path=base_name
+    )
+    return lora.inject(model, config)
+
+
+def save(model: torch.nn.Module, directory: str | Path, base_name: str | None = None) -> int:
+    """Save the adapter alone (whichever engine added it); return its size in bytes."""
+    directory = Path(directory)
+    if hasattr(model, "peft_config"):
+        model.save_pretrained(directory)
+    else:
+        lora.save_adapter(model, directory, base_model_name_or_path=base_name)
+    return folder_bytes(directory)
+
+
+def load(model: torch.nn.Module, directory: str | Path, engine: str = "lorakit") -> torch.nn.Module:
+    """``model`` (a fresh base) with the adapter in ``directory`` loaded, for inference."""
+    if engine == "peft":
+        import peft
+
+        return peft.PeftModel.from_pretrained(model, str(directory))
+    return lora.load_adapter(model, directory)
+
+
+def folder_bytes(directory: str | Path) -> int:
+    return sum(f.stat().st_size for f in Path(directory).rglob("*") if f.is_file())
+
+
+def parameter_counts(model: torch.nn.Module) -> tuple[int, int]:
+    """(trainable, total) parameters."""
+    count = lora.trainable_parameters(model)
+    return count.trainable, count.total

@@ -1,0 +1,160 @@
+"""`trainer = "hf"`: the same run through transformers' `Trainer`, as the seeds do.
+
+A callback writes the same `metrics.jsonl` events as lorakit's loop, keeps the best trainable
+weights (in memory, handed to the recipe's `save_best`) and stops early; so both trainers leave
+the same run directory behind.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from typing import Any
+
+import numpy as np
+import torch
+from transformers import Trainer, TrainerCallback, TrainingArguments
+
+from lorakit.config import TrainConfig
+from lorakit.rundir import RunDir
+
+from .loop import SaveBest, TrainResult
+
+
+def _accuracy(prediction) -> dict[str, float]:
+    logits, labels = prediction.predictions, prediction.label_ids
+    logits = logits[0] if isinstance(logits, tuple) else logits
+    return {"accuracy": float((np.argmax(logits, axis=-1) == labels).mean())}
+
+
+class _RunDirCallback(TrainerCallback):
+    def __init__(self, run_dir, save_best, patience, steps_per_epoch):
+        self.run_dir, self.save_best, self.patience = run_dir, save_best, patience
+        self.steps_per_epoch = steps_per_epoch
+        self.started = time.monotonic()
+        self.best_value, self.best_step, self.best_metrics = -math.inf, 0, {}
+        self.bad_evals, self.epoch_losses, self.last_eval = 0, [], {}
+        self.history: list[dict[str, Any]] = []
+        self.model = None
+
+    def _log(self, state, event: str, **fields) -> None:
+        record = {"step": state.global_step,
+                  "epoch": round(state.global_step / self.steps_per_epoch, 4),
+                  "time": round(time.monotonic() - self.started, 3), **fields}  # fmt: skip
+        self.history.append({"event": event, **record})
+        if self.run_dir is not None:
+            self.run_dir.log(event, **record)
+
+    def on_train_begin(self, args, state, control, model=None, **kwargs):
+        self.model = model
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        logs = logs or {}
+        if "loss" in logs:
+            self.epoch_losses.append(logs["loss"])
+            self._log(state, "train", loss=logs["loss"], lr=logs.get("learning_rate", 0.0))
+
+    def on_evaluate(self, args, state, control, metrics=None, **kwargs):
+        figures = {"loss": metrics["eval_loss"], "accuracy": metrics["eval_accuracy"]}
+        self.last_eval = figures
+        self._log(state, "eval", split="validation", **figures)
+        if figures["accuracy"] > self.best_value:
+            self.best_value, self.best_step, self.best_metrics = (
+                figures["accuracy"], state.global_step, figures,
+            )  # fmt: skip
+            self.bad_evals = 0
+            if self.save_best is not None:
+                self.save_best(self.model, state.global_step)
+        else:
+            self.bad_evals += 1
+            if 0 < self.patience <= self.bad_evals:
+                control.should_training_stop = True
+
+    def on_epoch_end(self, args, state, control, **kwargs):
+        # evaluation at the epoch's end runs after this hook; the epoch event follows it
+        control.should_evaluate = True
+
+    def epoch_event(self, state) -> None:
+        losses = self.epoch_losses or [float("nan")]
+        val = {f"val_{k}": v for k, v in self.last_eval.items()}
+        self._log(state, "epoch", train_loss=float(np.mean(losses)), **val)
+        self.epoch_losses = []
+
+
+class _EpochEvents(TrainerCallback):
+    """Writes the `epoch` event after the epoch's evaluation (callbacks run in order)."""
+
+    def __init__(self, recorder: _RunDirCallback):
+        self.recorder = recorder
+
+    def on_evaluate(self, args, state, control, **kwargs):
+        if abs(state.epoch - round(state.epoch)) < 1e-6 and state.epoch > 0:
+            self.recorder.epoch_event(state)
+
+
+def train_with_hf_trainer(
+    model: torch.nn.Module,
+    train_dataset,
+    eval_dataset,
+    collator,
+    config: TrainConfig,
+    *,
+    run_dir: RunDir | None,
+    save_best: SaveBest | None,
+    seed: int,
+    output_dir: str,
+) -> TrainResult:
+    """Train with `transformers.Trainer`; the same result type as `train_loop`."""
+    steps_per_epoch = max(
+        1, math.ceil(len(train_dataset) / config.batch_size / config.grad_accum_steps)
+    )
+    total = steps_per_epoch * config.epochs
+    if config.max_steps:
+        total = min(total, config.max_steps)
+    args = TrainingArguments(
+        output_dir=output_dir,
+        per_device_train_batch_size=config.batch_size,
+        per_device_eval_batch_size=config.eval_batch_size,
+        learning_rate=config.lr,
+        weight_decay=config.weight_decay,
+        num_train_epochs=config.epochs,
+        max_steps=config.max_steps or -1,
+        warmup_steps=round(config.warmup_ratio * total),
+        lr_scheduler_type="linear",
+        max_grad_norm=config.max_grad_norm if config.max_grad_norm > 0 else 1e9,
+        gradient_accumulation_steps=config.grad_accum_steps,
+        eval_strategy="steps" if config.eval_every else "epoch",
+        eval_steps=config.eval_every or None,
+        save_strategy="no",
+        logging_steps=config.log_every,
+        report_to=[],
+        seed=seed,
+        data_seed=seed,
+        bf16=config.bf16,
+        use_cpu=not torch.cuda.is_available(),
+        train_sampling_strategy="group_by_length",
+        dataloader_num_workers=config.num_workers,
+        disable_tqdm=False,
+    )
+    recorder = _RunDirCallback(run_dir, save_best, config.early_stopping_patience, steps_per_epoch)
+    trainer = Trainer(
+        model=model,
+        args=args,
+        train_dataset=train_dataset,
+        eval_dataset=eval_dataset,
+        data_collator=collator,
+        compute_metrics=_accuracy,
+        callbacks=[recorder, _EpochEvents(recorder)],
+    )
+    started = time.monotonic()
+    trainer.train()
+    if recorder.epoch_losses:  # stopped (early or max_steps) inside an epoch
+        recorder.epoch_event(trainer.state)
+    return TrainResult(
+        best_step=recorder.best_step,
+        best_metrics=recorder.best_metrics,
+        steps=trainer.state.global_step,
+        train_seconds=round(time.monotonic() - started, 3),
+        stopped_early=recorder.bad_evals >= config.early_stopping_patience > 0,
+        history=recorder.history,
+    )

@@ -1,0 +1,78 @@
+"""The command line: train, predict, eval, recipes, and clean errors (exit 2, no traceback)."""
+
+import json
+
+import pytest
+
+from lorakit.cli import main
+
+TINY = [
+    "pretrain.epochs=1", "pretrain.max_length=64", "data.max_train_samples=1500",
+    "train.epochs=1", "compare=false",
+]  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory):
+    out = tmp_path_factory.mktemp("cli") / "run"
+    args = ["train", "classic", "--out", str(out)]
+    for item in TINY:
+        args += ["--set", item]
+    assert main(args) == 0
+    return out
+
+
+def test_predict_prints_label_and_probability(run_dir, capsys):
+    text = "This was a lacklustre movie with very little going for it."
+    assert main(["predict", str(run_dir), text, "A moving, funny and beautifully acted film."]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert len(lines) == 2
+    label, probability, echoed = lines[0].split("\t")
+    assert label in ("negative", "positive") and 0.5 <= float(probability) <= 1.0
+    assert echoed == text
+
+
+def test_predict_json_from_file(run_dir, tmp_path, capsys):
+    texts = tmp_path / "texts.txt"
+    texts.write_text("great fun\n\nawful, boring and far too long\n")
+    assert main(["predict", str(run_dir), "--file", str(texts), "--json"]) == 0
+    rows = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert [r["text"] for r in rows] == ["great fun", "awful, boring and far too long"]
+    for row in rows:
+        assert sum(row["probabilities"].values()) == pytest.approx(1.0, abs=1e-5)
+        assert row["probability"] == max(row["probabilities"].values())
+
+
+def test_eval_reproduces_recorded_accuracy(run_dir, capsys):
+    assert main(["eval", str(run_dir), "--split", "test"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["accuracy"] == result["recorded_test_accuracy"]
+
+
+def test_recipes_lists_classic(capsys):
+    assert main(["recipes"]) == 0
+    assert any(line.startswith("classic ") for line in capsys.readouterr().out.splitlines())
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["train", "classic", "--set", "lora.r=0"], "lora.r: must be greater than 0"),
+        (["train", "clasic"], "did you mean classic"),
+        (["train", "classic", "--set", "data.name=no-such-data", "--dry-run"], None),
+        (["eval", "/nonexistent/run"], "not a finished run directory"),
+        (["predict", "/nonexistent/run", "text"], "not a finished run directory"),
+    ],
+)
+def test_errors_are_one_clean_message(args, message, capsys):
+    code = main(args)
+    err = capsys.readouterr().err
+    if message is None:  # a dry run does not touch the data
+        assert code == 0
+        return
+    assert code == 2 and message in err and "Traceback" not in err
+
+
+def test_eval_unknown_split(run_dir, capsys):
+    assert main(["eval", str(run_dir), "--split", "dev"]) == 2
+    assert "split: 'dev' does not exist" in capsys.readouterr().err

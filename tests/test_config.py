@@ -1,0 +1,103 @@
+"""Config validation: every class of bad value fails before any work, naming its key."""
+
+import tomllib
+
+import pytest
+
+from lorakit.config import Config, ConfigError, load_config, parse_value, to_toml, validate
+from lorakit.recipes import recipe_path
+
+
+def problems(overrides, base="classic"):
+    with pytest.raises(ConfigError) as caught:
+        load_config(recipe_path(base), overrides)
+    return caught.value.problems
+
+
+def test_builtin_recipe_is_valid():
+    config = load_config(recipe_path("classic"))
+    assert config.recipe == "classic"
+    assert config.lora.modules_to_save == ["fc2"]
+
+
+def test_unknown_key_suggests_the_closest():
+    [line] = problems(["train.bach_size=8"])
+    assert line.startswith("train.bach_size: unknown key")
+    assert "train.batch_size" in line
+
+
+def test_unknown_section_is_named():
+    [line] = problems(["trian.epochs=2"])
+    assert line.startswith("trian: unknown key") and "train" in line
+
+
+def test_wrong_type_names_key_and_value():
+    [line] = problems(["train.lr=fast"])
+    assert line.startswith("train.lr:") and "number" in line and "'fast'" in line
+
+
+@pytest.mark.parametrize(
+    ("override", "key"),
+    [
+        ("lora.r=0", "lora.r"),
+        ("train.batch_size=0", "train.batch_size"),
+        ("lora.lora_dropout=1.5", "lora.lora_dropout"),
+        ("train.warmup_ratio=-0.1", "train.warmup_ratio"),
+        ("data.max_length=0", "data.max_length"),
+    ],
+)
+def test_impossible_values(override, key):
+    [line] = problems([override])
+    assert line.startswith(f"{key}:") and ("greater" in line or "less" in line)
+
+
+def test_choice_lists_what_it_accepts():
+    [line] = problems(["lora.engine=torch"])
+    assert line.startswith("lora.engine:") and "'lorakit' or 'peft'" in line
+
+
+def test_empty_target_modules():
+    [line] = problems(["lora.target_modules=[]"])
+    assert line.startswith("lora.target_modules:") and "empty" in line
+
+
+def test_malformed_override():
+    [line] = problems(["train.epochs"])
+    assert "train.epochs" in line and "KEY=VALUE" in line
+
+
+def test_all_problems_reported_together():
+    lines = problems(["lora.r=-1", "train.epochs=0", "nope=1"])
+    assert [line.split(":")[0] for line in lines] == ["lora.r", "train.epochs", "nope"]
+
+
+def test_missing_recipe_key():
+    with pytest.raises(ConfigError, match="^recipe: missing"):
+        validate({"train": {"epochs": 1}})
+
+
+def test_missing_file_and_bad_toml(tmp_path):
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_config(tmp_path / "none.toml")
+    bad = tmp_path / "bad.toml"
+    bad.write_text("recipe = \n")
+    with pytest.raises(ConfigError, match="not valid TOML"):
+        load_config(bad)
+
+
+def test_override_values_are_toml_literals_then_strings():
+    assert parse_value("3") == 3 and parse_value("1e-3") == 0.001
+    assert parse_value("true") is True
+    assert parse_value("fc1,embedding") == ["fc1", "embedding"]
+    assert parse_value('["a", "b"]') == ["a", "b"]
+    assert parse_value("runs/x") == "runs/x"
+    config = load_config(recipe_path("classic"), ["lora.target_modules=fc1,embedding", "lora.r=4"])
+    assert config.lora.target_modules == ["fc1", "embedding"] and config.lora.r == 4
+
+
+def test_resolved_toml_reads_back_identical():
+    config = load_config(
+        recipe_path("classic"), ["train.lr=0.002", "data.max_train_samples=100", "seed=7"]
+    )
+    text = to_toml(config, header="a header\nover two lines")
+    assert Config.model_validate(tomllib.loads(text)) == config

@@ -1,0 +1,103 @@
+"""The shared training loop on a tiny real task: topic of 400 BBC News articles from GloVe."""
+
+import json
+
+import pytest
+import torch
+from torch.utils.data import DataLoader
+
+from lorakit.config import TrainConfig
+from lorakit.data import load_dataset
+from lorakit.models.classic import TextClassifier, build_vocabulary, collate, encode_split
+from lorakit.rundir import RunDir
+from lorakit.train.loop import evaluate, train_loop
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    # a tiny model: one thread is faster, and much faster on a busy machine
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def news():
+    dsd = load_dataset("bbc-news")
+    train = dsd["train"].shuffle(seed=0).select(range(400))
+    validation = dsd["validation"].select(range(100))
+    vocab, vectors = build_vocabulary(train["text"], "glove-6b-50d")
+    encoded = {
+        name: encode_split(split, vocab, 64).select_columns(["input_ids", "label"])
+        for name, split in {"train": train, "validation": validation}.items()
+    }
+    return encoded, vectors
+
+
+def make(news, batch_size=32):
+    encoded, vectors = news
+    torch.manual_seed(0)
+    model = TextClassifier(vectors.shape[0], vectors.shape[1], 5)
+    with torch.no_grad():
+        model.embedding.weight.copy_(vectors)
+    model.embedding.weight.requires_grad_(False)
+    train = DataLoader(encoded["train"], batch_size=batch_size, shuffle=True, collate_fn=collate)
+    val = DataLoader(encoded["validation"], batch_size=64, collate_fn=collate)
+    return model, train, val
+
+
+def test_loop_learns_and_logs(news, tmp_path):
+    model, train, val = make(news)
+    before = evaluate(model, val)
+    run = RunDir(tmp_path / "run")
+    saved = []
+    config = TrainConfig(epochs=3, lr=1e-2, batch_size=32, log_every=5, warmup_ratio=0.1)
+    result = train_loop(
+        model, train, val, config, run_dir=run, seed=0, show_progress=False,
+        save_best=lambda m, step: saved.append(step),
+    )  # fmt: skip
+    after = evaluate(model, val)
+    assert after["accuracy"] > max(0.6, before["accuracy"] + 0.3)
+    assert result.steps == 3 * len(train) and saved and saved[-1] == result.best_step
+    events = [json.loads(line) for line in (run.path / "metrics.jsonl").read_text().splitlines()]
+    kinds = {e["event"] for e in events}
+    assert kinds == {"train", "eval", "epoch"}
+    epochs = [e for e in events if e["event"] == "epoch"]
+    assert [e["epoch"] for e in epochs] == [1.0, 2.0, 3.0]
+    assert all({"train_loss", "val_loss", "val_accuracy", "time"} <= set(e) for e in epochs)
+    # only trainable parameters moved; the frozen embedding did not
+    assert torch.equal(model.embedding.weight, news[1])
+
+
+def test_eval_every_max_steps_and_accumulation(news):
+    model, train, val = make(news, batch_size=16)
+    config = TrainConfig(epochs=5, max_steps=7, grad_accum_steps=2, eval_every=3, lr=1e-2)
+    result = train_loop(model, train, val, config, seed=0, show_progress=False)
+    assert result.steps == 7
+    assert [e["step"] for e in result.history if e["event"] == "eval"] == [3, 6, 7]
+
+
+def test_early_stopping(news):
+    model, train, val = make(news)
+    # a learning rate of almost nothing: no evaluation improves on the first
+    config = TrainConfig(epochs=10, lr=1e-12, early_stopping_patience=2, max_grad_norm=0)
+    result = train_loop(model, train, val, config, seed=0, show_progress=False)
+    assert result.stopped_early and result.best_step == len(train)
+    assert result.steps == 3 * len(train)
+
+
+def test_bf16_autocast_trains_and_is_removed_after(news):
+    model, train, val = make(news)
+    config = TrainConfig(epochs=1, lr=1e-2, bf16=True)
+    result = train_loop(model, train, val, config, seed=0, show_progress=False)
+    assert result.best_metrics["accuracy"] > 0.3
+    out = model(**next(iter(val)))
+    assert out.logits.dtype == torch.float32 and not hasattr(model, "_original_forward")
+
+
+def test_model_without_trainable_parameters_is_refused(news):
+    model, train, val = make(news)
+    model.requires_grad_(False)
+    with pytest.raises(ValueError, match="no trainable parameters"):
+        train_loop(model, train, val, TrainConfig(epochs=1), show_progress=False)

@@ -1,0 +1,141 @@
+"""The transformers pipeline (issue 4) on a tiny BERT built from a config, and once on MiniLM."""
+
+import json
+import random
+
+import peft
+import pytest
+import torch
+from transformers import (
+    AutoModelForSequenceClassification,
+    AutoTokenizer,
+    BertConfig,
+    BertForSequenceClassification,
+)
+
+from lorakit import api
+from lorakit.config import load_config
+from lorakit.models.transformer import minilm_path, resolve_model
+from lorakit.network import OfflineError
+from lorakit.recipes import recipe_path
+from lorakit.recipes import sequence_classification as pipeline
+from lorakit.rundir import RunDir
+
+WORDS = {
+    "great": ["wonderful", "superb", "moving", "brilliant", "delightful", "funny"],
+    "bad": ["dull", "tedious", "clumsy", "boring", "lifeless", "awful"],
+    "okay": ["average", "passable", "middling", "ordinary", "uneven", "fine"],
+}
+FILLER = "the film story actors plot director scenes music pace ending".split()
+
+
+@pytest.fixture(scope="module")
+def tiny_bert_dir(tmp_path_factory):
+    """A 2-layer BERT with MiniLM's real tokenizer, saved as an ordinary model folder."""
+    folder = tmp_path_factory.mktemp("tiny-bert")
+    tokenizer = AutoTokenizer.from_pretrained(minilm_path())
+    torch.manual_seed(0)
+    config = BertConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        intermediate_size=64,
+        max_position_embeddings=128,
+    )
+    BertForSequenceClassification(config).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def stars_csv(tmp_path_factory):
+    """Reviews with string labels in user-named columns: three classes."""
+    rng = random.Random(0)
+    rows = ["review,stars"]
+    for i in range(360):
+        label = ["great", "bad", "okay"][i % 3]
+        words = rng.sample(FILLER, 5) + rng.sample(WORDS[label], 2)
+        rng.shuffle(words)
+        rows.append(f'"{" ".join(words)} {i}",{label}')
+    path = tmp_path_factory.mktemp("csv") / "my.csv"
+    path.write_text("\n".join(rows) + "\n")
+    return path
+
+
+def run_recipe(tmp_path, overrides, recipe="sentiment"):
+    config = load_config(recipe_path(recipe), overrides)
+    run_dir = RunDir(tmp_path / "run")
+    run_dir.write_config(config)
+    return pipeline.run(config, run_dir), run_dir.path
+
+
+@pytest.mark.parametrize("engine", ["lorakit", "peft"])
+def test_csv_with_string_labels_trains_with_no_code(tmp_path, tiny_bert_dir, stars_csv, engine):
+    summary, run = run_recipe(tmp_path, [
+        f"data.path={stars_csv}", "data.text_column=review", "data.label_column=stars",
+        f"model.name={tiny_bert_dir}", f"lora.engine={engine}", "lora.target_modules=query,value",
+        "train.epochs=2", "train.batch_size=32", "train.lr=5e-3",
+    ])  # fmt: skip
+    assert summary["labels"] == ["bad", "great", "okay"]
+    assert summary["engine"] == engine
+    # (a random tiny BERT learns little in two epochs: learning is checked on MiniLM below)
+    assert summary["reload_lorakit_identical"] and summary["reload_peft_identical"]
+    assert summary["trainable_params"] < summary["total_params"]
+    assert sum(map(sum, summary["confusion_matrix"])) == 48  # every test row, counted once
+    for name in ("config.toml", "environment.json", "metrics.jsonl", "summary.json",
+                 "adapter/adapter_config.json", "adapter/adapter_model.safetensors"):  # fmt: skip
+        assert (run / name).is_file(), name
+    events = [
+        json.loads(line)["event"] for line in (run / "metrics.jsonl").read_text().splitlines()
+    ]
+    assert {"eval", "epoch", "test"} <= set(events)
+
+    # `lorakit eval` reloads base + adapter and reproduces the recorded accuracy exactly
+    assert api.evaluate(run)["accuracy"] == summary["test_accuracy"]
+
+    # the adapter loads in plain PEFT on the base and predicts the same
+    predictor = pipeline.load_predictor(run)
+    texts = ["wonderful superb film", "dull tedious plot", "average passable scenes"]
+    ours = predictor.predict_proba(texts)
+    torch.manual_seed(summary["seed"])
+    base = AutoModelForSequenceClassification.from_pretrained(
+        tiny_bert_dir, num_labels=3, ignore_mismatched_sizes=True
+    )
+    theirs = peft.PeftModel.from_pretrained(base, run / "adapter").eval()
+    batch = predictor.tokenizer(texts, padding=True, return_tensors="pt")
+    with torch.no_grad():
+        probs = torch.softmax(theirs(**batch).logits, -1).numpy()
+    assert abs(probs - ours).max() < 1e-5
+
+
+def test_hf_trainer_writes_the_same_run_directory(tmp_path, tiny_bert_dir, stars_csv):
+    summary, run = run_recipe(tmp_path, [
+        f"data.path={stars_csv}", "data.text_column=review", "data.label_column=stars",
+        f"model.name={tiny_bert_dir}", "train.trainer=hf", "train.epochs=2",
+        "train.lr=5e-3", "lora.target_modules=query,value",
+    ])  # fmt: skip
+    assert summary["trainer"] == "hf"
+    assert summary["best_step"] > 0 and summary["reload_lorakit_identical"]
+    events = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [e["epoch"] for e in events if e["event"] == "epoch"] == [1.0, 2.0]
+    assert all("accuracy" in e for e in events if e["event"] == "eval")
+
+
+def test_hub_id_without_network_fails_fast_naming_the_default(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(OfflineError, match="model.name='minilm'"):
+        resolve_model("distilbert-base-uncased")
+
+
+@pytest.mark.slow
+def test_minilm_learns_sentiment_in_a_few_steps(tmp_path):
+    """The real model on real reviews: above the majority class after 40 steps."""
+    summary, _ = run_recipe(tmp_path, [
+        "data.max_train_samples=640", "train.epochs=1", "train.batch_size=16",
+    ])  # fmt: skip
+    assert summary["base_model"] == minilm_path()
+    assert summary["trainable_params"] / summary["total_params"] < 0.01
+    assert summary["adapter_bytes"] < 1_000_000
+    assert summary["test_accuracy"] > 0.62  # majority class: 0.57
+    assert summary["reload_lorakit_identical"] and summary["reload_peft_identical"]
