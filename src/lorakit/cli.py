@@ -90,6 +90,38 @@ def predict(
             typer.echo(f"{result['label']}\t{result['probability']:.3f}\t{text}")
 
 
+@app.command()
+def serve(
+    base: Annotated[str, typer.Option(help="base model: 'minilm' or a model folder")] = "minilm",
+    adapter: Annotated[
+        list[str] | None,
+        typer.Option(help="NAME=DIR: an adapter folder or a run directory (repeatable)"),
+    ] = None,
+    host: Annotated[str, typer.Option(help="address to bind (loopback by default)")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="port to bind")] = 8000,
+    api_key: Annotated[
+        str | None,
+        typer.Option(envvar="LORAKIT_API_KEY", help="key for loading/unloading adapters"),
+    ] = None,
+    max_texts: Annotated[int, typer.Option(help="texts per request, at most")] = 64,
+    max_text_chars: Annotated[int, typer.Option(help="characters per text, at most")] = 5000,
+    log_level: Annotated[
+        str, typer.Option(help="uvicorn's: warning hides the access log")
+    ] = "info",
+) -> None:
+    """Serve many LoRA adapters on one base model over HTTP (FastAPI + uvicorn)."""
+    from lorakit.serve import ServeError, ServeSettings, parse_adapter_options
+    from lorakit.serve import serve as run_server
+
+    try:
+        settings = ServeSettings(max_texts=max_texts, max_text_chars=max_text_chars)
+        run_server(base, parse_adapter_options(adapter or []), host=host, port=port,
+                   api_key=api_key, settings=settings, log_level=log_level)  # fmt: skip
+    except ServeError as err:
+        typer.echo(f"error: {err}", err=True)
+        raise typer.Exit(2) from None
+
+
 def _clean_errors() -> tuple[type[BaseException], ...]:
     """Errors that are the user's to fix: one message, no traceback."""
     errors: list[type[BaseException]] = [api.ConfigError]

@@ -1,0 +1,279 @@
+"""The HTTP API: a FastAPI app over one `AdapterRegistry` and its `MicroBatcher`.
+
+    POST   /v1/predict          {"adapter", "texts"} -> labels and probabilities
+    GET    /v1/adapters         the loaded adapters
+    POST   /v1/adapters         {"name", "path"}: load one (API key, when one is set)
+    DELETE /v1/adapters/{name}  unload one (API key, when one is set)
+    GET    /healthz             liveness
+    GET    /openapi.json        the schema (FastAPI's)
+
+Every error is JSON `{"error": CODE, "detail": MESSAGE}` with a 4xx status that fits it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import logging
+from collections.abc import Mapping
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+from fastapi import Depends, FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from fastapi.security import APIKeyHeader, HTTPAuthorizationCredentials, HTTPBearer
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from .batcher import MicroBatcher
+from .errors import (
+    BodyTooLargeError,
+    ServeError,
+    TextTooLongError,
+    TooManyTextsError,
+    UnauthorizedError,
+)
+from .registry import AdapterInfo, AdapterRegistry
+from .schemas import (
+    AdapterDescription,
+    AdapterList,
+    ErrorBody,
+    Health,
+    LoadAdapterRequest,
+    Prediction,
+    PredictRequest,
+    PredictResponse,
+)
+
+log = logging.getLogger("lorakit.serve")
+
+
+@dataclass(frozen=True)
+class ServeSettings:
+    """Limits and batching of the server."""
+
+    max_texts: int = 64  # texts per request
+    max_text_chars: int = 5_000  # characters per text
+    batch_window_ms: float = 5.0  # how long the batcher waits for more requests
+    batch_size: int = 32  # texts per forward pass
+    max_length: int | None = None  # tokens per text for adapters outside a run directory
+
+    def __post_init__(self) -> None:
+        for name in ("max_texts", "max_text_chars", "batch_size", "max_length"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise ServeError(f"{name} must be at least 1, got {value}")
+        if self.batch_window_ms < 0:
+            raise ServeError(f"batch_window_ms must be 0 or more, got {self.batch_window_ms}")
+
+    def max_body_bytes(self) -> int:
+        # room for every text at its longest, JSON-escaped (\uXXXX: 6 bytes a character)
+        return self.max_texts * (self.max_text_chars * 6 + 16) + 65_536
+
+
+def _error(status: int, code: str, detail: str, headers: dict | None = None) -> JSONResponse:
+    return JSONResponse({"error": code, "detail": detail}, status_code=status, headers=headers)
+
+
+def _describe_validation(exc: RequestValidationError, content_type: str) -> tuple[int, str, str]:
+    errors = exc.errors()
+    for err in errors:
+        if err.get("type") == "json_invalid":
+            reason = err.get("ctx", {}).get("error", err.get("msg", ""))
+            return 400, "malformed_json", f"the request body is not valid JSON: {reason}"
+    parts = []
+    for err in errors:
+        where = ".".join(str(x) for x in err.get("loc", ()) if x != "body")
+        if not where:  # the body as a whole: missing, not JSON, or not an object
+            if err.get("type") == "missing":
+                return (
+                    400,
+                    "malformed_json",
+                    ('the request has no body; send JSON like {"adapter": NAME, "texts": [...]}'),
+                )
+            if "json" not in content_type:
+                return (
+                    400,
+                    "malformed_json",
+                    (
+                        "send the request body as JSON with 'Content-Type: application/json' "
+                        f"(got {content_type or 'no content type'})"
+                    ),
+                )
+            return 422, "invalid_input", f"the body must be a JSON object: {err.get('msg')}"
+        parts.append(f"{where}: {err.get('msg')}")
+    return 422, "invalid_input", "; ".join(parts)
+
+
+def _install_error_handlers(app: FastAPI) -> None:
+    @app.exception_handler(ServeError)
+    async def serve_error(_: Request, exc: ServeError) -> JSONResponse:
+        headers = {"WWW-Authenticate": "Bearer"} if isinstance(exc, UnauthorizedError) else None
+        return _error(exc.status, exc.code, str(exc), headers)
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid_request(request: Request, exc: RequestValidationError) -> JSONResponse:
+        return _error(*_describe_validation(exc, request.headers.get("content-type", "")))
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
+        detail = exc.detail
+        if exc.status_code == 404:
+            detail = f"no route {request.url.path}; see /openapi.json for the API"
+        return _error(exc.status_code, code, str(detail), getattr(exc, "headers", None))
+
+    @app.exception_handler(Exception)
+    async def internal_error(_: Request, exc: Exception) -> JSONResponse:
+        log.exception("internal error", exc_info=exc)
+        return _error(500, "internal_error", f"{type(exc).__name__}: {exc}")
+
+
+def _key_guard(api_key: str | None):
+    """A dependency that lets a request through when it carries the key (or none is set)."""
+    bearer = HTTPBearer(auto_error=False)
+    header = APIKeyHeader(name="X-API-Key", auto_error=False)
+
+    def require_key(
+        credentials: HTTPAuthorizationCredentials | None = Depends(bearer),  # noqa: B008
+        key: str | None = Depends(header),  # noqa: B008
+    ) -> None:
+        if api_key is None:
+            return
+        given = credentials.credentials if credentials else key
+        if not given or not hmac.compare_digest(given.encode(), api_key.encode()):
+            raise UnauthorizedError(
+                "this endpoint needs the server's API key: send 'Authorization: Bearer KEY' "
+                "or 'X-API-Key: KEY'" + (" (the key given is wrong)" if given else "")
+            )
+
+    return require_key
+
+
+def _describe(info: AdapterInfo) -> AdapterDescription:
+    return AdapterDescription(
+        name=info.name,
+        path=info.path,
+        labels=info.labels,
+        max_length=info.max_length,
+        warnings=info.warnings,
+    )
+
+
+def create_app(
+    base: str | AdapterRegistry,
+    adapters: Mapping[str, str | Path] | None = None,
+    *,
+    api_key: str | None = None,
+    settings: ServeSettings | None = None,
+) -> FastAPI:
+    """The serving app: `base` (a model name or folder, or a ready registry) with `adapters`
+    ({name: adapter folder or run directory}) loaded before it answers anything."""
+    settings = settings or ServeSettings()
+    registry = (
+        base
+        if isinstance(base, AdapterRegistry)
+        else AdapterRegistry(base, batch_size=settings.batch_size, max_length=settings.max_length)
+    )
+    for name, path in (adapters or {}).items():
+        registry.load(name, path)
+    batcher = MicroBatcher(
+        registry, window=settings.batch_window_ms / 1000, max_texts=4 * settings.batch_size
+    )
+
+    @asynccontextmanager
+    async def lifespan(_: FastAPI):
+        batcher.start()
+        try:
+            yield
+        finally:
+            batcher.stop()
+
+    errors = {status: {"model": ErrorBody} for status in (400, 401, 404, 409, 413, 422)}
+    app = FastAPI(
+        title="lorakit serve",
+        summary="One base model, many LoRA adapters: text classification over HTTP.",
+        lifespan=lifespan,
+        responses=errors,
+    )
+    app.state.registry = registry
+    app.state.settings = settings
+    _install_error_handlers(app)
+    require_key = _key_guard(api_key)
+
+    @app.middleware("http")
+    async def limit_body(request: Request, call_next):
+        length = request.headers.get("content-length", "")
+        if length.isdigit() and int(length) > settings.max_body_bytes():
+            return _error(
+                413,
+                BodyTooLargeError.code,
+                f"the request body has {int(length):,} bytes; at most "
+                f"{settings.max_body_bytes():,} are read (at most {settings.max_texts} texts "
+                f"of {settings.max_text_chars:,} characters)",
+            )
+        return await call_next(request)
+
+    @app.get("/healthz", response_model=Health)
+    def healthz() -> Health:
+        return Health(status="ok", base=registry.base, adapters=len(registry.adapters))
+
+    @app.post("/v1/predict", response_model=PredictResponse)
+    async def predict(body: PredictRequest) -> PredictResponse:
+        """Classifies `texts` with the named adapter (requests together are batched together)."""
+        _check_limits(body.texts, settings)
+        registry.info(body.adapter)  # an unknown adapter fails here, before the queue
+        info, probs = await asyncio.wrap_future(batcher.submit(body.adapter, body.texts))
+        results = []
+        for row in probs:
+            best = int(row.argmax())
+            results.append(
+                Prediction(
+                    label=info.labels[best],
+                    probability=float(row[best]),
+                    probabilities={
+                        label: float(p) for label, p in zip(info.labels, row, strict=True)
+                    },
+                )
+            )
+        return PredictResponse(adapter=info.name, results=results)
+
+    @app.get("/v1/adapters", response_model=AdapterList)
+    def list_adapters() -> AdapterList:
+        return AdapterList(base=registry.base, adapters=[_describe(i) for i in registry.infos()])
+
+    @app.post(
+        "/v1/adapters",
+        response_model=AdapterDescription,
+        status_code=201,
+        dependencies=[Depends(require_key)],
+    )
+    def load_adapter(body: LoadAdapterRequest) -> AdapterDescription:
+        """Loads an adapter from the server's disk onto the base."""
+        return _describe(registry.load(body.name, body.path, body.labels))
+
+    @app.delete(
+        "/v1/adapters/{name}",
+        response_model=AdapterDescription,
+        dependencies=[Depends(require_key)],
+    )
+    def unload_adapter(name: str) -> AdapterDescription:
+        """Unloads an adapter; answers with what was unloaded."""
+        return _describe(registry.unload(name))
+
+    return app
+
+
+def _check_limits(texts: list[str], settings: ServeSettings) -> None:
+    if len(texts) > settings.max_texts:
+        raise TooManyTextsError(
+            f"{len(texts)} texts in one request; at most {settings.max_texts} are allowed: "
+            "split them over several requests"
+        )
+    for i, text in enumerate(texts):
+        if len(text) > settings.max_text_chars:
+            raise TextTooLongError(
+                f"texts[{i}] has {len(text):,} characters; at most {settings.max_text_chars:,} "
+                "are allowed: shorten or split it"
+            )

@@ -1,0 +1,57 @@
+"""The JSON bodies of the serving API (pydantic models; FastAPI derives the OpenAPI from them)."""
+
+from __future__ import annotations
+
+from pydantic import BaseModel, ConfigDict, Field
+
+
+class PredictRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    adapter: str = Field(description="name of a loaded adapter (GET /v1/adapters lists them)")
+    texts: list[str] = Field(min_length=1, description="texts to classify")
+
+
+class Prediction(BaseModel):
+    label: str
+    probability: float = Field(description="probability of `label`, the most likely class")
+    probabilities: dict[str, float] = Field(description="every label's probability")
+
+
+class PredictResponse(BaseModel):
+    adapter: str
+    results: list[Prediction]
+
+
+class LoadAdapterRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    name: str = Field(description="name to serve the adapter under: letters, digits, '_', '-'")
+    path: str = Field(description="an adapter folder or a run directory, on the server's disk")
+    labels: list[str] | None = Field(
+        None, description="class names in label order (default: the run's, else LABEL_0...)"
+    )
+
+
+class AdapterDescription(BaseModel):
+    name: str
+    path: str
+    labels: list[str]
+    max_length: int = Field(description="tokens per text; longer texts are truncated")
+    warnings: list[str] = Field(default_factory=list)
+
+
+class AdapterList(BaseModel):
+    base: str
+    adapters: list[AdapterDescription]
+
+
+class Health(BaseModel):
+    status: str
+    base: str
+    adapters: int
+
+
+class ErrorBody(BaseModel):
+    error: str = Field(description="a short code, e.g. unknown_adapter")
+    detail: str = Field(description="what was wrong and how to fix it")

@@ -1,0 +1,60 @@
+"""Running the app with uvicorn: `serve(...)` is what `lorakit serve` calls."""
+
+from __future__ import annotations
+
+import ipaddress
+import socket
+import sys
+from collections.abc import Mapping
+from pathlib import Path
+
+import uvicorn
+
+from .app import ServeSettings, create_app
+
+DEFAULT_HOST = "127.0.0.1"  # loopback unless told otherwise
+
+
+def parse_adapter_options(options: list[str]) -> dict[str, str]:
+    """`["NAME=DIR", ...]` -> `{NAME: DIR}`, with an error that shows the expected form."""
+    from .errors import ServeError
+
+    adapters: dict[str, str] = {}
+    for option in options:
+        name, sep, path = option.partition("=")
+        if not sep or not name.strip() or not path.strip():
+            raise ServeError(
+                f"--adapter {option!r}: write NAME=DIR, e.g. --adapter sentiment=runs/s1"
+            )
+        if name.strip() in adapters:
+            raise ServeError(f"--adapter: the name {name.strip()!r} is given twice")
+        adapters[name.strip()] = path.strip()
+    return adapters
+
+
+def is_loopback(host: str) -> bool:
+    try:
+        return ipaddress.ip_address(socket.gethostbyname(host)).is_loopback
+    except (OSError, ValueError):
+        return False
+
+
+def serve(
+    base: str,
+    adapters: Mapping[str, str | Path],
+    host: str = DEFAULT_HOST,
+    port: int = 8000,
+    api_key: str | None = None,
+    settings: ServeSettings | None = None,
+    log_level: str = "info",
+) -> None:
+    """Loads `base` and `adapters` ({name: adapter folder or run directory}) and serves them
+    until interrupted. Adapters that do not load stop it before it binds."""
+    app = create_app(base, adapters, api_key=api_key, settings=settings)
+    if not is_loopback(host) and not api_key:
+        print(
+            f"warning: serving on {host} without --api-key: anyone who reaches this port can "
+            "load and unload adapters",
+            file=sys.stderr,
+        )
+    uvicorn.run(app, host=host, port=port, log_level=log_level)
