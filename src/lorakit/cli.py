@@ -34,13 +34,31 @@ def train(
     dry_run: Annotated[
         bool, typer.Option("--dry-run", help="print the resolved config and parameter report")
     ] = False,
+    resume: Annotated[
+        Path | None,
+        typer.Option(help="continue a stopped run from its newest checkpoint (RUN_DIR)"),
+    ] = None,
+    processes: Annotated[
+        int,
+        typer.Option(help="data-parallel processes on this machine (train.batch_size is global)"),
+    ] = 1,
 ) -> None:
     """Train a recipe (default: the built-in default recipe) and write a run directory."""
+    from lorakit.train.checkpoint import CheckpointError
+    from lorakit.train.distributed import DistributedError
+
     overrides = set_ or []
     if dry_run:
         typer.echo(api.dry_run(recipe, overrides))
         return
-    summary = api.train(recipe, out=out, overrides=overrides)
+    try:
+        summary = api.train(recipe, out=out, overrides=overrides, resume=resume,
+                            processes=processes)  # fmt: skip
+    except (CheckpointError, DistributedError) as err:
+        typer.echo(f"error: {err}", err=True)
+        raise typer.Exit(1) from None
+    if "run_dir" not in summary:  # a data-parallel worker other than the main one
+        return
     figures = {k: v for k, v in summary.items() if k.startswith("test_") or k == "run_dir"}
     typer.echo(
         " ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}" for k, v in figures.items())
@@ -122,6 +140,73 @@ def serve(
         raise typer.Exit(2) from None
 
 
+@app.command()
+def sweep(
+    config: Annotated[str, typer.Argument(help="a recipe name or a .toml config")],
+    grid: Annotated[
+        list[str],
+        typer.Option(
+            "--grid",
+            help="KEY=V1,V2,... (repeatable); list values: target_modules=query|query,value",
+        ),
+    ],
+    out: Annotated[
+        Path | None, typer.Option(help="sweep folder (default runs/sweep-<recipe>-<time>)")
+    ] = None,
+    set_: Annotated[
+        list[str] | None, typer.Option("--set", help="KEY=VALUE for every run (repeatable)")
+    ] = None,
+) -> None:
+    """Train every combination of a grid; write sweep.csv, sweep.md, plots and report.html."""
+    from lorakit.sweep import parse_grid
+    from lorakit.sweep import sweep as run_sweep
+
+    folder = run_sweep(config, parse_grid(grid), out=out, overrides=set_ or [])
+    succeeded = json.loads((folder / "sweep.json").read_text())["succeeded"]
+    typer.echo(str(folder))
+    if succeeded == 0:
+        raise typer.Exit(1)
+
+
+@app.command()
+def inspect(
+    target: Annotated[
+        str,
+        typer.Argument(
+            help="a model folder, 'minilm', a hub id, an adapter folder or a run directory"
+        ),
+    ],
+) -> None:
+    """Module names LoRA can target and parameter counts; for an adapter its config and size."""
+    from lorakit.inspect import inspect as describe
+
+    typer.echo(describe(target), nl=False)
+
+
+@app.command()
+def merge(
+    run_dir: Annotated[Path, typer.Argument(help="a run directory written by `lorakit train`")],
+    out_dir: Annotated[Path, typer.Argument(help="a new folder for the merged model")],
+    force: Annotated[
+        bool, typer.Option("--force", help="replace OUT_DIR if it is not empty")
+    ] = False,
+) -> None:
+    """Write a standalone model with the adapter merged in (plain transformers loads it)."""
+    from lorakit.merge import merge as merge_run
+
+    typer.echo(str(merge_run(run_dir, out_dir, force=force)))
+
+
+@app.command()
+def report(
+    run_dir: Annotated[Path, typer.Argument(help="a run directory or a sweep folder")],
+) -> None:
+    """Write RUN_DIR/report.html (self-contained, plots embedded)."""
+    from lorakit.report.html import write_report
+
+    typer.echo(str(write_report(run_dir)))
+
+
 def _clean_errors() -> tuple[type[BaseException], ...]:
     """Errors that are the user's to fix: one message, no traceback."""
     errors: list[type[BaseException]] = [api.ConfigError]
@@ -134,7 +219,9 @@ def _clean_errors() -> tuple[type[BaseException], ...]:
     from lorakit.lora import LoraError
     from lorakit.network import OfflineError
 
-    errors += [LoraError, OfflineError]
+    from lorakit.report.runfiles import ReportError
+
+    errors += [LoraError, OfflineError, ReportError]
     try:
         from lorakit.models.classic import EmbeddingsError
 

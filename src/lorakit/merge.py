@@ -1,0 +1,211 @@
+"""`lorakit merge RUN_DIR OUT_DIR`: the adapter written into the base weights, as a standalone
+model folder that needs neither lorakit nor PEFT to load.
+
+```python
+from lorakit.merge import merge
+merge("runs/sentiment-...", "merged/")   # AutoModelForSequenceClassification.from_pretrained("merged/")
+```
+
+Transformers runs (``sentiment``, ``topics``, causal-LM runs: ``task = "causal-lm"`` in
+summary.json) give a transformers folder (``model.safetensors``, ``config.json``, the
+tokenizer); the ``classic`` recipe's GloVe classifier is not a transformers model and is written
+in its own format (``model.safetensors``, ``config.json``, ``vocab.txt``; load it with
+``lorakit.models.classic.load_classic``). Before anything is kept, the saved folder is loaded
+back and its outputs on a few real texts are compared with base + adapter: the largest absolute
+difference goes into ``OUT_DIR/merge.json``, and above ``TOLERANCE`` the merge fails. The folder
+is written under a temporary name and renamed when complete, so OUT_DIR is never half written.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from lorakit import lora
+from lorakit.config import Config, ConfigError, load_config
+
+TOLERANCE = 1e-4
+SAMPLE_SIZE = 8
+# Used when the run's own data cannot be read (a moved file) and for causal-LM runs.
+FALLBACK_TEXTS = [
+    "A gorgeous, witty, seductive movie.",
+    "The plot is nothing but boilerplate clichés from start to finish.",
+    "Shares in the carmaker rose after it reported higher profits for the quarter.",
+    "The striker scored twice as the home side won the cup final.",
+    "Parliament will vote on the new budget next week.",
+    "The new phone has a bigger screen and a longer battery life.",
+]
+
+
+class MergeError(ConfigError):
+    """A merge that cannot be done or whose result does not match base + adapter."""
+
+
+# ---------------------------------------------------------------- inputs
+def _read_run(run_dir: Path) -> tuple[Config, dict[str, Any]]:
+    for name in ("config.toml", "summary.json", "adapter/" + lora.CONFIG_NAME):
+        if not (run_dir / name).is_file():
+            raise MergeError(
+                f"{run_dir} is not a finished run directory (no {name}); give the folder "
+                "`lorakit train` wrote, e.g. runs/sentiment-20250101-120000"
+            )
+    summary = json.loads((run_dir / "summary.json").read_text(encoding="utf-8"))
+    return load_config(run_dir / "config.toml"), summary
+
+
+def _check_out_dir(out_dir: Path, run_dir: Path, force: bool) -> None:
+    if out_dir.exists() and not out_dir.is_dir():
+        raise MergeError(f"{out_dir} is a file; give a folder for the merged model")
+    resolved, run = out_dir.resolve(), run_dir.resolve()
+    if resolved == run or resolved in run.parents or run in resolved.parents:
+        raise MergeError(f"{out_dir} overlaps the run directory {run_dir}; choose another folder")
+    if out_dir.is_dir() and any(out_dir.iterdir()) and not force:
+        raise MergeError(
+            f"{out_dir} exists and is not empty; choose another folder, or pass --force "
+            "(force=True) to replace it"
+        )
+
+
+def sample_texts(config: Config, summary: dict[str, Any]) -> tuple[list[str], str]:
+    """A few texts to compare outputs on: the run's test split, else a fixed set."""
+    if summary.get("task") != "causal-lm":
+        try:
+            from lorakit.data import load_dataset
+
+            dsd = load_dataset(
+                config.data.source,
+                text_column=config.data.text_column,
+                label_column=config.data.label_column,
+            )
+            texts = [t for t in dsd["test"]["text"][:SAMPLE_SIZE] if t.strip()]
+            if texts:
+                return texts, f"{config.data.source} test split"
+        except Exception:  # the data moved or needs a network: the check still runs
+            pass
+    return FALLBACK_TEXTS, "lorakit.merge.FALLBACK_TEXTS"
+
+
+# ---------------------------------------------------------------- the two model formats
+def _merge_classic(run_dir: Path, base_dir: Path, config: Config, summary, texts, tmp: Path):
+    from lorakit.models.classic import collate, load_classic, save_classic
+    from lorakit.recipes.classic import transfer_model
+
+    model, vocab = transfer_model(base_dir, len(summary["labels"]), None)
+    lora.load_adapter(model, run_dir / "adapter")
+    batch = collate([{"input_ids": vocab.encode(t, config.data.max_length)} for t in texts])
+    reference = model.eval()(**batch).logits
+    merged = lora.merge_and_unload(model)
+    save_classic(merged, vocab, tmp, labels=summary["labels"], merged_from=str(run_dir))
+    reloaded, _, _ = load_classic(tmp)
+    return reference, reloaded.eval()(**batch).logits, "classic"
+
+
+def _merge_transformers(run_dir: Path, config: Config, summary, texts, tmp: Path):
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+
+    causal = summary.get("task") == "causal-lm"
+    if causal:
+        from lorakit.models.causal_lm import load_causal_lm
+
+        model, tokenizer = load_causal_lm(summary["base_model"])
+        auto_class = AutoModelForCausalLM
+    else:
+        from lorakit.models.transformer import load_sequence_classifier
+
+        model, tokenizer, _ = load_sequence_classifier(
+            summary["base_model"], summary["labels"], summary.get("seed", 0)
+        )
+        auto_class = AutoModelForSequenceClassification
+    lora.load_adapter(model, run_dir / "adapter")
+    batch = tokenizer(
+        texts, padding=True, truncation=True, max_length=config.data.max_length, return_tensors="pt"
+    )
+    reference = model.eval()(**batch).logits
+    merged = lora.merge_and_unload(model)
+    merged.save_pretrained(tmp)  # safetensors
+    tokenizer.save_pretrained(tmp)
+    reloaded = auto_class.from_pretrained(tmp).eval()
+    return reference, reloaded(**batch).logits, auto_class.__name__
+
+
+# ---------------------------------------------------------------- merge
+@torch.no_grad()
+def merge(run_dir: str | Path, out_dir: str | Path, force: bool = False) -> Path:
+    """Merge the run's adapter into its base model; write a standalone model folder to
+    ``out_dir`` (refused when it exists and is not empty, unless ``force``). Returns ``out_dir``."""
+    from lorakit.models.classic import is_classic
+
+    run_dir, out_dir = Path(run_dir), Path(out_dir)
+    config, summary = _read_run(run_dir)
+    _check_out_dir(out_dir, run_dir, force)
+    texts, texts_from = sample_texts(config, summary)
+    base_dir = run_dir / str(summary.get("base_model", ""))  # classic: "base" or an absolute path
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.merging-", dir=out_dir.parent))
+    umask = os.umask(0)
+    os.umask(umask)
+    tmp.chmod(0o777 & ~umask)  # mkdtemp's folder is private; the result should not be
+    try:
+        if summary.get("base_model") and is_classic(base_dir):
+            reference, merged, loads_with = _merge_classic(
+                run_dir, base_dir, config, summary, texts, tmp
+            )
+        else:
+            reference, merged, loads_with = _merge_transformers(
+                run_dir, config, summary, texts, tmp
+            )
+        diff = float((reference.float() - merged.float()).abs().max())
+        if not diff <= TOLERANCE:
+            raise MergeError(
+                f"the merged model's outputs differ from base + adapter by {diff:.3g} "
+                f"(more than {TOLERANCE:g}) on {len(texts)} texts; nothing was written"
+            )
+        record = {
+            "run_dir": str(run_dir.resolve()),
+            "recipe": summary.get("recipe"),
+            "task": summary.get("task"),
+            "base_model": summary.get("base_model"),
+            "engine": summary.get("engine"),
+            "loads_with": loads_with,
+            "texts": len(texts),
+            "texts_from": texts_from,
+            "max_abs_diff": diff,
+            "tolerance": TOLERANCE,
+            "lorakit_version": _version(),
+            "created": datetime.now(UTC).isoformat(timespec="seconds"),
+        }
+        (tmp / "merge.json").write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
+        _move_into_place(tmp, out_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    print(f"merged {run_dir} into {out_dir} ({loads_with}); max |difference| {diff:.2e} "
+          f"on {len(texts)} texts", flush=True)  # fmt: skip
+    return out_dir
+
+
+def _move_into_place(tmp: Path, out_dir: Path) -> None:
+    """Rename ``tmp`` to ``out_dir``; an existing folder is moved aside first, then deleted."""
+    old = None
+    if out_dir.exists():
+        old = out_dir.with_name(f".{out_dir.name}.replaced-{os.getpid()}")
+        os.replace(out_dir, old)
+    os.replace(tmp, out_dir)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def _version() -> str:
+    from importlib.metadata import version
+
+    try:
+        return version("lorakit")
+    except Exception:
+        return "unknown"

@@ -1,0 +1,125 @@
+"""`lorakit merge` (issue 5): a tiny BERT run merged into a folder plain transformers loads."""
+
+import json
+import random
+
+import pytest
+import torch
+from transformers import (
+    AutoModelForCausalLM,
+    AutoModelForSequenceClassification,
+    AutoTokenizer,
+    BertConfig,
+    BertForSequenceClassification,
+    GPT2Config,
+    GPT2LMHeadModel,
+)
+
+from lorakit import api, lora
+from lorakit.config import Config, to_toml
+from lorakit.merge import MergeError, merge
+from lorakit.models.transformer import minilm_path
+
+WORDS = {
+    "good": ["wonderful", "superb", "moving", "brilliant", "delightful"],
+    "bad": ["dull", "tedious", "clumsy", "boring", "lifeless"],
+}
+FILLER = "the film story actors plot director scenes music pace ending".split()
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    """A finished `sentiment`-pipeline run on a 2-layer BERT with MiniLM's tokenizer."""
+    root = tmp_path_factory.mktemp("merge")
+    tokenizer = AutoTokenizer.from_pretrained(minilm_path())
+    torch.manual_seed(0)
+    config = BertConfig(vocab_size=len(tokenizer), hidden_size=32, num_hidden_layers=2,
+                        num_attention_heads=4, intermediate_size=64, max_position_embeddings=128)  # fmt: skip
+    BertForSequenceClassification(config).save_pretrained(root / "bert")
+    tokenizer.save_pretrained(root / "bert")
+    rng = random.Random(0)
+    rows = ["text,label"]
+    for i in range(200):
+        label = ["good", "bad"][i % 2]
+        rows.append(
+            f'"{" ".join(rng.sample(FILLER, 4) + rng.sample(WORDS[label], 2))} {i}",{label}'
+        )
+    (root / "reviews.csv").write_text("\n".join(rows) + "\n")
+    api.train("sentiment", out=root / "run", overrides=[
+        f"data.path={root / 'reviews.csv'}", f"model.name={root / 'bert'}",
+        "lora.target_modules=query,value,dense", "train.epochs=1", "train.lr=1e-2",
+    ])  # fmt: skip
+    return root / "run"
+
+
+def test_merged_folder_loads_in_plain_transformers(tiny_run, tmp_path):
+    out = merge(tiny_run, tmp_path / "merged")
+    record = json.loads((out / "merge.json").read_text())
+    assert record["max_abs_diff"] <= 1e-4 and record["texts"] > 0
+    assert record["loads_with"] == "AutoModelForSequenceClassification"
+    assert (out / "model.safetensors").is_file() and (out / "tokenizer.json").is_file()
+    assert not list(tmp_path.glob(".merged*"))  # no temporary folder left
+
+    texts = ["the plot was brilliant and moving", "a dull and tedious ending"]
+    model = AutoModelForSequenceClassification.from_pretrained(out).eval()
+    tokenizer = AutoTokenizer.from_pretrained(out)
+    assert not any("lora" in name for name, _ in model.named_parameters())
+    with torch.no_grad():
+        merged = model(**tokenizer(texts, padding=True, return_tensors="pt")).logits
+    expected = api.load_predictor(tiny_run).predict_proba(texts)
+    assert torch.allclose(torch.softmax(merged, -1), torch.from_numpy(expected), atol=1e-4)
+    # LoRA did change the model: the merged weights are not the base's
+    base = AutoModelForSequenceClassification.from_pretrained(tiny_run.parent / "bert")
+    query = "bert.encoder.layer.0.attention.self.query.weight"
+    assert not torch.equal(model.state_dict()[query], base.state_dict()[query])
+    assert model.config.id2label == {0: "bad", 1: "good"}
+
+
+def test_merge_refuses_an_existing_folder(tiny_run, tmp_path):
+    out = tmp_path / "taken"
+    out.mkdir()
+    (out / "keep.txt").write_text("mine")
+    with pytest.raises(MergeError, match="--force"):
+        merge(tiny_run, out)
+    assert (out / "keep.txt").read_text() == "mine"
+    merge(tiny_run, out, force=True)
+    assert not (out / "keep.txt").exists() and (out / "merge.json").is_file()
+
+
+def test_merge_needs_a_finished_run(tmp_path):
+    with pytest.raises(MergeError, match="not a finished run directory"):
+        merge(tmp_path, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
+def test_causal_lm_run_merges_for_auto_model_for_causal_lm(tmp_path):
+    """A causal-LM run directory (task "causal-lm"), made here from a tiny GPT-2 with LoRA on
+    its Conv1D attention and a trained-looking (non-zero) B."""
+    tokenizer = AutoTokenizer.from_pretrained(minilm_path())
+    torch.manual_seed(0)
+    gpt2 = GPT2LMHeadModel(GPT2Config(vocab_size=len(tokenizer), n_embd=32, n_layer=2, n_head=4,
+                                      n_positions=64))  # fmt: skip
+    gpt2.save_pretrained(tmp_path / "gpt2")
+    tokenizer.save_pretrained(tmp_path / "gpt2")
+    model = lora.inject(gpt2, lora.LoraConfig(r=4, lora_alpha=8, target_modules=["c_attn"]))
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "lora_B" in name:
+                param.normal_(std=0.5)
+    run = tmp_path / "run"
+    lora.save_adapter(model, run / "adapter", base_model_name_or_path=str(tmp_path / "gpt2"))
+    config = Config(recipe="tiny-causal", task="causal-lm", model={"name": str(tmp_path / "gpt2")})
+    (run / "config.toml").write_text(to_toml(config))
+    summary = {"recipe": "tiny-causal", "task": "causal-lm", "base_model": str(tmp_path / "gpt2")}
+    (run / "summary.json").write_text(json.dumps(summary))
+
+    out = merge(run, tmp_path / "merged")
+    record = json.loads((out / "merge.json").read_text())
+    assert record["loads_with"] == "AutoModelForCausalLM" and record["max_abs_diff"] <= 1e-4
+    merged = AutoModelForCausalLM.from_pretrained(out).eval()
+    base = AutoModelForCausalLM.from_pretrained(tmp_path / "gpt2").eval()
+    batch = tokenizer(["The striker scored twice."], return_tensors="pt")
+    with torch.no_grad():
+        expected = model.eval()(**batch).logits
+        assert torch.allclose(merged(**batch).logits, expected, atol=1e-4)
+        assert not torch.allclose(base(**batch).logits, expected, atol=1e-3)  # LoRA mattered

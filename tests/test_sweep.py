@@ -1,0 +1,114 @@
+"""`lorakit sweep` (issue 5): grids, key resolution, and a tiny real sweep on `classic`."""
+
+import csv
+import json
+
+import pytest
+
+from lorakit.config import ConfigError
+from lorakit.sweep import combination_name, combinations, parse_grid, resolve_key, sweep
+
+TINY = ["pretrain.epochs=1", "train.epochs=1", "data.max_train_samples=300"]
+
+
+def test_short_keys_resolve_to_dotted_keys():
+    assert resolve_key("r") == "lora.r"
+    assert resolve_key("lora_alpha") == "lora.lora_alpha"
+    assert resolve_key("target_modules") == "lora.target_modules"
+    assert resolve_key("lr") == "train.lr"  # not pretrain.lr: pretraining is shared
+    assert resolve_key("pretrain.lr") == "pretrain.lr"
+    assert resolve_key("seed") == "seed"
+
+
+@pytest.mark.parametrize(
+    ("key", "named"),
+    [
+        ("name", ["data.name", "model.name"]),  # ambiguous: the choices are listed
+        ("rank", ["lora.r"]),  # unknown: an example of a real key
+        ("lora", ["lora.r", "lora.lora_alpha"]),  # a section, not a setting
+        ("lora.rank", ["lora.r"]),
+    ],
+)
+def test_bad_keys_name_the_choices(key, named):
+    with pytest.raises(ConfigError) as err:
+        resolve_key(key)
+    assert repr(key) in str(err.value)
+    for choice in named:
+        assert choice in str(err.value)
+
+
+def test_parse_grid_values_and_list_separator():
+    grid = parse_grid(["r=1,2,4", "target_modules=query|query,value", "lr=1e-3,5e-4"])
+    assert grid == {
+        "lora.r": [1, 2, 4],
+        "lora.target_modules": [["query"], ["query", "value"]],
+        "train.lr": [1e-3, 5e-4],
+    }
+    assert parse_grid(["target_modules=query,value"]) == {
+        "lora.target_modules": [["query"], ["value"]]
+    }
+    assert parse_grid(["target_modules=all-linear"]) == {"lora.target_modules": ["all-linear"]}
+    assert len(combinations(grid)) == 12
+    assert combination_name(combinations(grid)[-1]) == "r=4,target_modules=query+value,lr=0.0005"
+
+
+def test_parse_grid_reports_every_bad_item():
+    with pytest.raises(ConfigError) as err:
+        parse_grid(["r", "name=a,b", "lora_alpha="])
+    lines = err.value.problems
+    assert any("'r'" in line and "KEY=V1,V2" in line for line in lines)
+    assert any("ambiguous" in line for line in lines)
+    assert any("'lora_alpha='" in line for line in lines)
+
+
+def test_invalid_combinations_stop_the_sweep_before_any_run(tmp_path):
+    out = tmp_path / "sweep"
+    with pytest.raises(ConfigError) as err:
+        sweep("classic", {"r": [2, 0, -1], "batch_size": [0]}, out=out, overrides=TINY)
+    message = str(err.value)
+    assert "[r=0,batch_size=0] lora.r" in message
+    assert "[r=-1,batch_size=0]" in message
+    assert "train.batch_size" in message
+    assert not out.exists()
+
+
+def test_sweep_folder_must_be_new(tmp_path):
+    (tmp_path / "old.txt").write_text("x")
+    with pytest.raises(ConfigError, match="not empty"):
+        sweep("classic", {"r": [1]}, out=tmp_path, overrides=TINY)
+
+
+def test_classic_sweep_survives_a_failing_combination(tmp_path, capsys):
+    out = tmp_path / "sweep"
+    grid = parse_grid(["r=1,2", "target_modules=fc1|nothing"])
+    assert sweep("classic", grid, out=out, overrides=TINY) == out
+
+    with open(out / "sweep.csv", newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    assert [(r["lora.r"], r["lora.target_modules"], r["status"]) for r in rows] == [
+        ("1", "fc1", "ok"), ("1", "nothing", "failed"), ("2", "fc1", "ok"), ("2", "nothing", "failed"),
+    ]  # fmt: skip
+    ok = [r for r in rows if r["status"] == "ok"]
+    assert all(0.0 <= float(r["test_accuracy"]) <= 1.0 for r in ok)
+    assert int(ok[1]["trainable_params"]) > int(ok[0]["trainable_params"])  # r=2 > r=1
+    failed = [r for r in rows if r["status"] == "failed"]
+    assert all("matched no module" in r["error"] and "fc1" in r["error"] for r in failed)
+    assert (out / "r=1,target_modules=nothing" / "error.txt").is_file()
+
+    # pretrained once: later runs point at the first run's base
+    settings = json.loads((out / "sweep.json").read_text())
+    assert settings["succeeded"] == 2 and settings["failed"] == 2
+    assert settings["shared_base"].endswith("r=1,target_modules=fc1/base")
+    second = json.loads((out / "r=2,target_modules=fc1" / "summary.json").read_text())
+    assert second["base_model"] == settings["shared_base"]
+    assert "pretrain_seconds" not in second
+    assert not (out / "r=2,target_modules=fc1" / "comparison.json").exists()  # compare=false
+
+    assert "2 of 4 runs succeeded" in (out / "sweep.md").read_text()
+    for plot in ("metric_vs_trainable_params.png", "metric_vs_r.png"):
+        assert (out / "plots" / plot).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    report = (out / "report.html").read_text()
+    assert "data:image/png;base64," in report and "nothing" in report
+    progress = capsys.readouterr().out
+    assert "sweep [2/4] r=1,target_modules=nothing: FAILED" in progress
+    assert "sweep [4/4] r=2,target_modules=nothing" in progress
