@@ -76,3 +76,15 @@ def test_errors_are_one_clean_message(args, message, capsys):
 def test_eval_unknown_split(run_dir, capsys):
     assert main(["eval", str(run_dir), "--split", "dev"]) == 2
     assert "split: 'dev' does not exist" in capsys.readouterr().err
+
+
+def test_one_set_takes_several_key_values():
+    """INTERFACE.md's `--set a=1 b=2` form reaches the parser as repeated --set options."""
+    from lorakit.cli import expand_set_options
+
+    argv = ["train", "sentiment", "--set", "data.path=my.csv", "data.text_column=review",
+            "--out", "runs/x", "--set", "train.lr=1e-3"]  # fmt: skip
+    assert expand_set_options(argv) == [
+        "train", "sentiment", "--set", "data.path=my.csv", "--set", "data.text_column=review",
+        "--out", "runs/x", "--set", "train.lr=1e-3",
+    ]  # fmt: skip

@@ -11,6 +11,7 @@ lk.list_recipes()                                             # {name: descripti
 
 from __future__ import annotations
 
+import inspect
 import json
 from collections.abc import Iterable, Sequence
 from pathlib import Path
@@ -54,13 +55,101 @@ def train(
     recipe_or_config: str | Path | None = None,
     out: str | Path | None = None,
     overrides: Iterable[str] = (),
+    *,
+    resume: str | Path | None = None,
+    processes: int = 1,
 ) -> dict[str, Any]:
-    """Run a recipe; return its summary (also in ``RUN_DIR/summary.json``)."""
-    config = resolve_config(recipe_or_config, overrides)
-    run_path = Path(out or config.out or default_out(config.recipe))
-    run_dir = RunDir(run_path)
-    run_dir.write_config(config)
-    summary = pipeline_module(config).run(config, run_dir)
+    """Run a recipe; return its summary (also in ``RUN_DIR/summary.json``).
+
+    ``resume``: a run directory whose training stopped (crash, kill); it continues from the
+    newest checkpoint in ``RUN_DIR/checkpoints`` with the run's own config. ``processes``: train
+    data-parallel in that many processes on this machine (``batch_size`` is the global batch).
+    """
+    from lorakit.train import distributed  # torch and accelerate: only when training
+
+    if processes < 1:
+        raise ConfigError(f"processes: {processes} must be 1 or more")
+    if processes > 1 and distributed.world_size() == 1:
+        return _train_in_processes(recipe_or_config, out, overrides, resume, processes)
+    checkpoint = None
+    if resume is not None:
+        if recipe_or_config is not None or out is not None or list(overrides):
+            raise ConfigError(
+                "--resume continues a run with its own config.toml and folder; leave out the "
+                "recipe, --out and --set"
+            )
+        run_path, config, checkpoint = resume_point(resume)
+    else:
+        config = resolve_config(recipe_or_config, overrides)
+        run_path = Path(out or config.out or default_out(config.recipe))
+    module = pipeline_module(config)
+    if checkpoint is not None and "resume" not in inspect.signature(module.run).parameters:
+        raise ConfigError(f"the {config.recipe!r} recipe's pipeline cannot resume a run yet")
+    extra = {"resume": checkpoint} if checkpoint is not None else {}
+    if not distributed.is_main_process():
+        with distributed.worker_scratch() as scratch:
+            return module.run(config, RunDir(scratch), **extra)
+    run_dir = RunDir(run_path, exist_ok=checkpoint is not None)
+    environment = run_path / "environment.json"
+    previous = json.loads(environment.read_text()) if checkpoint and environment.exists() else {}
+    if checkpoint is None:
+        run_dir.write_config(config)
+    summary = module.run(config, run_dir, **extra)
+    facts = {"processes": distributed.world_size()}
+    if checkpoint is not None:
+        facts.update(started=previous.get("started"), resumed_from=checkpoint.name)
+    run_dir.update_environment(**facts)
+    summary.setdefault("run_dir", str(run_path))
+    return summary
+
+
+def resume_point(run_dir: str | Path) -> tuple[Path, Config, Path]:
+    """A stopped run's folder, its config and its newest complete checkpoint."""
+    from lorakit.train.checkpoint import latest_checkpoint
+
+    run_path = Path(run_dir)
+    if not (run_path / "config.toml").is_file():
+        raise ConfigError(
+            f"--resume: {str(run_path)!r} is not a run directory (no config.toml); give the "
+            "folder `lorakit train` was writing"
+        )
+    if (run_path / "summary.json").exists():
+        raise ConfigError(f"--resume: the run in {run_path} has finished; nothing to resume")
+    config = load_config(run_path / "config.toml")
+    checkpoint = latest_checkpoint(run_path / "checkpoints")
+    if checkpoint is None:
+        every = config.train.checkpoint_every
+        raise ConfigError(
+            f"--resume: {run_path} holds no complete checkpoint (train.checkpoint_every = "
+            f"{every}{', off' if every == 0 else ''}); the run stopped before its first one, "
+            "so start it again"
+        )
+    return run_path, config, checkpoint
+
+
+def _train_in_processes(recipe_or_config, out, overrides, resume, processes: int) -> dict[str, Any]:
+    """Start ``processes`` training processes (torch.distributed's launcher) and wait."""
+    from lorakit.train import distributed
+
+    if resume is not None:
+        run_path, config, _ = resume_point(resume)
+        args = ["--resume", str(run_path)]
+    else:
+        config = resolve_config(recipe_or_config, overrides)  # fails here, before launching
+        run_path = Path(out or config.out or default_out(config.recipe))
+        args = [str(recipe_or_config)] if recipe_or_config is not None else []
+        args += ["--out", str(run_path)]
+        for item in overrides:
+            args += ["--set", item]
+    for name in ("batch_size", "eval_batch_size"):
+        size = getattr(config.train, name)
+        if size % processes:
+            raise ConfigError(
+                f"train.{name}: {size} cannot be split among {processes} processes; it is the "
+                f"global batch, so make it a multiple of {processes}"
+            )
+    distributed.launch(processes, args)
+    summary = RunDir(run_path, exist_ok=True).read_summary()
     summary.setdefault("run_dir", str(run_path))
     return summary
 

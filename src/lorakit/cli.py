@@ -57,7 +57,7 @@ def train(
     except (CheckpointError, DistributedError) as err:
         typer.echo(f"error: {err}", err=True)
         raise typer.Exit(1) from None
-    if "run_dir" not in summary:  # a data-parallel worker other than the main one
+    if "run_dir" not in summary or processes > 1:  # the main worker printed it already
         return
     figures = {k: v for k, v in summary.items() if k.startswith("test_") or k == "run_dir"}
     typer.echo(
@@ -218,7 +218,6 @@ def _clean_errors() -> tuple[type[BaseException], ...]:
         pass
     from lorakit.lora import LoraError
     from lorakit.network import OfflineError
-
     from lorakit.report.runfiles import ReportError
 
     errors += [LoraError, OfflineError, ReportError]
@@ -231,8 +230,27 @@ def _clean_errors() -> tuple[type[BaseException], ...]:
     return tuple(errors)
 
 
+def expand_set_options(argv: list[str]) -> list[str]:
+    """``--set a=1 b=2`` (INTERFACE.md's form) -> ``--set a=1 --set b=2`` for the parser."""
+    expanded: list[str] = []
+    in_set = False
+    for arg in argv:
+        if arg == "--set":
+            in_set = True
+            expanded.append(arg)
+        elif in_set and "=" in arg and not arg.startswith("-"):
+            if expanded[-1] != "--set":
+                expanded.append("--set")
+            expanded.append(arg)
+        else:
+            in_set = False
+            expanded.append(arg)
+    return expanded
+
+
 def main(argv: list[str] | None = None) -> int:
     """The ``lorakit`` entry point."""
+    argv = expand_set_options(sys.argv[1:] if argv is None else list(argv))
     try:
         app(args=argv, standalone_mode=False)
     except _clean_errors() as err:

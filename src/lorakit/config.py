@@ -110,6 +110,10 @@ class TrainConfig(_Section):
     bf16: bool = False
     log_every: int = Field(50, gt=0)
     num_workers: int = Field(0, ge=0)
+    checkpoint_every: int = Field(
+        200, ge=0, description="optimizer steps between checkpoints (RUN_DIR/checkpoints); 0 = off"
+    )
+    keep_checkpoints: int = Field(2, gt=0, description="the newest checkpoints kept")
 
 
 class Config(_Section):

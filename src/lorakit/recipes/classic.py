@@ -118,17 +118,19 @@ def pretrain(config: Config, run_dir: RunDir, target_train_texts: list[str]) -> 
     )  # fmt: skip
     best.restore(model)
     test = evaluate(model, loaders["test"])
-    save_classic(
-        model, vocab, run_dir / "base", labels=labels, dataset=section.data,
-        embeddings=config.model.embeddings, test_accuracy=test["accuracy"],
-    )  # fmt: skip
-    print(f"pretrain {section.data}: test accuracy {test['accuracy']:.4f}", flush=True)
-    return {
+    facts = {
         "pretrain_dataset": section.data,
         "pretrain_test_accuracy": test["accuracy"],
         "pretrain_seconds": result.train_seconds,
         "pretrain_fingerprint": dataset_fingerprint(news),
     }
+    save_classic(
+        model, vocab, run_dir / "base", labels=labels, dataset=section.data,
+        embeddings=config.model.embeddings, test_accuracy=test["accuracy"],
+        pretrain=facts,  # read back by a resumed run, which does not pretrain again
+    )  # fmt: skip
+    print(f"pretrain {section.data}: test accuracy {test['accuracy']:.4f}", flush=True)
+    return facts
 
 
 def transfer_model(base_dir: Path, num_classes: int, section: LoraSection | None, seed: int = 0):
@@ -141,18 +143,19 @@ def transfer_model(base_dir: Path, num_classes: int, section: LoraSection | None
     return model, vocab
 
 
-def run(config: Config, run_dir: RunDir) -> dict[str, Any]:
+def run(config: Config, run_dir: RunDir, resume: Path | None = None) -> dict[str, Any]:
+    """Train and test; ``resume``: a checkpoint folder of this run to continue from."""
     # The model is tiny: one thread beats two, whose hand-offs cost more than the products
     # (15x faster on a busy 2-core machine).
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        return _run(config, run_dir)
+        return _run(config, run_dir, resume)
     finally:
         torch.set_num_threads(threads)
 
 
-def _run(config: Config, run_dir: RunDir) -> dict[str, Any]:
+def _run(config: Config, run_dir: RunDir, resume: Path | None) -> dict[str, Any]:
     started = time.monotonic()
     target = _load_data(config)
     labels = target["train"].features["label"].names
@@ -161,6 +164,9 @@ def _run(config: Config, run_dir: RunDir) -> dict[str, Any]:
     if config.model.pretrained:
         base_dir = Path(config.model.pretrained)
         load_classic(base_dir)  # fails early on a folder that holds no model
+    elif resume is not None:  # pretrained before the checkpoint: RUN_DIR/checkpoints/step-N
+        base_dir = Path(resume).parent.parent / "base"
+        facts = load_classic(base_dir)[2]["pretrain"]
     else:
         facts = pretrain(config, run_dir, target["train"]["text"])
         base_dir = run_dir / "base"
@@ -174,6 +180,7 @@ def _run(config: Config, run_dir: RunDir) -> dict[str, Any]:
     result = train_loop(
         model, loaders["train"], loaders["validation"], config.train, run_dir=run_dir,
         save_best=best, seed=config.seed, desc=f"LoRA {config.data.source}",
+        checkpoint_dir=run_dir / "checkpoints", resume=resume,
     )  # fmt: skip
     best.restore(model)
     test = evaluate(model, loaders["test"])

@@ -21,7 +21,7 @@ import torch
 from transformers import DataCollatorWithPadding
 
 from lorakit import lora
-from lorakit.config import Config, load_config
+from lorakit.config import Config, ConfigError, load_config
 from lorakit.data import dataset_fingerprint, load_dataset
 from lorakit.data.tokenize import classification_loaders, tokenize_splits
 from lorakit.models.transformer import load_sequence_classifier, weights_bytes
@@ -82,7 +82,8 @@ def reload_model(run_dir: Path, engine: str, labels: list[str], base: str, seed:
     return engines.load(model, run_dir / "adapter", engine).eval(), tokenizer
 
 
-def run(config: Config, run_dir: RunDir) -> dict[str, Any]:
+def run(config: Config, run_dir: RunDir, resume: Path | None = None) -> dict[str, Any]:
+    """Train and test; ``resume``: a checkpoint folder of this run to continue from."""
     started = time.monotonic()
     dsd = load_data(config)
     labels = dsd["train"].features["label"].names
@@ -104,6 +105,8 @@ def run(config: Config, run_dir: RunDir) -> dict[str, Any]:
     )
     best = BestWeights()
     if train.trainer == "hf":
+        if resume is not None:
+            raise ConfigError("--resume works with train.trainer = 'lorakit', not 'hf'")
         from lorakit.train.hf_trainer import train_with_hf_trainer
 
         result = train_with_hf_trainer(
@@ -115,6 +118,7 @@ def run(config: Config, run_dir: RunDir) -> dict[str, Any]:
         result = train_loop(
             model, loaders["train"], loaders["validation"], train, run_dir=run_dir,
             save_best=best, seed=config.seed, desc=f"{config.recipe}",
+            checkpoint_dir=run_dir / "checkpoints", resume=resume,
         )  # fmt: skip
     best.restore(model)
     model.eval()
