@@ -175,8 +175,24 @@ class Linear(LoraLayer):
         name = self._lora_active()
         if name is None:
             return result
-        A, B = self.lora_A[name], self.lora_B[name]
-        return result + B(A(self.lora_dropout[name](x))) * self.scaling[name]
+        A, B = self.lora_A[name].weight, self.lora_B[name].weight
+        down = F.linear(self.lora_dropout[name](x), A)  # (..., r): the cheap half
+        return add_scaled_product(result, down, B, self.scaling[name])
+
+
+def add_scaled_product(result: torch.Tensor, down: torch.Tensor, B: torch.Tensor, scaling: float):
+    """result + scaling · down·Bᵀ, as one fused `addmm` where the dtypes allow it.
+
+    The plain form `result + B(down) * scaling` runs three kernels over the full output
+    (product, multiply, add) and the backward multiplies the full gradient by `scaling` again;
+    `addmm` accumulates into a copy of `result` and scales the rank-r operands instead.
+    """
+    if result.dtype != down.dtype:
+        return result + F.linear(down, B) * scaling  # mixed dtypes: leave the casts to torch
+    fused = torch.addmm(
+        result.reshape(-1, result.shape[-1]), down.reshape(-1, down.shape[-1]), B.T, alpha=scaling
+    )
+    return fused.view(result.shape)
 
 
 class Embedding(LoraLayer):
