@@ -23,7 +23,7 @@ from lorakit.config import Config, ConfigError, load_config
 from lorakit.recipes import describe, pipeline_module, recipe_names, recipe_path
 from lorakit.rundir import RunDir, default_out
 
-DEFAULT_RECIPE = "classic"
+DEFAULT_RECIPE = "sentiment"
 
 
 def resolve_config(
