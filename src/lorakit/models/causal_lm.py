@@ -1,0 +1,209 @@
+"""Causal language models: loading (local folder, hub id or lorakit's tiny GPT-2) and scoring.
+
+`perplexity` is the exponential of the mean loss per target token. `verdict_accuracy` scores a
+closed set of answers ("fresh" / "rotten") two ways: by the answers' log-likelihood after the
+prompt (the default: one batched forward pass per answer, no sampling) or by greedy generation.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Sequence
+from pathlib import Path
+
+import datasets
+import torch
+import torch.nn.functional as F
+from transformers import (
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+)
+
+from lorakit.data.causal import instruction_dataset
+from lorakit.network import OfflineError, hub_reachable
+
+TINY_GPT2 = "tiny-gpt2"
+IGNORE_INDEX = -100
+
+
+def _resolve(name_or_path: str | Path) -> tuple[str, bool]:
+    """(what to pass to from_pretrained, whether it may need the hub)."""
+    name = str(name_or_path)
+    if name == TINY_GPT2:
+        from lorakit.models.tiny_gpt2 import ensure_tiny_gpt2
+
+        return str(ensure_tiny_gpt2()), False
+    path = Path(name).expanduser()
+    if path.exists():
+        if not (path / "config.json").is_file():
+            raise FileNotFoundError(
+                f"{path} has no config.json; it is not a Hugging Face model folder"
+            )
+        return str(path), False
+    if name.startswith((".", "/", "~")) or name.count("/") > 1 or os.sep in name.replace("/", ""):
+        raise FileNotFoundError(f"model folder {path} does not exist")
+    return name, True
+
+
+def load_causal_lm(
+    name_or_path: str | Path, *, dtype: torch.dtype | None = None
+) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    """Model and tokenizer from a local folder, a hub id, or `"tiny-gpt2"` (pretrained offline).
+
+    A hub id without a network is looked up in the local Hugging Face cache; when it is not
+    there, an `OfflineError` names the offline alternative instead of waiting on the network.
+    """
+    source, needs_hub = _resolve(name_or_path)
+    local_only = needs_hub and not hub_reachable()
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(source, local_files_only=local_only)
+        model = AutoModelForCausalLM.from_pretrained(
+            source, dtype=dtype, local_files_only=local_only
+        )
+    except OSError as err:
+        if local_only:
+            raise OfflineError(
+                f"cannot load {source!r}: the Hugging Face Hub is not reachable and the model is "
+                f"not in the local cache. Offline, use lorakit's own base model: "
+                f"model.name = '{TINY_GPT2}' (a GPT-2 pretrained here on bbc-news)"
+            ) from None
+        raise OSError(f"cannot load causal LM {source!r}: {err}") from err
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return model, tokenizer
+
+
+def _batches(dataset: datasets.Dataset, batch_size: int):
+    formatted = dataset.with_format("torch")
+    for start in range(0, formatted.num_rows, batch_size):
+        yield formatted[start : start + batch_size]
+
+
+def _token_log_probs(model: PreTrainedModel, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    """Log-probability of each next token (batch, len-1) and the mask of positions that count."""
+    device = model.device
+    input_ids = batch["input_ids"].to(device)
+    mask = batch.get("attention_mask")
+    logits = model(
+        input_ids=input_ids, attention_mask=None if mask is None else mask.to(device)
+    ).logits.float()
+    targets = batch["labels"][:, 1:].to(device)
+    counted = targets != IGNORE_INDEX
+    log_probs = -F.cross_entropy(
+        logits[:, :-1].transpose(1, 2), targets.clamp(min=0), reduction="none"
+    )
+    return log_probs * counted, counted
+
+
+@torch.no_grad()
+def perplexity(model: PreTrainedModel, dataset: datasets.Dataset, batch_size: int = 16) -> float:
+    """exp(mean negative log-likelihood per target token) over a dataset with input_ids/labels."""
+    was_training = model.training
+    model.eval()
+    total_nll, total_tokens = 0.0, 0
+    for batch in _batches(dataset, batch_size):
+        log_probs, counted = _token_log_probs(model, batch)
+        total_nll -= log_probs.sum().item()
+        total_tokens += int(counted.sum())
+    model.train(was_training)
+    if total_tokens == 0:
+        raise ValueError("the dataset has no target tokens (every label is -100)")
+    return math.exp(total_nll / total_tokens)
+
+
+def _max_length(model: PreTrainedModel) -> int:
+    config = model.config
+    return int(
+        getattr(config, "n_positions", None) or getattr(config, "max_position_embeddings", 1024)
+    )
+
+
+@torch.no_grad()
+def choice_log_likelihoods(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    prompts: Sequence[str],
+    choices: Sequence[str],
+    batch_size: int = 32,
+) -> torch.Tensor:
+    """(len(prompts), len(choices)): log P(choice tokens | eos + prompt), summed over tokens."""
+    was_training = model.training
+    model.eval()
+    columns = []
+    for choice in choices:
+        rows = instruction_dataset(tokenizer, prompts, [choice] * len(prompts), _max_length(model))
+        scores = []
+        for batch in _batches(rows, batch_size):
+            log_probs, counted = _token_log_probs(model, batch)
+            # the last counted position is the closing eos: score the choice's own tokens only
+            last = counted.long().cumsum(1).argmax(1)
+            log_probs[torch.arange(len(last)), last] = 0.0
+            scores.append(log_probs.sum(1).cpu())
+        columns.append(torch.cat(scores))
+    model.train(was_training)
+    return torch.stack(columns, dim=1)
+
+
+@torch.no_grad()
+def generated_choices(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    prompts: Sequence[str],
+    choices: Sequence[str],
+    batch_size: int = 32,
+) -> list[int]:
+    """Index of the choice that greedy generation starts with, or -1 when it starts with none."""
+    was_training, side = model.training, tokenizer.padding_side
+    model.eval()
+    tokenizer.padding_side = "left"
+    new_tokens = max(len(tokenizer(c, add_special_tokens=False)["input_ids"]) for c in choices)
+    picked: list[int] = []
+    try:
+        for start in range(0, len(prompts), batch_size):
+            texts = [tokenizer.eos_token + p for p in prompts[start : start + batch_size]]
+            enc = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False)
+            out = model.generate(
+                **enc.to(model.device),
+                max_new_tokens=new_tokens,
+                do_sample=False,
+                pad_token_id=tokenizer.pad_token_id,
+            )
+            for text in tokenizer.batch_decode(out[:, enc["input_ids"].shape[1] :]):
+                hits = [i for i, c in enumerate(choices) if text.strip().startswith(c.strip())]
+                picked.append(hits[0] if hits else -1)
+    finally:
+        tokenizer.padding_side = side
+        model.train(was_training)
+    return picked
+
+
+def verdict_accuracy(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    prompts: Sequence[str],
+    labels: Sequence[int],
+    choices: Sequence[str] = (" fresh", " rotten"),
+    *,
+    method: str = "loglik",
+    batch_size: int = 32,
+) -> float:
+    """Share of prompts whose answer is `choices[label]`.
+
+    `method="loglik"` picks the likeliest choice; `method="generate"` decodes greedily and counts
+    an answer that starts with none of the choices as wrong.
+    """
+    if len(prompts) != len(labels):
+        raise ValueError(f"{len(prompts)} prompts but {len(labels)} labels")
+    if not prompts:
+        raise ValueError("verdict_accuracy needs at least one prompt")
+    if method == "loglik":
+        predicted = choice_log_likelihoods(model, tokenizer, prompts, choices, batch_size).argmax(1)
+        predicted = predicted.tolist()
+    elif method == "generate":
+        predicted = generated_choices(model, tokenizer, prompts, choices, batch_size)
+    else:
+        raise ValueError(f"method must be 'loglik' or 'generate', got {method!r}")
+    return sum(int(p == y) for p, y in zip(predicted, labels, strict=True)) / len(labels)

@@ -1,0 +1,151 @@
+"""Loading and scoring causal LMs, and generation, on a small GPT-2 with a real BPE tokenizer."""
+
+import math
+import time
+
+import pytest
+import torch
+from transformers import GPT2LMHeadModel
+
+from lorakit.data import load_dataset
+from lorakit.data.causal import pack_texts, padded_lm_dataset
+from lorakit.generate import generate
+from lorakit.models.causal_lm import (
+    choice_log_likelihoods,
+    generated_choices,
+    load_causal_lm,
+    perplexity,
+    verdict_accuracy,
+)
+from lorakit.models.tiny_gpt2 import tiny_gpt2_config, train_bpe_tokenizer
+from lorakit.network import OfflineError
+
+
+@pytest.fixture(scope="module")
+def reviews():
+    return load_dataset("rotten-tomatoes")["test"]["text"][:24]
+
+
+@pytest.fixture(scope="module")
+def saved_model(tmp_path_factory, reviews):
+    texts = load_dataset("bbc-news")["train"]["text"][:200]
+    tokenizer = train_bpe_tokenizer(texts, vocab_size=600, model_max_length=128)
+    torch.manual_seed(0)
+    model = GPT2LMHeadModel(tiny_gpt2_config(len(tokenizer), 2, 32, 2, 128)).eval()
+    folder = tmp_path_factory.mktemp("gpt2")
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder, model, tokenizer
+
+
+def test_load_causal_lm_reads_a_local_folder(saved_model, reviews):
+    folder, model, _ = saved_model
+    loaded, tokenizer = load_causal_lm(folder)
+    ids = tokenizer(reviews[0], return_tensors="pt")["input_ids"]
+    with torch.no_grad():
+        assert torch.equal(loaded(ids).logits, model(ids).logits)
+    assert tokenizer.pad_token is not None
+
+
+def test_hub_id_without_network_names_the_offline_model(monkeypatch, tmp_path):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HOME", str(tmp_path))  # an empty local cache
+    start = time.perf_counter()
+    with pytest.raises(OfflineError, match="tiny-gpt2"):
+        load_causal_lm("openai-community/gpt2")
+    assert time.perf_counter() - start < 10
+
+
+def test_missing_folder_is_reported(tmp_path):
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        load_causal_lm(tmp_path / "no-such-model")
+
+
+def test_perplexity_of_blocks_is_exp_of_the_model_loss(saved_model, reviews):
+    _, model, tokenizer = saved_model
+    blocks = pack_texts(tokenizer, reviews, 32)
+    ids = blocks[:]["input_ids"]
+    with torch.no_grad():
+        loss = model(input_ids=ids, labels=ids).loss.item()
+    assert perplexity(model, blocks, batch_size=3) == pytest.approx(math.exp(loss), rel=1e-4)
+
+
+def test_padding_does_not_change_perplexity(saved_model, reviews):
+    _, model, tokenizer = saved_model
+    rows = padded_lm_dataset(tokenizer, reviews, max_length=128)
+    one_at_a_time = perplexity(model, rows, batch_size=1)
+    assert perplexity(model, rows, batch_size=8) == pytest.approx(one_at_a_time, rel=1e-4)
+
+
+def test_choice_log_likelihood_is_the_direct_sum(saved_model, reviews):
+    _, model, tokenizer = saved_model
+    prompt, choices = f"Review: {reviews[0]}\nVerdict:", (" fresh", " rotten")
+    scores = choice_log_likelihoods(model, tokenizer, [prompt, prompt + " no"], choices)
+    assert scores.shape == (2, 2)
+    eos = tokenizer.eos_token_id
+    p_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+    for j, choice in enumerate(choices):
+        c_ids = tokenizer(choice, add_special_tokens=False)["input_ids"]
+        ids = torch.tensor([[eos, *p_ids, *c_ids]])
+        with torch.no_grad():
+            log_probs = model(ids).logits.log_softmax(-1)[0]
+        start = 1 + len(p_ids)
+        direct = sum(log_probs[start - 1 + k, t].item() for k, t in enumerate(c_ids))
+        assert scores[0, j].item() == pytest.approx(direct, abs=1e-4)
+
+
+def test_generated_choice_is_the_greedy_next_token(saved_model, reviews):
+    _, model, tokenizer = saved_model
+    prompts = [f"Review: {r}\nVerdict:" for r in reviews[:6]]
+    eos = tokenizer.eos_token_id
+    greedy = []
+    for p in prompts:  # one at a time, no padding
+        ids = torch.tensor([[eos, *tokenizer(p, add_special_tokens=False)["input_ids"]]])
+        with torch.no_grad():
+            greedy.append(int(model(ids).logits[0, -1].argmax()))
+    choices = list(dict.fromkeys(tokenizer.decode([t]) for t in greedy))[:2]
+    if len(choices) < 2:
+        choices.append(" zzzz")
+    expected = [
+        choices.index(tokenizer.decode([t])) if tokenizer.decode([t]) in choices else -1
+        for t in greedy
+    ]
+    assert generated_choices(model, tokenizer, prompts, choices, batch_size=4) == expected
+    labels = [max(e, 0) for e in expected]
+    accuracy = verdict_accuracy(model, tokenizer, prompts, labels, choices, method="generate")
+    assert accuracy == sum(e >= 0 for e in expected) / len(expected)
+
+
+def test_verdict_accuracy_rejects_an_unknown_method(saved_model):
+    _, model, tokenizer = saved_model
+    with pytest.raises(ValueError, match="loglik"):
+        verdict_accuracy(model, tokenizer, ["a"], [0], method="vote")
+
+
+def test_greedy_generation_is_deterministic_and_streams(saved_model):
+    _, model, tokenizer = saved_model
+    pieces = []
+    text = generate(model, tokenizer, "The film", 12, temperature=0, on_text=pieces.append)
+    assert text == generate(model, tokenizer, "The film", 12, temperature=0, stream=False)
+    assert "".join(pieces).rstrip("\n") == text
+    ids = tokenizer(tokenizer.eos_token + "The film", return_tensors="pt", add_special_tokens=False)
+    out = model.generate(**ids, max_new_tokens=12, do_sample=False, pad_token_id=0)
+    assert text == tokenizer.decode(out[0, ids["input_ids"].shape[1] :], skip_special_tokens=True)
+
+
+def test_sampling_repeats_with_a_seed(saved_model):
+    _, model, tokenizer = saved_model
+    first = generate(
+        model, tokenizer, "Shares", 16, temperature=1.2, top_p=0.9, seed=3, stream=False
+    )
+    again = generate(
+        model, tokenizer, "Shares", 16, temperature=1.2, top_p=0.9, seed=3, stream=False
+    )
+    assert first == again and first
+
+
+@pytest.mark.parametrize(("option", "value"), [("temperature", -1.0), ("top_p", 0.0)])
+def test_generate_rejects_bad_options(saved_model, option, value):
+    _, model, tokenizer = saved_model
+    with pytest.raises(ValueError, match=option):
+        generate(model, tokenizer, "x", **{option: value})
