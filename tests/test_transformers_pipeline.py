@@ -129,13 +129,15 @@ def test_hub_id_without_network_fails_fast_naming_the_default(monkeypatch):
 
 
 @pytest.mark.slow
-def test_minilm_learns_sentiment_in_a_few_steps(tmp_path):
-    """The real model on real reviews: above the majority class after 40 steps."""
+def test_minilm_learns_topics_in_a_few_steps(tmp_path):
+    """The real model on real news: far above the majority class (0.23) after 40 steps."""
     summary, _ = run_recipe(tmp_path, [
-        "data.max_train_samples=640", "train.epochs=1", "train.batch_size=16",
-    ])  # fmt: skip
+        "data.max_train_samples=640", "data.max_length=64", "train.epochs=1",
+        "train.batch_size=16", "train.lr=3e-3", "train.warmup_ratio=0",
+        "train.checkpoint_every=0",
+    ], recipe="topics")  # fmt: skip
     assert summary["base_model"] == minilm_path()
     assert summary["trainable_params"] / summary["total_params"] < 0.01
     assert summary["adapter_bytes"] < 1_000_000
-    assert summary["test_accuracy"] > 0.62  # majority class: 0.57
+    assert summary["test_accuracy"] > 0.7
     assert summary["reload_lorakit_identical"] and summary["reload_peft_identical"]
