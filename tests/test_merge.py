@@ -9,8 +9,6 @@ from transformers import (
     AutoModelForCausalLM,
     AutoModelForSequenceClassification,
     AutoTokenizer,
-    BertConfig,
-    BertForSequenceClassification,
     GPT2Config,
     GPT2LMHeadModel,
 )
@@ -19,6 +17,7 @@ from lorakit import api, lora
 from lorakit.config import Config, to_toml
 from lorakit.merge import MergeError, merge
 from lorakit.models.transformer import minilm_path
+from tiny_models import save_tiny_bert
 
 WORDS = {
     "good": ["wonderful", "superb", "moving", "brilliant", "delightful"],
@@ -31,12 +30,7 @@ FILLER = "the film story actors plot director scenes music pace ending".split()
 def tiny_run(tmp_path_factory):
     """A finished `sentiment`-pipeline run on a 2-layer BERT with MiniLM's tokenizer."""
     root = tmp_path_factory.mktemp("merge")
-    tokenizer = AutoTokenizer.from_pretrained(minilm_path())
-    torch.manual_seed(0)
-    config = BertConfig(vocab_size=len(tokenizer), hidden_size=32, num_hidden_layers=2,
-                        num_attention_heads=4, intermediate_size=64, max_position_embeddings=128)  # fmt: skip
-    BertForSequenceClassification(config).save_pretrained(root / "bert")
-    tokenizer.save_pretrained(root / "bert")
+    save_tiny_bert(root / "bert")
     rng = random.Random(0)
     rows = ["text,label"]
     for i in range(200):

@@ -21,15 +21,15 @@ import numpy as np
 import pytest
 import torch
 import uvicorn
-from transformers import AutoTokenizer, BertConfig, BertForSequenceClassification
+from transformers import AutoTokenizer, BertForSequenceClassification
 from transformers.utils import logging as hf_logging
 
 from lorakit import api
 from lorakit.lora import LoraConfig, inject, load_adapter, save_adapter
-from lorakit.models.transformer import minilm_path
 from lorakit.serve import AdapterRegistry, ServeSettings, create_app, parse_adapter_options
 from lorakit.serve.batcher import MicroBatcher
 from lorakit.serve.errors import AdapterLoadError, ServeError
+from tiny_models import save_tiny_bert
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
@@ -37,22 +37,6 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 KEY = "s3cret-key"
 WORDS = ["great", "bad", "okay"]
 TEXTS = ["a wonderful, moving film", "dull", "the plot drags on and on without any point at all"]
-
-
-def save_tiny_bert(folder: Path, hidden: int = 32, seed: int = 0) -> Path:
-    tokenizer = AutoTokenizer.from_pretrained(minilm_path())
-    torch.manual_seed(seed)
-    config = BertConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=hidden,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        intermediate_size=64,
-        max_position_embeddings=128,
-    )
-    BertForSequenceClassification(config).save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
-    return folder
 
 
 def classifier(base: Path, num_labels: int, seed: int = 0) -> BertForSequenceClassification:

@@ -8,9 +8,6 @@ import pytest
 import torch
 from transformers import (
     AutoModelForSequenceClassification,
-    AutoTokenizer,
-    BertConfig,
-    BertForSequenceClassification,
 )
 
 from lorakit import api
@@ -27,25 +24,6 @@ WORDS = {
     "okay": ["average", "passable", "middling", "ordinary", "uneven", "fine"],
 }
 FILLER = "the film story actors plot director scenes music pace ending".split()
-
-
-@pytest.fixture(scope="module")
-def tiny_bert_dir(tmp_path_factory):
-    """A 2-layer BERT with MiniLM's real tokenizer, saved as an ordinary model folder."""
-    folder = tmp_path_factory.mktemp("tiny-bert")
-    tokenizer = AutoTokenizer.from_pretrained(minilm_path())
-    torch.manual_seed(0)
-    config = BertConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        intermediate_size=64,
-        max_position_embeddings=128,
-    )
-    BertForSequenceClassification(config).save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
-    return folder
 
 
 @pytest.fixture(scope="module")

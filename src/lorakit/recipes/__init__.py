@@ -79,3 +79,18 @@ def write_reports(run_dir: Path) -> list[Path]:
         written.append(plots.plot_confusion_matrix(run_dir))
     written.append(html.write_report(run_dir))
     return [Path(p) for p in written if p]
+
+
+def load_task_data(config: Config):
+    """The recipe's data (``data`` section), with ``max_train_samples`` applied reproducibly."""
+    from lorakit.data import load_dataset
+
+    dsd = load_dataset(
+        config.data.source,
+        text_column=config.data.text_column,
+        label_column=config.data.label_column,
+    )
+    if config.data.max_train_samples:
+        train = dsd["train"].shuffle(seed=config.seed)
+        dsd["train"] = train.select(range(min(len(train), config.data.max_train_samples)))
+    return dsd

@@ -33,9 +33,10 @@ from lorakit.models.classic import (
     load_classic,
     save_classic,
 )
-from lorakit.recipes import write_reports
+from lorakit.recipes import load_task_data, write_reports
 from lorakit.rundir import RunDir
 from lorakit.train import engines
+from lorakit.train.best import BestWeights
 from lorakit.train.loop import evaluate, train_loop
 
 # The seed's setup: rank 2 on fc1 (alpha picked on the validation split from 2, 8, 16).
@@ -65,36 +66,6 @@ def _loaders(encoded: dict, train: TrainConfig, seed: int) -> dict[str, DataLoad
     }
 
 
-def _load_data(config: Config):
-    target = load_dataset(
-        config.data.source,
-        text_column=config.data.text_column,
-        label_column=config.data.label_column,
-    )
-    if config.data.max_train_samples:
-        train = target["train"].shuffle(seed=config.seed)
-        target["train"] = train.select(range(min(len(train), config.data.max_train_samples)))
-    return target
-
-
-class _BestWeights:
-    """Keeps the trainable weights of the best evaluation (in memory, and the adapter on disk)."""
-
-    def __init__(self, directory: Path | None = None, base_name: str | None = None):
-        self.directory, self.base_name, self.state = directory, base_name, {}
-
-    def __call__(self, model: torch.nn.Module, step: int) -> None:
-        self.state = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
-        if self.directory is not None:
-            engines.save(model, self.directory, self.base_name)
-
-    def restore(self, model: torch.nn.Module) -> None:
-        params = dict(model.named_parameters())
-        with torch.no_grad():
-            for name, value in self.state.items():
-                params[name].copy_(value)
-
-
 def pretrain(config: Config, run_dir: RunDir, target_train_texts: list[str]) -> dict[str, Any]:
     """Train the base model on ``pretrain.data`` with every layer trainable; save it."""
     section = config.pretrain
@@ -111,7 +82,7 @@ def pretrain(config: Config, run_dir: RunDir, target_train_texts: list[str]) -> 
         update={"epochs": section.epochs, "lr": section.lr, "batch_size": section.batch_size}
     )
     loaders = _loaders(_encode(news, vocab, section.max_length), train_config, config.seed)
-    best = _BestWeights()
+    best = BestWeights()
     result = train_loop(
         model, loaders["train"], loaders["validation"], train_config,
         save_best=best, seed=config.seed, desc=f"pretrain {section.data}",
@@ -157,7 +128,7 @@ def run(config: Config, run_dir: RunDir, resume: Path | None = None) -> dict[str
 
 def _run(config: Config, run_dir: RunDir, resume: Path | None) -> dict[str, Any]:
     started = time.monotonic()
-    target = _load_data(config)
+    target = load_task_data(config)
     labels = target["train"].features["label"].names
     run_dir.start_environment(config.seed, dataset_fingerprint(target))
     facts: dict[str, Any] = {}
@@ -176,7 +147,7 @@ def _run(config: Config, run_dir: RunDir, resume: Path | None) -> dict[str, Any]
     print(f"transfer to {config.data.source}: {trainable:,} of {total:,} parameters trainable")
     encoded = _encode(target, vocab, config.data.max_length)
     loaders = _loaders(encoded, config.train, config.seed)
-    best = _BestWeights(run_dir.adapter_dir, str(base_dir))
+    best = BestWeights(run_dir.adapter_dir, str(base_dir))
     result = train_loop(
         model, loaders["train"], loaders["validation"], config.train, run_dir=run_dir,
         save_best=best, seed=config.seed, desc=f"LoRA {config.data.source}",
@@ -270,7 +241,7 @@ def compare(
         elif setting == "head":
             model.requires_grad_(False)
             model.fc2.requires_grad_(True)
-        best = _BestWeights()
+        best = BestWeights()
         result = train_loop(
             model, loaders["train"], loaders["validation"], config.train, save_best=best,
             seed=config.seed, show_progress=False,

@@ -22,43 +22,16 @@ from transformers import DataCollatorWithPadding
 
 from lorakit import lora
 from lorakit.config import Config, ConfigError, load_config
-from lorakit.data import dataset_fingerprint, load_dataset
+from lorakit.data import dataset_fingerprint
 from lorakit.data.tokenize import classification_loaders, tokenize_splits
 from lorakit.models.transformer import load_sequence_classifier, weights_bytes
-from lorakit.recipes import write_reports
+from lorakit.recipes import load_task_data, write_reports
 from lorakit.rundir import RunDir
 from lorakit.train import engines
+from lorakit.train.best import BestWeights
 from lorakit.train.loop import evaluate, train_loop
 
 DEFAULT_MODULES_TO_SAVE = ["classifier", "score"]  # the head, whatever the model calls it
-
-
-class BestWeights:
-    """The trainable tensors of the best evaluation, kept in memory."""
-
-    def __init__(self) -> None:
-        self.state: dict[str, torch.Tensor] = {}
-
-    def __call__(self, model: torch.nn.Module, step: int) -> None:
-        self.state = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
-
-    def restore(self, model: torch.nn.Module) -> None:
-        params = dict(model.named_parameters())
-        with torch.no_grad():
-            for name, value in self.state.items():
-                params[name].copy_(value)
-
-
-def load_data(config: Config):
-    dsd = load_dataset(
-        config.data.source,
-        text_column=config.data.text_column,
-        label_column=config.data.label_column,
-    )
-    if config.data.max_train_samples:
-        train = dsd["train"].shuffle(seed=config.seed)
-        dsd["train"] = train.select(range(min(len(train), config.data.max_train_samples)))
-    return dsd
 
 
 def lora_section(config: Config):
@@ -85,7 +58,7 @@ def reload_model(run_dir: Path, engine: str, labels: list[str], base: str, seed:
 def run(config: Config, run_dir: RunDir, resume: Path | None = None) -> dict[str, Any]:
     """Train and test; ``resume``: a checkpoint folder of this run to continue from."""
     started = time.monotonic()
-    dsd = load_data(config)
+    dsd = load_task_data(config)
     labels = dsd["train"].features["label"].names
     run_dir.start_environment(config.seed, dataset_fingerprint(dsd))
     model, tokenizer, resolved = build_model(config, labels)
@@ -216,7 +189,7 @@ def load_predictor(run_dir: Path) -> TransformerPredictor:
 
 def dry_run(config: Config) -> str:
     """The trainable-parameter report, without training (uses the real model)."""
-    dsd = load_data(config)
+    dsd = load_task_data(config)
     model, _, resolved = build_model(config, dsd["train"].features["label"].names)
     trainable, total = engines.parameter_counts(model)
     targets = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules()
