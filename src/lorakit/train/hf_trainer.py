@@ -8,6 +8,7 @@ the same run directory behind.
 from __future__ import annotations
 
 import math
+import sys
 import time
 from typing import Any
 
@@ -53,6 +54,9 @@ class _RunDirCallback(TrainerCallback):
         if "loss" in logs:
             self.epoch_losses.append(logs["loss"])
             self._log(state, "train", loss=logs["loss"], lr=logs.get("learning_rate", 0.0))
+            if not sys.stderr.isatty():  # tqdm is off: plain progress lines instead
+                print(f"hf trainer: step {state.global_step}/{state.max_steps} "
+                      f"loss {logs['loss']:.4g}", flush=True)  # fmt: skip
 
     def on_evaluate(self, args, state, control, metrics=None, **kwargs):
         figures = {"loss": metrics["eval_loss"], "accuracy": metrics["eval_accuracy"]}
@@ -134,7 +138,7 @@ def train_with_hf_trainer(
         use_cpu=not torch.cuda.is_available(),
         train_sampling_strategy="group_by_length",
         dataloader_num_workers=config.num_workers,
-        disable_tqdm=False,
+        disable_tqdm=not sys.stderr.isatty(),  # our callback logs plain lines in CI logs
     )
     recorder = _RunDirCallback(run_dir, save_best, config.early_stopping_patience, steps_per_epoch)
     trainer = Trainer(
