@@ -225,3 +225,44 @@ def evaluate(run_dir: str | Path, data: str | None = None, split: str = "test") 
 def list_recipes() -> dict[str, str]:
     """Built-in recipe names and their one-line descriptions."""
     return {name: describe(name) for name in recipe_names()}
+
+
+def generate(
+    run_dir: str | Path,
+    prompt: str,
+    *,
+    max_new_tokens: int = 50,
+    temperature: float = 1.0,
+    top_p: float = 1.0,
+    seed: int | None = None,
+    stream: bool = False,
+    on_text=None,
+) -> str:
+    """Continue ``prompt`` with a causal-LM run's base model + adapter; return the new text.
+
+    ``temperature=0`` decodes greedily; ``stream=True`` hands each piece of text to ``on_text``
+    (stdout by default) as it is decoded."""
+    from lorakit.generate import generate as continue_text
+    from lorakit.recipes.causal_lm import load_generator
+
+    run_dir, config = _run_config(run_dir)
+    summary = json.loads((run_dir / "summary.json").read_text(encoding="utf-8"))
+    if summary.get("task") != "causal-lm":
+        raise ConfigError(
+            f"{run_dir} is a {summary.get('task', 'classification')} run; `generate` needs a "
+            "causal-LM run (recipes causal-lm, instruct-verdicts); use `lorakit predict` here"
+        )
+    problems = []
+    if max_new_tokens < 1:
+        problems.append(f"max_new_tokens: must be at least 1 (got {max_new_tokens})")
+    if temperature < 0:
+        problems.append(f"temperature: must be >= 0, 0 meaning greedy (got {temperature})")
+    if not 0 < top_p <= 1:
+        problems.append(f"top_p: must be in (0, 1] (got {top_p})")
+    if problems:
+        raise ConfigError(problems)
+    model, tokenizer = load_generator(run_dir)
+    return continue_text(
+        model, tokenizer, prompt, max_new_tokens=max_new_tokens, temperature=temperature,
+        top_p=top_p, seed=seed, stream=stream, on_text=on_text,
+    )  # fmt: skip

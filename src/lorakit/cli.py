@@ -198,6 +198,30 @@ def merge(
 
 
 @app.command()
+def generate(
+    run_dir: Annotated[Path, typer.Argument(help="a causal-LM run directory")],
+    prompt: Annotated[str, typer.Argument(help="the text to continue")],
+    max_new_tokens: Annotated[int, typer.Option(help="tokens to generate at most")] = 50,
+    temperature: Annotated[float, typer.Option(help="0 = greedy decoding")] = 1.0,
+    top_p: Annotated[float, typer.Option(help="nucleus sampling: the probability kept")] = 1.0,
+    seed: Annotated[int | None, typer.Option(help="makes sampling repeatable")] = None,
+) -> None:
+    """Continue PROMPT with the run's base model + adapter, streamed as it is decoded."""
+    started: list[bool] = []
+
+    def show(text: str) -> None:  # the prompt first, once the model has loaded
+        if not started:
+            typer.echo(prompt, nl=False)
+            started.append(True)
+        typer.echo(text, nl=False)
+
+    api.generate(
+        run_dir, prompt, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
+        seed=seed, stream=True, on_text=show,
+    )  # fmt: skip
+
+
+@app.command()
 def report(
     run_dir: Annotated[Path, typer.Argument(help="a run directory or a sweep folder")],
 ) -> None:

@@ -71,6 +71,23 @@ class PretrainConfig(_Section):
     lr: float = Field(3e-3, gt=0)
     batch_size: int = Field(32, gt=0)
     max_length: int = Field(256, gt=0)
+    steps: int = Field(
+        0, ge=0, description="optimizer steps (pretrain-tiny-gpt2); 0 = the recipe's default"
+    )
+
+
+class CausalConfig(_Section):
+    """Causal-LM recipes (``causal-lm``, ``instruct-verdicts``) read this section."""
+
+    mode: Literal["lm", "instruction"] = Field(
+        "lm", description="'lm': packed blocks of text; 'instruction': loss on responses only"
+    )
+    block_size: int = Field(128, ge=2, description="lm mode: tokens per packed block")
+    prompt_column: str = "prompt"
+    response_column: str = "response"
+    full_lr: float | None = Field(
+        None, gt=0, description="compare = true: full fine-tuning's lr; default train.lr / 10"
+    )
 
 
 class LoraSection(_Section):
@@ -129,6 +146,7 @@ class Config(_Section):
     data: DataConfig = DataConfig()
     model: ModelConfig = ModelConfig()
     pretrain: PretrainConfig | None = None
+    causal: CausalConfig | None = None
     lora: LoraSection = LoraSection()
     train: TrainConfig = TrainConfig()
 

@@ -41,6 +41,8 @@ from lorakit.rundir import RunDir
 from lorakit.train import checkpoint as ckpt
 
 SaveBest = Callable[[torch.nn.Module, int], None]
+# (model, eval_loader, accelerator) -> figures; the float ones are logged, `metric` among them
+EvaluateFn = Callable[[torch.nn.Module, Iterable, Accelerator], dict[str, Any]]
 
 
 @dataclass
@@ -223,12 +225,14 @@ def train_loop(
     show_progress: bool = True,
     checkpoint_dir: str | Path | None = None,
     resume: str | Path | None = None,
+    evaluate_fn: EvaluateFn | None = None,
 ) -> TrainResult:
     """Train ``model`` in place; return the best evaluation and where it happened.
 
     ``metric`` is maximised (``accuracy``), or minimised when it is ``loss``/``perplexity``.
     ``checkpoint_dir``: where to write checkpoints (every ``config.checkpoint_every`` steps);
     ``resume``: a checkpoint folder to continue from (the same model, data and config).
+    ``evaluate_fn``: the validation figures (default: classification ``evaluate``).
     """
     if seed is not None:
         set_seed(seed)
@@ -307,7 +311,7 @@ def train_loop(
         return record
 
     def run_eval() -> dict[str, Any]:
-        result = evaluate(model, eval_loader, accelerator)
+        result = (evaluate_fn or evaluate)(model, eval_loader, accelerator)
         figures = {k: v for k, v in result.items() if isinstance(v, float)}
         log("eval", split="validation", **figures)
         value = figures[metric]

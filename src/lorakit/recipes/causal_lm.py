@@ -1,0 +1,366 @@
+"""Pipeline for the causal-LM recipes (`causal-lm`, `instruct-verdicts`): LoRA on a GPT-2-like model.
+
+1. Load the base model (`model.name`: "tiny-gpt2", a folder or a hub id) and measure its test
+   perplexity.
+2. Build the data: `causal.mode = "lm"` packs the review text into blocks of
+   `causal.block_size`; `"instruction"` makes prompt/response rows whose loss counts only the
+   response (the built-in rotten-tomatoes verdicts, or a .jsonl/.csv file in `data.path`).
+3. Add LoRA (engine `lorakit` or `peft`), train with lorakit's loop, keep the adapter of the best
+   validation perplexity.
+4. Test; save the adapter; reload it into a fresh base with both engines and compare logits.
+   `compare = true` adds a full fine-tuning row beside LoRA in comparison.json / .md.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import time
+from pathlib import Path
+from typing import Any
+
+import datasets
+import torch
+from torch.utils.data import DataLoader
+
+from lorakit import lora
+from lorakit.config import CausalConfig, Config, ConfigError
+from lorakit.data import dataset_fingerprint, load_dataset, split_of
+from lorakit.data.causal import (
+    instruction_dataset,
+    load_instruction_file,
+    pack_texts,
+    rotten_tomatoes_verdicts,
+)
+from lorakit.models.causal_lm import load_causal_lm, perplexity, verdict_accuracy
+from lorakit.recipes import write_reports
+from lorakit.recipes.sequence_classification import BestWeights
+from lorakit.rundir import RunDir
+from lorakit.train import engines
+from lorakit.train.loop import train_loop
+
+SPLITS = ("train", "validation", "test")
+INSTRUCTION_FILE_TYPES = (".jsonl", ".csv")
+RELOAD_TOLERANCE = 1e-4
+
+
+def causal_section(config: Config) -> CausalConfig:
+    return config.causal or CausalConfig()
+
+
+# ---------------------------------------------------------------- data
+def _limit_train(split: datasets.Dataset, config: Config) -> datasets.Dataset:
+    limit = config.data.max_train_samples
+    if not limit:
+        return split
+    split = split.shuffle(seed=config.seed)
+    return split.select(range(min(len(split), limit)))
+
+
+def _instruction_pairs(config: Config) -> datasets.DatasetDict:
+    """prompt/response splits: an instruction file (split by prompt hash) or the verdicts."""
+    causal = causal_section(config)
+    path = config.data.path
+    if path and Path(path).suffix.lower() in INSTRUCTION_FILE_TYPES:
+        pairs = load_instruction_file(path, causal.prompt_column, causal.response_column)
+        where = [split_of(p) for p in pairs["prompt"]]
+        dsd = datasets.DatasetDict(
+            {s: pairs.select([i for i, w in enumerate(where) if w == s]) for s in SPLITS}
+        )
+        empty = [s for s in SPLITS if dsd[s].num_rows == 0]
+        if empty:
+            raise ConfigError(
+                f"data.path: {path} has {pairs.num_rows} rows, too few to fill the "
+                f"{', '.join(empty)} split(s) (~80/10/10 by prompt); give at least ~50 rows"
+            )
+        return dsd
+    dsd = load_dataset(
+        config.data.source,
+        text_column=config.data.text_column,
+        label_column=config.data.label_column,
+    )
+    try:
+        return rotten_tomatoes_verdicts(dsd)
+    except ValueError as err:
+        raise ConfigError(
+            f"data: {err}, or an instruction file ({', '.join(INSTRUCTION_FILE_TYPES)}) with "
+            "prompt/response columns in data.path"
+        ) from None
+
+
+def build_data(config: Config, tokenizer, max_positions: int) -> dict[str, Any]:
+    """Tokenized splits (`input_ids`, `attention_mask`, `labels`), the raw test pairs, and the
+    fingerprint of the source data."""
+    causal = causal_section(config)
+    if causal.mode == "lm":
+        if causal.block_size > max_positions:
+            raise ConfigError(
+                f"causal.block_size: {causal.block_size} exceeds the model's {max_positions} "
+                f"positions; set causal.block_size <= {max_positions}"
+            )
+        dsd = load_dataset(
+            config.data.source,
+            text_column=config.data.text_column,
+            label_column=config.data.label_column,
+        )
+        dsd["train"] = _limit_train(dsd["train"], config)
+        splits = {s: pack_texts(tokenizer, dsd[s]["text"], causal.block_size) for s in SPLITS}
+        return {"splits": splits, "test_pairs": None, "fingerprint": dataset_fingerprint(dsd)}
+    pairs = _instruction_pairs(config)
+    pairs["train"] = _limit_train(pairs["train"], config)
+    max_length = min(config.data.max_length, max_positions)
+    splits = {
+        s: instruction_dataset(tokenizer, pairs[s]["prompt"], pairs[s]["response"], max_length)
+        for s in SPLITS
+    }
+    return {"splits": splits, "test_pairs": pairs["test"], "fingerprint": _pairs_fingerprint(pairs)}
+
+
+def _pairs_fingerprint(pairs: datasets.DatasetDict) -> str:
+    """A 16-hex-digit digest of every split's prompts and responses."""
+    digest = hashlib.sha256()
+    for split in SPLITS:
+        digest.update(f"\x1e{split}\x1d".encode())
+        for prompt, response in zip(pairs[split]["prompt"], pairs[split]["response"], strict=True):
+            digest.update(f"{prompt}\x1f{response}\x1e".encode())
+    return digest.hexdigest()[:16]
+
+
+def _positions(model) -> int:
+    config = model.config
+    return int(getattr(config, "n_positions", None) or config.max_position_embeddings)
+
+
+# ---------------------------------------------------------------- evaluation
+@torch.no_grad()
+def evaluate_causal(model, loader, accelerator=None) -> dict[str, float]:
+    """Mean loss per target token and its perplexity, over every process's shard."""
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    nll = torch.zeros(2, dtype=torch.float64, device=device)  # (summed loss, target tokens)
+    for batch in loader:
+        batch = {k: v.to(device) for k, v in batch.items()}
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        targets = batch["labels"][:, 1:]
+        losses = torch.nn.functional.cross_entropy(
+            logits[:, :-1].float().transpose(1, 2), targets, ignore_index=-100, reduction="sum"
+        )
+        nll += torch.stack([losses.double(), (targets != -100).sum().double()])
+    if accelerator is not None and accelerator.num_processes > 1:
+        nll = accelerator.reduce(nll, "sum")
+    model.train(was_training)
+    if nll[1] == 0:
+        raise ValueError("evaluation split has no target tokens")
+    loss = float(nll[0] / nll[1])
+    return {"loss": loss, "perplexity": math.exp(loss)}
+
+
+def _verdicts(model, tokenizer, pairs: datasets.Dataset | None, batch_size: int) -> float | None:
+    """Verdict accuracy (log-likelihood of " fresh" vs " rotten"); None without verdict data."""
+    if pairs is None or "choice" not in pairs.column_names:
+        return None
+    return verdict_accuracy(
+        model, tokenizer, pairs["prompt"], pairs["choice"], batch_size=batch_size
+    )
+
+
+def _loaders(splits: dict[str, datasets.Dataset], config: Config) -> dict[str, DataLoader]:
+    generator = torch.Generator().manual_seed(config.seed)
+    return {
+        s: DataLoader(
+            splits[s],
+            batch_size=config.train.batch_size if s == "train" else config.train.eval_batch_size,
+            shuffle=s == "train",
+            generator=generator if s == "train" else None,
+            num_workers=config.train.num_workers,
+        )
+        for s in SPLITS
+    }
+
+
+# ---------------------------------------------------------------- the run
+def run(config: Config, run_dir: RunDir, resume: Path | None = None) -> dict[str, Any]:
+    """Train LoRA on a causal LM and test it; ``resume``: a checkpoint folder of this run."""
+    started = time.monotonic()
+    causal = causal_section(config)
+    model, tokenizer = load_causal_lm(config.model.name)
+    resolved = model.name_or_path  # the folder the weights came from
+    data = build_data(config, tokenizer, _positions(model))
+    splits = data["splits"]
+    run_dir.start_environment(config.seed, data["fingerprint"])
+    eval_bs = config.train.eval_batch_size
+    base_ppl = perplexity(model, splits["test"], eval_bs)
+    base_verdicts = _verdicts(model, tokenizer, data["test_pairs"], eval_bs)
+    print(f"{config.recipe}: base model {resolved}: test perplexity {base_ppl:.2f}", flush=True)
+
+    model = engines.apply_lora(model, config.lora, base_name=resolved, task_type="CAUSAL_LM")
+    trainable, total = engines.parameter_counts(model)
+    print(f"{config.recipe}: LoRA ({config.lora.engine}): {trainable:,} of {total:,} parameters "
+          f"trainable ({100 * trainable / total:.3f}%)", flush=True)  # fmt: skip
+    loaders = _loaders(splits, config)
+    best = BestWeights()
+    result = train_loop(
+        model, loaders["train"], loaders["validation"], config.train, run_dir=run_dir,
+        save_best=best, seed=config.seed, metric="perplexity", desc=config.recipe,
+        checkpoint_dir=run_dir / "checkpoints", resume=resume, evaluate_fn=evaluate_causal,
+    )  # fmt: skip
+    best.restore(model)
+    model.eval()
+    test_ppl = perplexity(model, splits["test"], eval_bs)
+    verdicts = _verdicts(model, tokenizer, data["test_pairs"], eval_bs)
+    test_figures = {"perplexity": test_ppl}
+    if verdicts is not None:
+        test_figures["verdict_accuracy"] = verdicts
+    run_dir.log("test", step=result.best_step, epoch=None, split="test",
+                loss=math.log(test_ppl), **test_figures)  # fmt: skip
+    adapter_bytes = engines.save(model, run_dir.adapter_dir, resolved)
+    checks = reload_checks(run_dir.path, config.model.name, model, splits["test"])
+    summary = {
+        "recipe": config.recipe,
+        "task": "causal-lm",
+        "mode": causal.mode,
+        "dataset": config.data.source,
+        "base_model": config.model.name,  # what load_causal_lm (and lorakit merge) resolves
+        "base_model_path": resolved,
+        "engine": config.lora.engine,
+        "trainer": "lorakit",
+        "test_perplexity": test_ppl,
+        "base_test_perplexity": base_ppl,
+        "perplexity_ratio": test_ppl / base_ppl,
+        "test_loss": math.log(test_ppl),
+        "trainable_params": trainable,
+        "total_params": total,
+        "trainable_percent": round(100 * trainable / total, 4),
+        "adapter_bytes": adapter_bytes,
+        "base_model_bytes": _weights_bytes(resolved),
+        "train_seconds": result.train_seconds,
+        "best_step": result.best_step,
+        "best_validation": result.best_metrics,
+        "steps": result.steps,
+        "stopped_early": result.stopped_early,
+        "seed": config.seed,
+        "test_tokens": _target_tokens(splits["test"]),
+        **checks,
+    }
+    if verdicts is not None:
+        summary["test_verdict_accuracy"] = verdicts
+        summary["base_test_verdict_accuracy"] = base_verdicts
+        summary["test_majority_accuracy"] = _majority(data["test_pairs"])
+    if config.compare:
+        rows = comparison_rows(config, splits, summary, data["test_pairs"], tokenizer)
+        run_dir.write_comparison(rows, title=f"{config.recipe}: LoRA vs full fine-tuning")
+        summary["full_ft_test_perplexity"] = rows[-1]["test_perplexity"]
+    summary["total_seconds"] = round(time.monotonic() - started, 2)
+    run_dir.write_summary(summary)
+    run_dir.finish_environment()
+    write_reports(run_dir.path)
+    extra = "" if verdicts is None else f", verdict accuracy {verdicts:.4f}"
+    print(f"{config.recipe}: test perplexity {base_ppl:.2f} -> {test_ppl:.2f}{extra} "
+          f"(best step {result.best_step}); adapter in {run_dir.adapter_dir}", flush=True)  # fmt: skip
+    return summary
+
+
+def _target_tokens(split: datasets.Dataset) -> int:
+    return int((split[:]["labels"][:, 1:] != -100).sum())
+
+
+def _majority(pairs: datasets.Dataset) -> float:
+    choices = pairs["choice"]
+    return max(choices.count(c) for c in set(choices)) / len(choices)
+
+
+def _weights_bytes(folder: str) -> int | None:
+    files = list(Path(folder).glob("*.safetensors")) + list(Path(folder).glob("*.bin"))
+    return sum(f.stat().st_size for f in files) or None
+
+
+@torch.no_grad()
+def reload_checks(run_dir: Path, base: str, trained, test: datasets.Dataset) -> dict[str, Any]:
+    """Load the saved adapter into a fresh base with each engine: the same logits as trained?"""
+    batch = test.select(range(min(8, test.num_rows)))[:]
+    inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
+    reference = trained(**inputs).logits
+    checks: dict[str, Any] = {}
+    for engine in ("lorakit", "peft"):
+        fresh, _ = load_causal_lm(base)
+        reloaded = engines.load(fresh, run_dir / "adapter", engine).eval()
+        diff = float((reloaded(**inputs).logits - reference).abs().max())
+        checks[f"reload_{engine}_identical"] = diff <= RELOAD_TOLERANCE
+        checks[f"reload_{engine}_max_abs_diff"] = diff
+    return checks
+
+
+def comparison_rows(config: Config, splits, summary, test_pairs, tokenizer) -> list[dict]:
+    """Base, LoRA and full fine-tuning of the same model on the same data, one row each."""
+    causal = causal_section(config)
+    model, _ = load_causal_lm(config.model.name)
+    for p in model.parameters():
+        p.requires_grad_(True)
+    full_train = config.train.model_copy(
+        update={"lr": causal.full_lr or config.train.lr / 10, "checkpoint_every": 0}
+    )
+    best = BestWeights()
+    loaders = _loaders(splits, config)
+    print(
+        f"{config.recipe}: full fine-tuning for the comparison (lr {full_train.lr:g})", flush=True
+    )
+    result = train_loop(
+        model, loaders["train"], loaders["validation"], full_train, seed=config.seed,
+        save_best=best, metric="perplexity", desc="full fine-tuning", evaluate_fn=evaluate_causal,
+    )  # fmt: skip
+    best.restore(model)
+    full_ppl = perplexity(model.eval(), splits["test"], config.train.eval_batch_size)
+    total = sum(p.numel() for p in model.parameters())  # the base model's own parameters
+    full_verdicts = _verdicts(model, tokenizer, test_pairs, config.train.eval_batch_size)
+
+    def row(method, trainable, ppl, verdicts, seconds):
+        figures = {
+            "method": method,
+            "trainable_params": trainable,
+            "trainable_percent": round(100 * trainable / total, 4),
+            "test_perplexity": ppl,
+            "vs_base": ppl / summary["base_test_perplexity"],
+        }
+        if test_pairs is not None and "choice" in test_pairs.column_names:
+            figures["test_verdict_accuracy"] = verdicts
+        figures["train_seconds"] = seconds
+        return figures
+
+    return [
+        row("base (no training)", 0, summary["base_test_perplexity"],
+            summary.get("base_test_verdict_accuracy"), 0.0),
+        row(f"LoRA r={config.lora.r} ({config.lora.engine})", summary["trainable_params"],
+            summary["test_perplexity"], summary.get("test_verdict_accuracy"),
+            summary["train_seconds"]),
+        row("full fine-tuning", total, full_ppl,
+            full_verdicts, result.train_seconds),
+    ]  # fmt: skip
+
+
+# ---------------------------------------------------------------- inference on a finished run
+def load_generator(run_dir: str | Path):
+    """(model, tokenizer): the run's base model with its adapter, ready for generation."""
+    run_dir = Path(run_dir)
+    summary = json.loads((run_dir / "summary.json").read_text(encoding="utf-8"))
+    model, tokenizer = load_causal_lm(summary["base_model"])
+    return lora.load_adapter(model, run_dir / "adapter").eval(), tokenizer
+
+
+def load_predictor(run_dir: Path):
+    raise ConfigError(
+        f"{run_dir} is a causal-LM run: `lorakit predict` / `lorakit eval` are for classification "
+        f'runs; use `lorakit generate {run_dir} "a prompt"` (lorakit.api.generate)'
+    )
+
+
+def dry_run(config: Config) -> str:
+    """The trainable-parameter report, without training (loads the real model)."""
+    model, _ = load_causal_lm(config.model.name)
+    model = engines.apply_lora(model, config.lora, base_name=model.name_or_path)
+    trainable, total = engines.parameter_counts(model)
+    targets = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules()
+                      if isinstance(m, lora.LoraLayer)})  # fmt: skip
+    return (f"{config.model.name}: LoRA on {', '.join(targets) or '(peft engine)'}; "
+            f"trainable {trainable:,} of {total:,} ({100 * trainable / total:.3f}%)")  # fmt: skip
