@@ -94,3 +94,10 @@ def load_task_data(config: Config):
         train = dsd["train"].shuffle(seed=config.seed)
         dsd["train"] = train.select(range(min(len(train), config.data.max_train_samples)))
     return dsd
+
+
+def confusion_matrix(labels: list[int], predictions: list[int], classes: int) -> list[list[int]]:
+    """Counts: rows are true labels, columns predicted ones (summary.json's layout)."""
+    matrix = np.zeros((classes, classes), dtype=int)
+    np.add.at(matrix, (labels, predictions), 1)
+    return matrix.tolist()

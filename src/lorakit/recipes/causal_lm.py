@@ -35,9 +35,9 @@ from lorakit.data.causal import (
 )
 from lorakit.models.causal_lm import load_causal_lm, perplexity, verdict_accuracy
 from lorakit.recipes import write_reports
-from lorakit.recipes.sequence_classification import BestWeights
 from lorakit.rundir import RunDir
 from lorakit.train import engines
+from lorakit.train.best import BestWeights
 from lorakit.train.loop import train_loop
 
 SPLITS = ("train", "validation", "test")

@@ -33,7 +33,7 @@ from lorakit.models.classic import (
     load_classic,
     save_classic,
 )
-from lorakit.recipes import load_task_data, write_reports
+from lorakit.recipes import confusion_matrix, load_task_data, write_reports
 from lorakit.rundir import RunDir
 from lorakit.train import engines
 from lorakit.train.best import BestWeights
@@ -200,12 +200,6 @@ def _run(config: Config, run_dir: RunDir, resume: Path | None) -> dict[str, Any]
     run_dir.finish_environment()
     write_reports(run_dir.path)
     return summary
-
-
-def confusion_matrix(labels: list[int], predictions: list[int], classes: int) -> list[list[int]]:
-    matrix = np.zeros((classes, classes), dtype=int)
-    np.add.at(matrix, (labels, predictions), 1)
-    return matrix.tolist()
 
 
 def _variants(config: Config) -> dict[str, LoraSection | str]:

@@ -25,7 +25,7 @@ from lorakit.config import Config, ConfigError, load_config
 from lorakit.data import dataset_fingerprint
 from lorakit.data.tokenize import classification_loaders, tokenize_splits
 from lorakit.models.transformer import load_sequence_classifier, weights_bytes
-from lorakit.recipes import load_task_data, write_reports
+from lorakit.recipes import confusion_matrix, load_task_data, write_reports
 from lorakit.rundir import RunDir
 from lorakit.train import engines
 from lorakit.train.best import BestWeights
@@ -144,12 +144,6 @@ def reload_checks(run_dir: RunDir, labels, base: str, seed: int, test_loader, te
         print(f"reloaded with {engine}: test accuracy {again['accuracy']:.4f} "
               f"({'identical' if same else 'DIFFERENT'} predictions)", flush=True)  # fmt: skip
     return checks
-
-
-def confusion_matrix(labels: list[int], predictions: list[int], classes: int) -> list[list[int]]:
-    matrix = np.zeros((classes, classes), dtype=int)
-    np.add.at(matrix, (labels, predictions), 1)
-    return matrix.tolist()
 
 
 # ---------------------------------------------------------------- inference on a finished run
