@@ -8,9 +8,10 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from pathlib import Path
 from typing import Any
+
+from lorakit.atomic import write_atomically  # noqa: F401 (re-exported for the report modules)
 
 
 class ReportError(ValueError):
@@ -88,19 +89,3 @@ def read_summary(run_dir: Path) -> dict[str, Any] | None:
     if summary is not None and not isinstance(summary, dict):
         raise ReportError(f"{run_dir / SUMMARY_FILE} must hold a JSON object")
     return summary
-
-
-def write_atomically(path: Path, data: bytes | str) -> Path:
-    """Write `data` to `path` through a temporary file, so no reader sees half a file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    payload = data.encode("utf-8") if isinstance(data, str) else data
-    fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(payload)
-        os.chmod(tmp_name, 0o644)  # mkstemp makes 0600; reports are meant to be shared
-        os.replace(tmp_name, path)
-    except BaseException:
-        Path(tmp_name).unlink(missing_ok=True)
-        raise
-    return path
