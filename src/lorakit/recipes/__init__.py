@@ -101,3 +101,32 @@ def confusion_matrix(labels: list[int], predictions: list[int], classes: int) ->
     matrix = np.zeros((classes, classes), dtype=int)
     np.add.at(matrix, (labels, predictions), 1)
     return matrix.tolist()
+
+
+def run_summary(
+    config: Config,
+    result,
+    *,
+    base_model: str,
+    trainable: int,
+    total: int,
+    adapter_bytes: int,
+    base_model_bytes: int | None,
+) -> dict:
+    """The summary.json keys every recipe shares (INTERFACE.md); each adds its own figures."""
+    return {
+        "recipe": config.recipe,
+        "task": config.task,
+        "dataset": config.data.source,
+        "base_model": base_model,
+        "engine": config.lora.engine,
+        "trainable_params": trainable,
+        "total_params": total,
+        "adapter_bytes": adapter_bytes,
+        "base_model_bytes": base_model_bytes,
+        "train_seconds": result.train_seconds,
+        "best_step": result.best_step,
+        "best_validation": result.best_metrics,
+        "stopped_early": result.stopped_early,
+        "seed": config.seed,
+    }  # fmt: skip

@@ -34,7 +34,8 @@ from lorakit.data.causal import (
     rotten_tomatoes_verdicts,
 )
 from lorakit.models.causal_lm import load_causal_lm, perplexity, verdict_accuracy
-from lorakit.recipes import write_reports
+from lorakit.models.transformer import weights_bytes
+from lorakit.recipes import run_summary, write_reports
 from lorakit.rundir import RunDir
 from lorakit.train import engines
 from lorakit.train.best import BestWeights
@@ -218,29 +219,25 @@ def run(config: Config, run_dir: RunDir, resume: Path | None = None) -> dict[str
     adapter_bytes = engines.save(model, run_dir.adapter_dir, resolved)
     checks = reload_checks(run_dir.path, config.model.name, model, splits["test"])
     summary = {
-        "recipe": config.recipe,
+        **run_summary(
+            config,
+            result,
+            base_model=config.model.name,  # what load_causal_lm (and lorakit merge) resolves
+            trainable=trainable,
+            total=total,
+            adapter_bytes=adapter_bytes,
+            base_model_bytes=weights_bytes(resolved) or None,
+        ),  # fmt: skip
         "task": "causal-lm",
         "mode": causal.mode,
-        "dataset": config.data.source,
-        "base_model": config.model.name,  # what load_causal_lm (and lorakit merge) resolves
         "base_model_path": resolved,
-        "engine": config.lora.engine,
         "trainer": "lorakit",
         "test_perplexity": test_ppl,
         "base_test_perplexity": base_ppl,
         "perplexity_ratio": test_ppl / base_ppl,
         "test_loss": math.log(test_ppl),
-        "trainable_params": trainable,
-        "total_params": total,
         "trainable_percent": round(100 * trainable / total, 4),
-        "adapter_bytes": adapter_bytes,
-        "base_model_bytes": _weights_bytes(resolved),
-        "train_seconds": result.train_seconds,
-        "best_step": result.best_step,
-        "best_validation": result.best_metrics,
         "steps": result.steps,
-        "stopped_early": result.stopped_early,
-        "seed": config.seed,
         "test_tokens": _target_tokens(splits["test"]),
         **checks,
     }
@@ -269,11 +266,6 @@ def _target_tokens(split: datasets.Dataset) -> int:
 def _majority(pairs: datasets.Dataset) -> float:
     choices = pairs["choice"]
     return max(choices.count(c) for c in set(choices)) / len(choices)
-
-
-def _weights_bytes(folder: str) -> int | None:
-    files = list(Path(folder).glob("*.safetensors")) + list(Path(folder).glob("*.bin"))
-    return sum(f.stat().st_size for f in files) or None
 
 
 @torch.no_grad()

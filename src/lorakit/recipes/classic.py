@@ -33,7 +33,7 @@ from lorakit.models.classic import (
     load_classic,
     save_classic,
 )
-from lorakit.recipes import confusion_matrix, load_task_data, write_reports
+from lorakit.recipes import confusion_matrix, load_task_data, run_summary, write_reports
 from lorakit.rundir import RunDir
 from lorakit.train import engines
 from lorakit.train.best import BestWeights
@@ -169,22 +169,17 @@ def _run(config: Config, run_dir: RunDir, resume: Path | None) -> dict[str, Any]
         flush=True,
     )
     summary = {
-        "recipe": config.recipe,
-        "task": config.task,
-        "dataset": config.data.source,
-        "base_model": "base" if base_dir == run_dir / "base" else str(base_dir.resolve()),
-        "engine": config.lora.engine,
+        **run_summary(
+            config,
+            result,
+            base_model="base" if base_dir == run_dir / "base" else str(base_dir.resolve()),
+            trainable=trainable,
+            total=total,
+            adapter_bytes=engines.folder_bytes(run_dir.adapter_dir),
+            base_model_bytes=(base_dir / "model.safetensors").stat().st_size,
+        ),  # fmt: skip
         "test_accuracy": test["accuracy"],
         "test_loss": test["loss"],
-        "trainable_params": trainable,
-        "total_params": total,
-        "adapter_bytes": engines.folder_bytes(run_dir.adapter_dir),
-        "base_model_bytes": (base_dir / "model.safetensors").stat().st_size,
-        "train_seconds": result.train_seconds,
-        "best_step": result.best_step,
-        "best_validation": result.best_metrics,
-        "stopped_early": result.stopped_early,
-        "seed": config.seed,
         "labels": labels,
         "confusion_matrix": confusion_matrix(test["labels"], test["predictions"], len(labels)),
         "reload_test_accuracy": again["accuracy"],

@@ -25,7 +25,7 @@ from lorakit.config import Config, ConfigError, load_config
 from lorakit.data import dataset_fingerprint
 from lorakit.data.tokenize import classification_loaders, tokenize_splits
 from lorakit.models.transformer import load_sequence_classifier, weights_bytes
-from lorakit.recipes import confusion_matrix, load_task_data, write_reports
+from lorakit.recipes import confusion_matrix, load_task_data, run_summary, write_reports
 from lorakit.rundir import RunDir
 from lorakit.train import engines
 from lorakit.train.best import BestWeights
@@ -101,25 +101,20 @@ def run(config: Config, run_dir: RunDir, resume: Path | None = None) -> dict[str
     adapter_bytes = engines.save(model, run_dir.adapter_dir, resolved)
     checks = reload_checks(run_dir, labels, resolved, config.seed, loaders["test"], test)
     summary = {
-        "recipe": config.recipe,
-        "task": config.task,
-        "dataset": config.data.source,
-        "base_model": resolved,
-        "engine": config.lora.engine,
+        **run_summary(
+            config,
+            result,
+            base_model=resolved,
+            trainable=trainable,
+            total=total,
+            adapter_bytes=adapter_bytes,
+            base_model_bytes=weights_bytes(resolved),
+        ),  # fmt: skip
         "trainer": train.trainer,
         "test_accuracy": test["accuracy"],
         "test_loss": test["loss"],
-        "trainable_params": trainable,
-        "total_params": total,
         "trainable_percent": round(100 * trainable / total, 4),
-        "adapter_bytes": adapter_bytes,
-        "base_model_bytes": weights_bytes(resolved),
-        "train_seconds": result.train_seconds,
-        "best_step": result.best_step,
-        "best_validation": result.best_metrics,
         "steps": result.steps,
-        "stopped_early": result.stopped_early,
-        "seed": config.seed,
         "labels": labels,
         "confusion_matrix": confusion_matrix(test["labels"], test["predictions"], len(labels)),
         **checks,
