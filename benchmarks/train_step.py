@@ -21,10 +21,13 @@ import subprocess
 import sys
 import threading
 import time
+from contextlib import ExitStack
 from pathlib import Path
 
 import torch
 from torch.utils.flop_counter import FlopCounterMode
+
+from lorakit.train.frozen_base import bf16_frozen_base, set_model_dropout
 
 sys.path.insert(0, str(Path(__file__).parent))
 from common import (  # noqa: E402
@@ -41,18 +44,35 @@ from common import (  # noqa: E402
 
 ENGINES = {"full": lambda model: model, "peft": with_peft, "lorakit": with_lorakit}
 DTYPES = {"fp32": None, "bf16": torch.bfloat16}
-VARIANTS = [f"{engine} {dtype}" for dtype in DTYPES for engine in ENGINES]
+# name -> (engine, dtype, the frozen model's own dropout: None keeps MiniLM's 0.1)
+VARIANTS = {
+    **{f"{engine} {dtype}": (engine, dtype, None) for dtype in DTYPES for engine in ENGINES},
+    "peft fp32 dropout0": ("peft", "fp32", 0.0),
+    "lorakit fp32 dropout0": ("lorakit", "fp32", 0.0),
+    "lorakit bf16 dropout0": ("lorakit", "bf16", 0.0),
+}
 BATCH, SEQ_LEN = 16, 128
 
 
 class Trainer:
-    """A model and its AdamW, stepping under the variant's precision."""
+    """A model and its AdamW, stepping under the variant's precision.
+
+    lorakit under bf16 takes lorakit's bf16 path (``train.bf16``): autocast with the frozen
+    weights held in bf16 and eager attention (``lorakit.train.frozen_base``); PEFT and full
+    fine-tuning get plain bf16 autocast. "dropout0" sets the frozen model's own dropout to 0
+    (``model.dropout = 0``), LoRA's is 0 in every variant."""
 
     def __init__(self, variant: str) -> None:
-        engine, dtype_name = variant.split()
+        engine, dtype_name, dropout = VARIANTS[variant]
         self.autocast_dtype = DTYPES[dtype_name]
-        self.model = ENGINES[engine](minilm())
+        model = minilm()
+        if dropout is not None:
+            set_model_dropout(model, dropout)
+        self.model = ENGINES[engine](model)
         self.model.train()
+        self._context = ExitStack()
+        if engine == "lorakit" and self.autocast_dtype is not None:
+            self._context.enter_context(bf16_frozen_base(self.model))
         trainable = [p for p in self.model.parameters() if p.requires_grad]
         self.optimizer = torch.optim.AdamW(trainable, lr=1e-4)
 
@@ -79,10 +99,13 @@ def _rss_bytes() -> int:
 
 
 def peak_memory_of(variant: str, steps: int = 3) -> int:
-    """Highest RSS seen while `variant` trains `steps` steps, minus RSS just before them."""
+    """Highest RSS seen while `variant` is built and trains `steps` steps, minus RSS just
+    before the model is loaded: weights, any bf16 copy of them, activations and optimizer."""
     batches = review_batches(steps, BATCH, SEQ_LEN)
-    trainer = Trainer(variant)
+    import transformers  # noqa: F401  (its import is not the variant's memory)
+
     before = _rss_bytes()
+    trainer = Trainer(variant)
     peak = before
     done = threading.Event()
 
@@ -166,7 +189,7 @@ def measure(steps: int, warmup: int, memory: bool) -> dict:
         seconds = statistics.median(times[variant])
         flops = trainer.flops(batches[0])
         gflops = flops / seconds / 1e9
-        dtype = variant.split()[1]
+        dtype = VARIANTS[variant][1]
         rows.append(
             {
                 "variant": variant,

@@ -43,6 +43,19 @@ def test_fused_branch_gives_the_plain_formula_and_its_gradients():
         assert got.abs().sum() > 0
 
 
+@pytest.mark.parametrize("mode", [torch.no_grad, torch.inference_mode])
+def test_branch_without_autograd_accumulates_in_place_and_gives_the_formula(mode):
+    layer = lora_linear()
+    x = torch.randn(3, 5, 24)
+    with mode():
+        got = layer(x)
+    assert not got.requires_grad
+    torch.testing.assert_close(got, plain_formula(layer, x).detach(), rtol=1e-5, atol=1e-5)
+    # the same layer then trains as before: autograd sees no in-place write
+    layer(x).sum().backward()
+    assert layer.lora_B["default"].weight.grad.abs().sum() > 0
+
+
 def test_fused_branch_under_bf16_autocast_stays_close_to_fp32():
     layer = lora_linear()
     x = torch.randn(2, 7, 24)

@@ -61,6 +61,13 @@ class ModelConfig(_Section):
         None, description="an existing base model folder; skips pretraining"
     )
     hidden: int = Field(128, gt=0)
+    dropout: float | None = Field(
+        None,
+        ge=0,
+        lt=1,
+        description="transformer models: the frozen model's own dropout (not LoRA's) while "
+        "training; unset keeps the model's config",
+    )
 
 
 class PretrainConfig(_Section):

@@ -185,14 +185,16 @@ def add_scaled_product(result: torch.Tensor, down: torch.Tensor, B: torch.Tensor
 
     The plain form `result + B(down) * scaling` runs three kernels over the full output
     (product, multiply, add) and the backward multiplies the full gradient by `scaling` again;
-    `addmm` accumulates into a copy of `result` and scales the rank-r operands instead.
+    `addmm` accumulates into a copy of `result` and scales the rank-r operands instead. Without
+    autograd it accumulates in place: no second full-size output is written.
     """
     if result.dtype != down.dtype:
         return result + F.linear(down, B) * scaling  # mixed dtypes: leave the casts to torch
-    fused = torch.addmm(
-        result.reshape(-1, result.shape[-1]), down.reshape(-1, down.shape[-1]), B.T, alpha=scaling
-    )
-    return fused.view(result.shape)
+    flat, down = result.reshape(-1, result.shape[-1]), down.reshape(-1, down.shape[-1])
+    if torch.is_grad_enabled() and (result.requires_grad or down.requires_grad):
+        return torch.addmm(flat, down, B.T, alpha=scaling).view(result.shape)
+    # inference: accumulate into the base output itself, which nothing else holds yet
+    return flat.addmm_(down, B.T, alpha=scaling).view(result.shape)
 
 
 class Embedding(LoraLayer):

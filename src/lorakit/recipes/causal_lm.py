@@ -39,6 +39,7 @@ from lorakit.recipes import run_summary, write_reports
 from lorakit.rundir import RunDir
 from lorakit.train import engines
 from lorakit.train.best import BestWeights
+from lorakit.train.frozen_base import set_model_dropout
 from lorakit.train.loop import train_loop
 
 SPLITS = ("train", "validation", "test")
@@ -187,6 +188,8 @@ def run(config: Config, run_dir: RunDir, resume: Path | None = None) -> dict[str
     started = time.monotonic()
     causal = causal_section(config)
     model, tokenizer = load_causal_lm(config.model.name)
+    if config.model.dropout is not None:
+        set_model_dropout(model, config.model.dropout)
     resolved = model.name_or_path  # the folder the weights came from
     data = build_data(config, tokenizer, _positions(model))
     splits = data["splits"]
@@ -288,6 +291,8 @@ def comparison_rows(config: Config, splits, summary, test_pairs, tokenizer) -> l
     """Base, LoRA and full fine-tuning of the same model on the same data, one row each."""
     causal = causal_section(config)
     model, _ = load_causal_lm(config.model.name)
+    if config.model.dropout is not None:
+        set_model_dropout(model, config.model.dropout)
     for p in model.parameters():
         p.requires_grad_(True)
     full_train = config.train.model_copy(

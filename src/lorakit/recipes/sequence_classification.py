@@ -29,6 +29,7 @@ from lorakit.recipes import confusion_matrix, load_task_data, run_summary, write
 from lorakit.rundir import RunDir
 from lorakit.train import engines
 from lorakit.train.best import BestWeights
+from lorakit.train.frozen_base import set_model_dropout
 from lorakit.train.loop import evaluate, train_loop
 
 DEFAULT_MODULES_TO_SAVE = ["classifier", "score"]  # the head, whatever the model calls it
@@ -44,6 +45,8 @@ def lora_section(config: Config):
 
 def build_model(config: Config, labels: list[str]):
     model, tokenizer, resolved = load_sequence_classifier(config.model.name, labels, config.seed)
+    if config.model.dropout is not None:
+        set_model_dropout(model, config.model.dropout)
     section = lora_section(config)
     model = engines.apply_lora(model, section, base_name=resolved, task_type="SEQ_CLS")
     return model, tokenizer, resolved

@@ -25,6 +25,7 @@ import math
 import sys
 import time
 from collections.abc import Callable, Iterable
+from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -39,6 +40,7 @@ from transformers import get_linear_schedule_with_warmup
 from lorakit.config import ConfigError, TrainConfig
 from lorakit.rundir import RunDir
 from lorakit.train import checkpoint as ckpt
+from lorakit.train.frozen_base import bf16_frozen_base
 
 SaveBest = Callable[[torch.nn.Module, int], None]
 # (model, eval_loader, accelerator) -> figures; the float ones are logged, `metric` among them
@@ -354,60 +356,62 @@ def train_loop(
         }
         ckpt.write_checkpoint(checkpoint_dir, pos.step, groups, state, config.keep_checkpoints)
 
-    model.train()
-    for epoch in range(pos.epoch, config.epochs):
-        resuming = restored is not None and epoch == restored.state["position"]["epoch"]
-        if not resuming:
-            pos.start_epoch(epoch)
-        if resuming:
-            # a sampler without its own generator draws its order from torch's global RNG
-            torch.set_rng_state(restored.tensors["sampler"]["torch"])
+    # bf16: the frozen base is held in bf16 for the loop only (lorakit.train.frozen_base)
+    with bf16_frozen_base(unwrapped) if config.bf16 else nullcontext():
+        model.train()
+        for epoch in range(pos.epoch, config.epochs):
+            resuming = restored is not None and epoch == restored.state["position"]["epoch"]
+            if not resuming:
+                pos.start_epoch(epoch)
+            if resuming:
+                # a sampler without its own generator draws its order from torch's global RNG
+                torch.set_rng_state(restored.tensors["sampler"]["torch"])
+                if generator is not None:
+                    generator.set_state(restored.tensors["sampler"]["generator"])
+            epoch_start = {"torch": torch.get_rng_state()}
             if generator is not None:
-                generator.set_state(restored.tensors["sampler"]["generator"])
-        epoch_start = {"torch": torch.get_rng_state()}
-        if generator is not None:
-            epoch_start["generator"] = generator.get_state()
-        batches = iter(train_loader)
-        if resuming:
-            for _ in range(pos.batches_done):  # the same order, replayed up to the checkpoint
-                next(batches, None)
-            accelerator.step = pos.batches_done
-            # dropout and everything else random continue exactly where they stopped
-            ckpt.restore_rng(restored.tensors["rng"], restored.state["rng"])
-        for batch in batches:
-            with accelerator.accumulate(model):
-                loss = model(**batch).loss
-                accelerator.backward(loss)
-                if accelerator.sync_gradients and config.max_grad_norm > 0:
-                    accelerator.clip_grad_norm_(params, config.max_grad_norm)
-                optimizer.step()
-                scheduler.step()
-                optimizer.zero_grad()
-            value = float(loss.detach())
-            pos.batches_done += 1
-            pos.epoch_loss, pos.epoch_batches = pos.epoch_loss + value, pos.epoch_batches + 1
-            pos.log_loss, pos.log_batches = pos.log_loss + value, pos.log_batches + 1
-            if not accelerator.sync_gradients:
-                continue
-            pos.step += 1
-            progress.update(pos.step, loss=value, lr=scheduler.get_last_lr()[0])
-            if pos.step % config.log_every == 0:
-                mean_loss = mean_over_processes(pos.log_loss / pos.log_batches)
-                log("train", loss=mean_loss, lr=scheduler.get_last_lr()[0])
-                pos.log_loss, pos.log_batches = 0.0, 0
-            if config.eval_every and pos.step % config.eval_every == 0:
-                pos.figures, pos.last_eval_step = run_eval(), pos.step
+                epoch_start["generator"] = generator.get_state()
+            batches = iter(train_loader)
+            if resuming:
+                for _ in range(pos.batches_done):  # the same order, replayed up to the checkpoint
+                    next(batches, None)
+                accelerator.step = pos.batches_done
+                # dropout and everything else random continue exactly where they stopped
+                ckpt.restore_rng(restored.tensors["rng"], restored.state["rng"])
+            for batch in batches:
+                with accelerator.accumulate(model):
+                    loss = model(**batch).loss
+                    accelerator.backward(loss)
+                    if accelerator.sync_gradients and config.max_grad_norm > 0:
+                        accelerator.clip_grad_norm_(params, config.max_grad_norm)
+                    optimizer.step()
+                    scheduler.step()
+                    optimizer.zero_grad()
+                value = float(loss.detach())
+                pos.batches_done += 1
+                pos.epoch_loss, pos.epoch_batches = pos.epoch_loss + value, pos.epoch_batches + 1
+                pos.log_loss, pos.log_batches = pos.log_loss + value, pos.log_batches + 1
+                if not accelerator.sync_gradients:
+                    continue
+                pos.step += 1
+                progress.update(pos.step, loss=value, lr=scheduler.get_last_lr()[0])
+                if pos.step % config.log_every == 0:
+                    mean_loss = mean_over_processes(pos.log_loss / pos.log_batches)
+                    log("train", loss=mean_loss, lr=scheduler.get_last_lr()[0])
+                    pos.log_loss, pos.log_batches = 0.0, 0
+                if config.eval_every and pos.step % config.eval_every == 0:
+                    pos.figures, pos.last_eval_step = run_eval(), pos.step
+                if pos.stop or pos.step >= total:
+                    break
+                if writes and pos.step % config.checkpoint_every == 0:
+                    write_checkpoint()
+            if pos.last_eval_step != pos.step:
+                pos.figures = run_eval()
+            val = {f"val_{k}": v for k, v in pos.figures.items()}
+            train_loss = mean_over_processes(pos.epoch_loss / max(pos.epoch_batches, 1))
+            log("epoch", train_loss=train_loss, **val)
             if pos.stop or pos.step >= total:
                 break
-            if writes and pos.step % config.checkpoint_every == 0:
-                write_checkpoint()
-        if pos.last_eval_step != pos.step:
-            pos.figures = run_eval()
-        val = {f"val_{k}": v for k, v in pos.figures.items()}
-        train_loss = mean_over_processes(pos.epoch_loss / max(pos.epoch_batches, 1))
-        log("epoch", train_loss=train_loss, **val)
-        if pos.stop or pos.step >= total:
-            break
     progress.close()
     accelerator.unwrap_model(model, keep_fp32_wrapper=False)  # drops the bf16 autocast wrapper
     return TrainResult(

@@ -1,0 +1,79 @@
+"""How training treats the frozen base model: its own dropout, the precision of its frozen
+weights, and the attention kernel. None of this touches the adapter's weights or its files.
+
+Profiling a MiniLM + LoRA step on this CPU (docs/benchmarks.md) put most of the time outside the
+adapter: the base model's dropout masks, attention, and under bf16 autocast the casts of every
+frozen weight on every forward. So the fast path is about the base:
+
+- ``set_model_dropout``: the frozen model's own dropout probability (hidden, attention, head),
+  LoRA's ``lora_dropout`` left alone. Dropout 0 also lets attention skip its mask.
+- ``bf16_frozen_base``: for the length of a bf16 training run, the frozen floating-point weights
+  are held in bf16 (cast once, not on every forward) and attention runs the eager kernel (plain
+  batched matmuls, which use the CPU's bf16 matrix units; PyTorch's fused CPU attention backward
+  is several times slower in bf16). On exit the exact fp32 weights and the original attention
+  kernel come back, so the final evaluation, the saved adapter and its base fingerprint are
+  those of the untouched base.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import torch
+from torch import nn
+
+
+def set_model_dropout(model: nn.Module, p: float) -> int:
+    """Give every dropout layer of the model itself (not LoRA's) probability ``p``; return how
+    many there were. The model's config is updated too, so a saved merged model agrees."""
+    if not 0 <= p < 1:
+        raise ValueError(f"dropout must be in [0, 1), got {p}")
+    changed = 0
+    for name, module in model.named_modules():
+        if isinstance(module, nn.Dropout) and "lora_dropout" not in name:
+            module.p = p
+            changed += 1
+    for config in _configs(model):
+        for key in ("hidden_dropout_prob", "attention_probs_dropout_prob", "classifier_dropout",
+                    "resid_pdrop", "embd_pdrop", "attn_pdrop", "summary_first_dropout",
+                    "dropout", "attention_dropout", "seq_classif_dropout"):  # fmt: skip
+            if isinstance(getattr(config, key, None), float):
+                setattr(config, key, p)
+    return changed
+
+
+@contextmanager
+def bf16_frozen_base(model: nn.Module) -> Iterator[None]:
+    """Frozen fp32 weights held in bf16 and eager attention while inside; exactly restored after.
+    Use it under bf16 autocast (the trainable weights stay fp32 for the optimizer)."""
+    originals: dict[nn.Parameter, torch.Tensor] = {}
+    for param in model.parameters():
+        if not param.requires_grad and param.dtype == torch.float32:
+            originals[param] = param.data
+            param.data = param.data.to(torch.bfloat16)
+    kernels = {m: m.config._attn_implementation for m in _pretrained_models(model)}
+    for module in kernels:
+        module.set_attn_implementation("eager")
+    try:
+        yield
+    finally:
+        for param, data in originals.items():
+            param.data = data
+        for module, kernel in kernels.items():
+            if kernel is not None:
+                module.set_attn_implementation(kernel)
+
+
+def _pretrained_models(model: nn.Module) -> list[nn.Module]:
+    """The outermost transformers models inside ``model`` (a PEFT wrapper holds one)."""
+    found: list[nn.Module] = []
+    for module in model.modules():
+        if hasattr(module, "set_attn_implementation") and hasattr(module, "config"):
+            if not any(module in set(outer.modules()) for outer in found):
+                found.append(module)
+    return found
+
+
+def _configs(model: nn.Module) -> list[object]:
+    return [m.config for m in _pretrained_models(model)]
