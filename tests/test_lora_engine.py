@@ -100,6 +100,42 @@ def test_merge_and_unload_keeps_outputs_and_module_types():
     assert (out(merged) - expected).abs().max() <= 1e-4
 
 
+@pytest.mark.parametrize("how", ["merge_and_unload", "merge_adapter"])
+def test_merging_into_a_tied_head_leaves_the_input_embeddings_alone(how):
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    gpt2 = GPT2LMHeadModel(GPT2Config(vocab_size=100, n_embd=32, n_layer=2, n_head=4,
+                                      n_positions=64))  # fmt: skip
+    assert gpt2.lm_head.weight is gpt2.transformer.wte.weight  # GPT-2 ties them
+    model = lora.inject(gpt2, lora.LoraConfig(r=4, lora_alpha=8, target_modules=["lm_head"]))
+    with torch.no_grad():
+        model.lm_head.lora_B["default"].weight.normal_(std=0.5)
+    ids = torch.randint(0, 100, (2, 10))
+    model.eval()
+    with torch.no_grad():
+        expected = model(ids).logits
+    embeddings = model.transformer.wte.weight.detach().clone()
+    if how == "merge_and_unload":
+        model = lora.merge_and_unload(model)
+        head = model.lm_head.weight
+    else:
+        lora.merge_adapter(model)
+        head = model.lm_head.base_layer.weight
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids).logits, expected, rtol=1e-5, atol=1e-5)
+    assert torch.equal(model.transformer.wte.weight, embeddings)  # only the head changed
+    assert head is not model.transformer.wte.weight and not model.config.tie_word_embeddings
+    if how == "merge_adapter":
+        lora.unmerge_adapter(model)
+        with torch.no_grad():
+            torch.testing.assert_close(model(ids).logits, expected, rtol=1e-5, atol=1e-5)
+            with lora.disable_adapters(model):  # the base again: head = embeddings
+                base = model(ids).logits
+        torch.testing.assert_close(model.lm_head.base_layer.weight, embeddings)
+        assert not torch.allclose(base, expected, atol=1e-3)
+
+
 def test_safe_merge_refuses_nan():
     model = adapted()
     with torch.no_grad():

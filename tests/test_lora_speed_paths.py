@@ -51,6 +51,10 @@ def test_branch_without_autograd_accumulates_in_place_and_gives_the_formula(mode
         got = layer(x)
     assert not got.requires_grad
     torch.testing.assert_close(got, plain_formula(layer, x).detach(), rtol=1e-5, atol=1e-5)
+    with mode(), torch.autocast("cpu", dtype=torch.bfloat16):  # evaluation under bf16
+        low = layer(x)
+    assert low.dtype == torch.bfloat16
+    assert (low.float() - got).abs().max() <= 1e-2 * got.abs().max()
     # the same layer then trains as before: autograd sees no in-place write
     layer(x).sum().backward()
     assert layer.lora_B["default"].weight.grad.abs().sum() > 0

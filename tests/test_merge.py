@@ -86,16 +86,18 @@ def test_merge_needs_a_finished_run(tmp_path):
     assert not (tmp_path / "out").exists()
 
 
-def test_causal_lm_run_merges_for_auto_model_for_causal_lm(tmp_path):
+@pytest.mark.parametrize("targets", [["c_attn"], ["c_attn", "lm_head"]])
+def test_causal_lm_run_merges_for_auto_model_for_causal_lm(tmp_path, targets):
     """A causal-LM run directory (task "causal-lm"), made here from a tiny GPT-2 with LoRA on
-    its Conv1D attention and a trained-looking (non-zero) B."""
+    its Conv1D attention (and on its output head, which GPT-2 ties to the token embedding) and
+    a trained-looking (non-zero) B."""
     tokenizer = AutoTokenizer.from_pretrained(minilm_path())
     torch.manual_seed(0)
     gpt2 = GPT2LMHeadModel(GPT2Config(vocab_size=len(tokenizer), n_embd=32, n_layer=2, n_head=4,
                                       n_positions=64))  # fmt: skip
     gpt2.save_pretrained(tmp_path / "gpt2")
     tokenizer.save_pretrained(tmp_path / "gpt2")
-    model = lora.inject(gpt2, lora.LoraConfig(r=4, lora_alpha=8, target_modules=["c_attn"]))
+    model = lora.inject(gpt2, lora.LoraConfig(r=4, lora_alpha=8, target_modules=targets))
     with torch.no_grad():
         for name, param in model.named_parameters():
             if "lora_B" in name:
@@ -117,3 +119,5 @@ def test_causal_lm_run_merges_for_auto_model_for_causal_lm(tmp_path):
         expected = model.eval()(**batch).logits
         assert torch.allclose(merged(**batch).logits, expected, atol=1e-4)
         assert not torch.allclose(base(**batch).logits, expected, atol=1e-3)  # LoRA mattered
+    # the input embeddings are the base's: a head adapter changed the (now untied) head only
+    assert torch.equal(merged.transformer.wte.weight, base.transformer.wte.weight)

@@ -193,8 +193,9 @@ def add_scaled_product(result: torch.Tensor, down: torch.Tensor, B: torch.Tensor
     flat, down = result.reshape(-1, result.shape[-1]), down.reshape(-1, down.shape[-1])
     if torch.is_grad_enabled() and (result.requires_grad or down.requires_grad):
         return torch.addmm(flat, down, B.T, alpha=scaling).view(result.shape)
-    # inference: accumulate into the base output itself, which nothing else holds yet
-    return flat.addmm_(down, B.T, alpha=scaling).view(result.shape)
+    # inference: accumulate into the base output itself, which nothing else holds yet (an
+    # in-place op is outside autocast, so B takes the dtype autocast gave the rest)
+    return flat.addmm_(down, B.T.to(flat.dtype), alpha=scaling).view(result.shape)
 
 
 class Embedding(LoraLayer):

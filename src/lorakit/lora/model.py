@@ -256,8 +256,30 @@ def disable_adapters(model: nn.Module) -> Iterator[nn.Module]:
 
 # ---------------------------------------------------------------- merging and unloading
 def merge_adapter(model: nn.Module, safe_merge: bool = False) -> None:
+    _untie_merge_targets(model)
     for _, layer in lora_layers(model):
         layer.merge(safe_merge=safe_merge)
+
+
+def _untie_merge_targets(model: nn.Module) -> None:
+    """Give a LoRA layer its own copy of a weight it shares with another module before merging.
+
+    GPT-2's output head is the token embedding's matrix: merging a head adapter into it in place
+    would change the input embeddings as well, and the merged model would no longer compute what
+    base + adapter computed. After the copy the two are separate weights, and the model's config
+    says so (``tie_word_embeddings = False``), so a saved merged model loads untied."""
+    uses: dict[int, int] = {}
+    for _, param in model.named_parameters(remove_duplicate=False):
+        uses[id(param)] = uses.get(id(param), 0) + 1
+    untied = False
+    for _, layer in lora_layers(model):
+        weight = layer.base_layer.weight
+        if uses.get(id(weight), 0) > 1 and not layer.merged:
+            layer.base_layer.weight = nn.Parameter(weight.detach().clone(), requires_grad=False)
+            untied = True
+    config = getattr(model, "config", None)
+    if untied and getattr(config, "tie_word_embeddings", False):
+        config.tie_word_embeddings = False
 
 
 def unmerge_adapter(model: nn.Module) -> None:
@@ -266,6 +288,8 @@ def unmerge_adapter(model: nn.Module) -> None:
 
 
 def _unwrap(model: nn.Module, merge: bool, safe_merge: bool = False) -> nn.Module:
+    if merge:
+        _untie_merge_targets(model)
     for name, layer in list(lora_layers(model)):
         if merge:
             layer.merge(safe_merge=safe_merge)

@@ -47,7 +47,7 @@ class TinyGPT2Settings:
     n_embd: int = 256
     n_head: int = 8
     n_positions: int = 256
-    steps: int = 300
+    steps: int = 1200
     batch_size: int = 32
     seq_len: int = 128
     lr: float = 2e-3
