@@ -119,3 +119,29 @@ def test_minilm_learns_topics_in_a_few_steps(tmp_path):
     assert summary["adapter_bytes"] < 1_000_000
     assert summary["test_accuracy"] > 0.7
     assert summary["reload_lorakit_identical"] and summary["reload_peft_identical"]
+
+
+def test_hf_trainer_under_bf16_leaves_an_fp32_model(tmp_path, tiny_bert_dir, stars_csv):
+    """accelerate wraps forward in autocast for bf16; after training the model computes in fp32
+    again, so the recorded test accuracy is what a reload computes."""
+    from lorakit.data.tokenize import classification_loaders, tokenize_splits
+    from lorakit.train.hf_trainer import train_with_hf_trainer
+
+    config = load_config(recipe_path("sentiment"), [
+        f"data.path={stars_csv}", "data.text_column=review", "data.label_column=stars",
+        f"model.name={tiny_bert_dir}", "train.trainer=hf", "train.bf16=true", "train.max_steps=3",
+    ])  # fmt: skip
+    dsd = pipeline.load_task_data(config)
+    model, tokenizer, _ = pipeline.build_model(config, dsd["train"].features["label"].names)
+    loaders = classification_loaders(tokenize_splits(dsd, tokenizer, 64), tokenizer, 16, 16, 0)
+    train_with_hf_trainer(
+        model, loaders["train"].dataset, loaders["validation"].dataset,
+        loaders["train"].collate_fn, config.train, run_dir=None, save_best=None, seed=0,
+        output_dir=str(tmp_path / "hf"),
+    )  # fmt: skip
+    batch = next(iter(loaders["test"]))
+    model.eval()
+    with torch.no_grad():
+        called = model(**batch).logits
+        unwrapped = type(model).forward(model, **batch).logits  # the class's own forward
+    assert torch.equal(called, unwrapped)

@@ -152,6 +152,9 @@ def train_with_hf_trainer(
     )
     started = time.monotonic()
     trainer.train()
+    # under bf16 accelerate wrapped model.forward in autocast: take it off, so the test
+    # evaluation after training computes in fp32 as every later reload does
+    trainer.accelerator.unwrap_model(model, keep_fp32_wrapper=False)
     if recorder.epoch_losses:  # stopped (early or max_steps) inside an epoch
         recorder.epoch_event(trainer.state)
     return TrainResult(
