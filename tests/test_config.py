@@ -101,3 +101,18 @@ def test_resolved_toml_reads_back_identical():
     )
     text = to_toml(config, header="a header\nover two lines")
     assert Config.model_validate(tomllib.loads(text)) == config
+
+
+def test_bf16_auto_follows_the_hardware(monkeypatch):
+    import torch
+
+    auto = load_config(recipe_path("sentiment"), ["train.bf16=auto"]).train
+    assert auto.bf16 == "auto"
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    for native in (True, False):
+        monkeypatch.setattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", lambda n=native: n)
+        assert auto.use_bf16 is native
+    assert load_config(recipe_path("sentiment"), ["train.bf16=false"]).train.use_bf16 is False
+    assert load_config(recipe_path("sentiment"), ["train.bf16=true"]).train.use_bf16 is True
+    with pytest.raises(ConfigError, match="train.bf16"):
+        load_config(recipe_path("sentiment"), ["train.bf16=sometimes"])

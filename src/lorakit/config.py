@@ -131,13 +131,28 @@ class TrainConfig(_Section):
     grad_accum_steps: int = Field(1, gt=0)
     eval_every: int = Field(0, ge=0, description="steps; 0 = once per epoch")
     early_stopping_patience: int = Field(0, ge=0, description="evaluations; 0 = off")
-    bf16: bool = False
+    bf16: bool | Literal["auto"] = Field(
+        False,
+        description="bf16 autocast, the frozen base held in bf16 (our loop); 'auto': on when "
+        "the CPU or GPU computes bf16 natively",
+    )
     log_every: int = Field(50, gt=0)
     num_workers: int = Field(0, ge=0)
     checkpoint_every: int = Field(
         200, ge=0, description="optimizer steps between checkpoints (RUN_DIR/checkpoints); 0 = off"
     )
     keep_checkpoints: int = Field(2, gt=0, description="the newest checkpoints kept")
+
+    @property
+    def use_bf16(self) -> bool:
+        """``bf16`` resolved: ``"auto"`` asks the hardware (emulated bf16 is slower than fp32)."""
+        if self.bf16 != "auto":
+            return bool(self.bf16)
+        import torch  # only here: reading a config needs no torch
+
+        if torch.cuda.is_available():
+            return torch.cuda.is_bf16_supported()
+        return torch.ops.mkldnn._is_mkldnn_bf16_supported()
 
 
 class Config(_Section):

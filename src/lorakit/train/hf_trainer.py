@@ -134,7 +134,7 @@ def train_with_hf_trainer(
         report_to=[],
         seed=seed,
         data_seed=seed,
-        bf16=config.bf16,
+        bf16=config.use_bf16,
         use_cpu=not torch.cuda.is_available(),
         train_sampling_strategy="group_by_length",
         dataloader_num_workers=config.num_workers,

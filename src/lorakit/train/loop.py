@@ -64,7 +64,7 @@ def make_accelerator(train: TrainConfig) -> Accelerator:
     GradientState._reset_state()
     return Accelerator(
         cpu=not torch.cuda.is_available(),
-        mixed_precision="bf16" if train.bf16 else "no",
+        mixed_precision="bf16" if train.use_bf16 else "no",
         gradient_accumulation_steps=train.grad_accum_steps,
         # the global batch is `batch_size` whatever the number of processes. DDP needs no
         # find_unused_parameters: frozen weights (a modules_to_save head's original included)
@@ -357,7 +357,7 @@ def train_loop(
         ckpt.write_checkpoint(checkpoint_dir, pos.step, groups, state, config.keep_checkpoints)
 
     # bf16: the frozen base is held in bf16 for the loop only (lorakit.train.frozen_base)
-    with bf16_frozen_base(unwrapped) if config.bf16 else nullcontext():
+    with bf16_frozen_base(unwrapped) if config.use_bf16 else nullcontext():
         model.train()
         for epoch in range(pos.epoch, config.epochs):
             resuming = restored is not None and epoch == restored.state["position"]["epoch"]
