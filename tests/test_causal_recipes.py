@@ -36,7 +36,7 @@ def tiny_gpt2(tmp_path_factory):
 def lm_run(tiny_gpt2, tmp_path_factory):
     out = tmp_path_factory.mktemp("runs") / "causal"
     overrides = [f"model.name={tiny_gpt2}", "data.max_train_samples=600", "causal.block_size=64",
-                 "train.eval_every=0", "compare=true"]  # fmt: skip
+                 "train.eval_every=0", "train.epochs=1", "compare=true"]  # fmt: skip
     return lk.train("causal-lm", out=out, overrides=overrides), out
 
 
@@ -114,7 +114,8 @@ def test_causal_runs_point_predict_to_generate_and_refuse_bad_settings(lm_run, c
 
 
 def test_instruct_verdicts_reports_verdict_accuracy(tiny_gpt2, tmp_path):
-    overrides = [f"model.name={tiny_gpt2}", "data.max_train_samples=200", "data.max_length=48"]
+    overrides = [f"model.name={tiny_gpt2}", "data.max_train_samples=200", "data.max_length=48",
+                 "train.epochs=1"]  # fmt: skip
     summary = lk.train("instruct-verdicts", out=tmp_path / "run", overrides=overrides)
     assert 0 <= summary["test_verdict_accuracy"] <= 1
     assert 0 <= summary["base_test_verdict_accuracy"] <= 1
