@@ -183,13 +183,20 @@ def _loaders(splits: dict[str, datasets.Dataset], config: Config) -> dict[str, D
 
 
 # ---------------------------------------------------------------- the run
+def _model_to_train(config: Config):
+    """(model, tokenizer) of ``model.name``, with ``model.dropout`` applied when set: the start
+    of both the LoRA run and the full fine-tuning beside it."""
+    model, tokenizer = load_causal_lm(config.model.name)
+    if config.model.dropout is not None:
+        set_model_dropout(model, config.model.dropout)
+    return model, tokenizer
+
+
 def run(config: Config, run_dir: RunDir, resume: Path | None = None) -> dict[str, Any]:
     """Train LoRA on a causal LM and test it; ``resume``: a checkpoint folder of this run."""
     started = time.monotonic()
     causal = causal_section(config)
-    model, tokenizer = load_causal_lm(config.model.name)
-    if config.model.dropout is not None:
-        set_model_dropout(model, config.model.dropout)
+    model, tokenizer = _model_to_train(config)
     resolved = model.name_or_path  # the folder the weights came from
     data = build_data(config, tokenizer, _positions(model))
     splits = data["splits"]
@@ -290,9 +297,7 @@ def reload_checks(run_dir: Path, base: str, trained, test: datasets.Dataset) -> 
 def comparison_rows(config: Config, splits, summary, test_pairs, tokenizer) -> list[dict]:
     """Base, LoRA and full fine-tuning of the same model on the same data, one row each."""
     causal = causal_section(config)
-    model, _ = load_causal_lm(config.model.name)
-    if config.model.dropout is not None:
-        set_model_dropout(model, config.model.dropout)
+    model, _ = _model_to_train(config)
     for p in model.parameters():
         p.requires_grad_(True)
     full_train = config.train.model_copy(

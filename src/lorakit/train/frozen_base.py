@@ -68,10 +68,13 @@ def bf16_frozen_base(model: nn.Module) -> Iterator[None]:
 def _pretrained_models(model: nn.Module) -> list[nn.Module]:
     """The outermost transformers models inside ``model`` (a PEFT wrapper holds one)."""
     found: list[nn.Module] = []
-    for module in model.modules():
+    inside: set[int] = set()  # ids of modules within one already found
+    for module in model.modules():  # outer modules come before their children
+        if id(module) in inside:
+            continue
         if hasattr(module, "set_attn_implementation") and hasattr(module, "config"):
-            if not any(module in set(outer.modules()) for outer in found):
-                found.append(module)
+            found.append(module)
+            inside.update(id(m) for m in module.modules())
     return found
 
 
