@@ -136,6 +136,11 @@ class TrainConfig(_Section):
         description="bf16 autocast, the frozen base held in bf16 (our loop); 'auto': on when "
         "the CPU or GPU computes bf16 natively",
     )
+    fast_dropout: bool = Field(
+        True,
+        description="dropout masks from a fast generator on the CPU (lorakit.train.fast_dropout); "
+        "false: PyTorch's own dropout",
+    )
     log_every: int = Field(50, gt=0)
     num_workers: int = Field(0, ge=0)
     checkpoint_every: int = Field(

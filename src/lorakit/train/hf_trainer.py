@@ -10,6 +10,7 @@ from __future__ import annotations
 import math
 import sys
 import time
+from contextlib import nullcontext
 from typing import Any
 
 import numpy as np
@@ -19,6 +20,7 @@ from transformers import Trainer, TrainerCallback, TrainingArguments
 from lorakit.config import TrainConfig
 from lorakit.rundir import RunDir
 
+from .fast_dropout import fast_dropout
 from .loop import SaveBest, TrainResult
 
 
@@ -151,7 +153,8 @@ def train_with_hf_trainer(
         callbacks=[recorder, _EpochEvents(recorder)],
     )
     started = time.monotonic()
-    trainer.train()
+    with fast_dropout(model) if config.fast_dropout else nullcontext():
+        trainer.train()
     # under bf16 accelerate wrapped model.forward in autocast: take it off, so the test
     # evaluation after training computes in fp32 as every later reload does
     trainer.accelerator.unwrap_model(model, keep_fp32_wrapper=False)

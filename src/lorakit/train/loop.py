@@ -40,6 +40,7 @@ from transformers import get_linear_schedule_with_warmup
 from lorakit.config import ConfigError, TrainConfig
 from lorakit.rundir import RunDir
 from lorakit.train import checkpoint as ckpt
+from lorakit.train.fast_dropout import fast_dropout
 from lorakit.train.frozen_base import bf16_frozen_base
 
 SaveBest = Callable[[torch.nn.Module, int], None]
@@ -356,8 +357,12 @@ def train_loop(
         }
         ckpt.write_checkpoint(checkpoint_dir, pos.step, groups, state, config.keep_checkpoints)
 
-    # bf16: the frozen base is held in bf16 for the loop only (lorakit.train.frozen_base)
-    with bf16_frozen_base(unwrapped) if config.use_bf16 else nullcontext():
+    # for the loop only: under bf16 the frozen base is held in bf16 (lorakit.train.frozen_base);
+    # dropout masks come from a fast generator (lorakit.train.fast_dropout)
+    with (
+        bf16_frozen_base(unwrapped) if config.use_bf16 else nullcontext(),
+        fast_dropout(unwrapped) if config.fast_dropout else nullcontext(),
+    ):
         model.train()
         for epoch in range(pos.epoch, config.epochs):
             resuming = restored is not None and epoch == restored.state["position"]["epoch"]
