@@ -27,6 +27,7 @@ from pathlib import Path
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
+from lorakit.train.fast_dropout import fast_dropout
 from lorakit.train.frozen_base import bf16_frozen_base, set_model_dropout
 
 sys.path.insert(0, str(Path(__file__).parent))
@@ -47,6 +48,7 @@ DTYPES = {"fp32": None, "bf16": torch.bfloat16}
 # name -> (engine, dtype, the frozen model's own dropout: None keeps MiniLM's 0.1)
 VARIANTS = {
     **{f"{engine} {dtype}": (engine, dtype, None) for dtype in DTYPES for engine in ENGINES},
+    "lorakit fp32 torch-dropout": ("lorakit", "fp32", None),
     "peft fp32 dropout0": ("peft", "fp32", 0.0),
     "lorakit fp32 dropout0": ("lorakit", "fp32", 0.0),
     "lorakit bf16 dropout0": ("lorakit", "bf16", 0.0),
@@ -57,10 +59,12 @@ BATCH, SEQ_LEN = 16, 128
 class Trainer:
     """A model and its AdamW, stepping under the variant's precision.
 
-    lorakit under bf16 takes lorakit's bf16 path (``train.bf16``): autocast with the frozen
-    weights held in bf16 and eager attention (``lorakit.train.frozen_base``); PEFT and full
-    fine-tuning get plain bf16 autocast. "dropout0" sets the frozen model's own dropout to 0
-    (``model.dropout = 0``), LoRA's is 0 in every variant."""
+    lorakit takes lorakit's training path: dropout masks from the fast generator
+    (``lorakit.train.fast_dropout``; "torch-dropout" leaves PyTorch's), and under bf16
+    (``train.bf16``) autocast with the frozen weights held in bf16 and matmul attention
+    (``lorakit.train.frozen_base``); PEFT and full fine-tuning get plain bf16 autocast.
+    "dropout0" sets the frozen model's own dropout to 0 (``model.dropout = 0``); LoRA's is 0
+    in every variant."""
 
     def __init__(self, variant: str) -> None:
         engine, dtype_name, dropout = VARIANTS[variant]
@@ -73,6 +77,8 @@ class Trainer:
         self._context = ExitStack()
         if engine == "lorakit" and self.autocast_dtype is not None:
             self._context.enter_context(bf16_frozen_base(self.model))
+        if engine == "lorakit" and not variant.endswith("torch-dropout"):
+            self._context.enter_context(fast_dropout(self.model))
         trainable = [p for p in self.model.parameters() if p.requires_grad]
         self.optimizer = torch.optim.AdamW(trainable, lr=1e-4)
 
@@ -149,23 +155,30 @@ def profile_table(variant: str, rows: int = 20) -> str:
 
 # ---------------------------------------------------------------- the loss-curve check
 def loss_curves(steps: int = 20) -> dict[str, list[float]]:
-    """lorakit and PEFT from the same weights and seed, LoRA dropout 0, lr high enough to move."""
+    """lorakit (on its fp32 training path) and PEFT from the same weights and seed, dropout 0
+    (the model's and LoRA's, as the issue asks: the two draw different masks), lr high enough
+    to move."""
     batches = review_batches(steps, BATCH, SEQ_LEN)
-    peft_model, lorakit_model = with_peft(minilm()), with_lorakit(minilm())
-    copy_lora_weights(lorakit_model, peft_model)
+    models = {}
+    for name, engine in (("peft", with_peft), ("lorakit", with_lorakit)):
+        model = minilm()
+        set_model_dropout(model, 0.0)
+        models[name] = engine(model)
+    copy_lora_weights(models["lorakit"], models["peft"])
     curves = {}
-    for name, model in (("peft", peft_model), ("lorakit", lorakit_model)):
+    for name, model in models.items():
         model.train()
         params = [p for p in model.parameters() if p.requires_grad]
         optimizer = torch.optim.AdamW(params, lr=1e-3)
-        torch.manual_seed(1)  # the model's own dropout masks are the same in both runs
+        torch.manual_seed(1)
         curve = []
-        for batch in batches:
-            loss = model(**batch).loss
-            loss.backward()
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            curve.append(loss.item())
+        with fast_dropout(model) if name == "lorakit" else ExitStack():
+            for batch in batches:
+                loss = model(**batch).loss
+                loss.backward()
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+                curve.append(loss.item())
         curves[name] = curve
     return curves
 
