@@ -31,10 +31,11 @@ from transformers import (
 
 from lorakit.data.causal import pack_texts
 from lorakit.models.causal_lm import perplexity
+from lorakit.train.fast_dropout import fast_dropout
 from lorakit.train.frozen_base import bf16_frozen_base
 
 ENDOFTEXT = "<|endoftext|>"
-FORMAT_VERSION = 1  # bump when a change to this file changes the trained model
+FORMAT_VERSION = 2  # bump when a change to this file changes the trained model (2: fast dropout)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -162,8 +163,9 @@ def pretrain_tiny_gpt2(
     start = time.perf_counter()
     running, losses = 0.0, []
     # under bf16 the eager attention kernel is the faster one here (lorakit.train.frozen_base);
-    # every weight trains, so none is held in bf16
-    with bf16_frozen_base(model) if bf16 else nullcontext():
+    # every weight trains, so none is held in bf16. GPT-2's dropout (0.1) draws cheap masks
+    # (lorakit.train.fast_dropout): 0.525 s a step against 0.637 s with PyTorch's
+    with bf16_frozen_base(model) if bf16 else nullcontext(), fast_dropout(model):
         for step, idx in enumerate(_batches(len(train_blocks), batch_size, steps, seed), start=1):
             batch = train_blocks[idx]
             with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
