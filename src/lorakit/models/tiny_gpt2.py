@@ -242,7 +242,7 @@ def ensure_tiny_gpt2(
     settings: TinyGPT2Settings | None = None,
     progress: Callable[[dict], None] | None = _print_progress,
 ) -> Path:
-    """The tiny GPT-2 folder, pretrained on first use (about 14 minutes on 2 cores) and cached.
+    """The tiny GPT-2 folder, pretrained on first use (about 12 minutes on 2 cores) and cached.
 
     Training goes to a temporary folder beside the target, renamed into place only when
     complete, so an interrupted run never leaves a half-written model behind.
