@@ -159,3 +159,11 @@ def test_matmul_attention_equals_sdpa(causal):
     ours, _ = matmul_attention(module, q, k, v, mask)
     reference, _ = sdpa_attention_forward(module, q, k, v, mask)
     assert torch.allclose(ours, reference, atol=1e-6)
+
+
+def test_attention_stays_for_models_off_the_cpu():
+    model = GPT2LMHeadModel(GPT2Config(vocab_size=50, n_embd=32, n_layer=1, n_head=4,
+                                       n_positions=16)).to("meta")  # fmt: skip
+    kernel = model.config._attn_implementation
+    with fast_dropout(model):
+        assert model.config._attn_implementation == kernel

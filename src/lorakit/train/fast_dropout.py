@@ -142,13 +142,15 @@ def _forward_of(module: nn.Dropout):
 
 
 def _use_lorakit_attention(model: nn.Module) -> dict[nn.Module, str]:
-    """Switch models on PyTorch's SDPA or eager attention to lorakit's; return {model: old}."""
+    """Switch models on the CPU with PyTorch's SDPA or eager attention to lorakit's; return
+    {model: old}. (On a GPU PyTorch's fused attention already draws its dropout fast.)"""
     from .frozen_base import _pretrained_models
 
     switched = {}
     for module in _pretrained_models(model):
         kernel = module.config._attn_implementation
-        if kernel in ("sdpa", "eager"):
+        on_cpu = all(p.device.type == "cpu" for p in module.parameters())
+        if kernel in ("sdpa", "eager") and on_cpu:
             _register_attention()
             module.set_attn_implementation(ATTENTION)
             switched[module] = kernel
