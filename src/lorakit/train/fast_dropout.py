@@ -10,8 +10,8 @@ bits per element taken four to a 64-bit word, which is several times cheaper:
   rounded to a multiple of 1/65536 (0.1 becomes 0.100006).
 - Each call seeds the generator from torch's default generator, so ``torch.manual_seed`` fixes
   every mask and a resumed run (which restores torch's RNG state) draws the same ones.
-- Only the mask differs from ``torch.nn.functional.dropout``; the backward pass multiplies by the
-  same mask, kept as one byte per element.
+- Only the mask differs from ``torch.nn.functional.dropout``: as there, the output is the input
+  times a mask of 0 and 1/(1-p) in the input's dtype, and the backward pass multiplies by it.
 
 ``fast_dropout(model)`` puts this into a model for the length of a training run: every
 ``nn.Dropout`` (the model's and LoRA's) and, in transformers models, the dropout on attention
@@ -82,7 +82,7 @@ def attention(module, query, key, value, attention_mask, scaling=None, dropout=0
 
 
 def matmul_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0):
-    """softmax(q·kᵀ·scaling + mask)·v in batched matmuls, with this module's dropout on the
+    """softmax(q·kᵀ·scaling + mask)·v in batched matmuls, with the fast dropout above on the
     probabilities. The mask is additive (float) or boolean (True = attend)."""
     from transformers.integrations.sdpa_attention import repeat_kv
 
@@ -99,7 +99,8 @@ def matmul_attention(module, query, key, value, attention_mask, scaling=None, dr
             scores = scores + mask
     probs = scores.softmax(dim=-1).to(value.dtype)
     if dropout > 0 and _fast(probs, dropout):
-        # the 1/(1-p) goes on v, a quarter the size of the probabilities (128 tokens, 32 a head)
+        # the 1/(1-p) goes on v: head_dim / length the size of the probabilities (1/4 for
+        # MiniLM at 128 tokens)
         mask, scale = keep_mask(probs.shape, dropout, probs.dtype)
         probs, value = probs * mask, value * scale
     elif dropout > 0:
