@@ -167,3 +167,13 @@ def test_attention_stays_for_models_off_the_cpu():
     kernel = model.config._attn_implementation
     with fast_dropout(model):
         assert model.config._attn_implementation == kernel
+
+
+def test_causal_attention_without_a_mask_stays_causal():
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(1, 2, 5, 4, dtype=torch.bfloat16) for _ in range(3))
+    module = nn.Module().train()
+    module.is_causal = True  # a model that asks for causal attention by flag, with no mask
+    ours, _ = fd.attention(module, q, k, v, None)
+    reference, _ = sdpa_attention_forward(module, q, k, v, None)
+    assert torch.equal(ours, reference)

@@ -68,8 +68,11 @@ def dropout(x: torch.Tensor, p: float, training: bool = True) -> torch.Tensor:
 def attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
     """transformers' attention-function signature. In training with dropout, and for bf16 on
     the CPU: ``matmul_attention``. Otherwise, and for anything that one does not do (other
-    devices, soft capping, attention sinks, position biases): transformers' SDPA attention."""
+    devices, soft capping, attention sinks, position biases, causal attention asked for by a
+    flag instead of a mask): transformers' SDPA attention."""
     special = any(kwargs.get(k) is not None for k in ("softcap", "s_aux", "position_bias"))
+    causal_flag = kwargs.get("is_causal", getattr(module, "is_causal", False))
+    special |= bool(attention_mask is None and causal_flag and query.shape[2] > 1)
     wanted = (module.training and dropout > 0) or query.dtype == torch.bfloat16
     if wanted and query.device.type == "cpu" and not special:
         p = dropout if module.training else 0.0
