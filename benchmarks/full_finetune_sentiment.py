@@ -19,12 +19,10 @@ from pathlib import Path
 
 from lorakit.config import load_config
 from lorakit.data import dataset_fingerprint
-from lorakit.data.tokenize import classification_loaders, tokenize_splits
-from lorakit.models.transformer import load_sequence_classifier
 from lorakit.recipes import load_task_data, recipe_path
+from lorakit.recipes.sequence_classification import data_loaders, load_base
 from lorakit.rundir import RunDir
 from lorakit.train.best import BestWeights
-from lorakit.train.frozen_base import set_model_dropout
 from lorakit.train.loop import evaluate, train_loop
 
 sys.path.insert(0, str(Path(__file__).parent))
@@ -47,17 +45,11 @@ def full_finetune(overrides: list[str], run_dir: Path) -> dict:
     run = RunDir(run_dir)
     run.write_config(config)
     run.start_environment(config.seed, dataset_fingerprint(data))
-    model, tokenizer, _ = load_sequence_classifier(config.model.name, labels, config.seed)
-    if config.model.dropout is not None:
-        set_model_dropout(model, config.model.dropout)
-    train = config.train
-    loaders = classification_loaders(
-        tokenize_splits(data, tokenizer, config.data.max_length), tokenizer,
-        train.batch_size, train.eval_batch_size, config.seed, train.num_workers,
-    )  # fmt: skip
+    model, tokenizer, _ = load_base(config, labels)
+    loaders = data_loaders(config, data, tokenizer)
     best = BestWeights()
     result = train_loop(
-        model, loaders["train"], loaders["validation"], train, run_dir=run, save_best=best,
+        model, loaders["train"], loaders["validation"], config.train, run_dir=run, save_best=best,
         seed=config.seed, desc="full fine-tuning",
     )  # fmt: skip
     best.restore(model)

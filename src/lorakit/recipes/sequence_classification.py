@@ -43,10 +43,27 @@ def lora_section(config: Config):
     return section
 
 
-def build_model(config: Config, labels: list[str]):
+def load_base(config: Config, labels: list[str]):
+    """(model, tokenizer, resolved name) of ``model.name`` with a head for ``labels`` and
+    ``model.dropout`` applied when set: the start of the LoRA run and of full fine-tuning
+    (``benchmarks/full_finetune_sentiment.py``)."""
     model, tokenizer, resolved = load_sequence_classifier(config.model.name, labels, config.seed)
     if config.model.dropout is not None:
         set_model_dropout(model, config.model.dropout)
+    return model, tokenizer, resolved
+
+
+def data_loaders(config: Config, data, tokenizer) -> dict:
+    """The train / validation / test loaders of ``data`` as the recipe batches them."""
+    train = config.train
+    return classification_loaders(
+        tokenize_splits(data, tokenizer, config.data.max_length), tokenizer,
+        train.batch_size, train.eval_batch_size, config.seed, train.num_workers,
+    )  # fmt: skip
+
+
+def build_model(config: Config, labels: list[str]):
+    model, tokenizer, resolved = load_base(config, labels)
     section = lora_section(config)
     model = engines.apply_lora(model, section, base_name=resolved, task_type="SEQ_CLS")
     return model, tokenizer, resolved
@@ -69,16 +86,8 @@ def run(config: Config, run_dir: RunDir, resume: Path | None = None) -> dict[str
     print(f"{config.recipe}: {resolved} + LoRA ({config.lora.engine}): "
           f"{trainable:,} of {total:,} parameters trainable ({100 * trainable / total:.3f}%)",
           flush=True)  # fmt: skip
-    tokenized = tokenize_splits(dsd, tokenizer, config.data.max_length)
     train = config.train
-    loaders = classification_loaders(
-        tokenized,
-        tokenizer,
-        train.batch_size,
-        train.eval_batch_size,
-        config.seed,
-        train.num_workers,
-    )
+    loaders = data_loaders(config, dsd, tokenizer)
     best = BestWeights()
     if train.trainer == "hf":
         if resume is not None:
