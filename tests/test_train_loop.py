@@ -6,11 +6,12 @@ import pytest
 import torch
 from torch.utils.data import DataLoader
 
-from lorakit.config import TrainConfig
+import lorakit.lora as lora
+from lorakit.config import ConfigError, TrainConfig
 from lorakit.data import load_dataset
 from lorakit.models.classic import TextClassifier, build_vocabulary, collate, encode_split
 from lorakit.rundir import RunDir
-from lorakit.train.loop import evaluate, train_loop
+from lorakit.train.loop import evaluate, parameter_groups, train_loop
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -101,3 +102,33 @@ def test_model_without_trainable_parameters_is_refused(news):
     model.requires_grad_(False)
     with pytest.raises(ValueError, match="no trainable parameters"):
         train_loop(model, train, val, TrainConfig(epochs=1), show_progress=False)
+
+
+def test_lora_plus_puts_the_b_matrices_in_their_own_group(news):
+    model, _, _ = make(news)
+    lora.inject(model, lora.LoraConfig(r=4, lora_alpha=8, target_modules=["fc1"]))
+    trainable = {id(p) for p in model.parameters() if p.requires_grad}
+    (one,) = parameter_groups(model, 1e-3)
+    assert one["lr"] == 1e-3 and {id(p) for p in one["params"]} == trainable
+    rest, b = parameter_groups(model, 1e-3, 16)
+    assert rest["lr"] == 1e-3 and b["lr"] == pytest.approx(1.6e-2)
+    assert [id(p) for p in b["params"]] == [id(model.fc1.lora_B["default"].weight)]
+    assert {id(p) for p in rest["params"] + b["params"]} == trainable
+
+
+def test_lora_plus_trains_b_at_its_own_lr(news):
+    model, train, val = make(news)
+    lora.inject(model, lora.LoraConfig(r=4, lora_alpha=8, target_modules=["fc1"]))
+    A, B = model.fc1.lora_A["default"].weight, model.fc1.lora_B["default"].weight
+    a_before, b_before = A.detach().clone(), B.detach().clone()
+    # A at a vanishing lr, B at 1e-2: only B may move
+    config = TrainConfig(epochs=1, max_steps=5, lr=1e-10, lora_plus_ratio=1e8)
+    train_loop(model, train, val, config, seed=0, show_progress=False)
+    assert (A - a_before).abs().max() < 1e-6
+    assert (B - b_before).abs().max() > 1e-3
+
+
+def test_lora_plus_without_lora_is_refused(news):
+    model, _, _ = make(news)
+    with pytest.raises(ConfigError, match="lora_plus_ratio = 1"):
+        parameter_groups(model, 1e-3, 16)

@@ -126,6 +126,12 @@ class TrainConfig(_Section):
     eval_batch_size: int = Field(64, gt=0)
     lr: float = Field(1e-3, gt=0)
     weight_decay: float = Field(0.0, ge=0)
+    lora_plus_ratio: float = Field(
+        1.0,
+        ge=1,
+        description="LoRA+: the B matrices train at lr x this ratio (Hayou et al. 2024 use 16); "
+        "1 = one lr for all",
+    )
     warmup_ratio: float = Field(0.0, ge=0, lt=1)
     max_grad_norm: float = Field(1.0, ge=0, description="0 = no clipping")
     grad_accum_steps: int = Field(1, gt=0)

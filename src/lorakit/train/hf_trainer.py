@@ -21,7 +21,7 @@ from lorakit.config import TrainConfig
 from lorakit.rundir import RunDir
 
 from .fast_dropout import fast_dropout
-from .loop import SaveBest, TrainResult
+from .loop import SaveBest, TrainResult, parameter_groups
 
 
 def _accuracy(prediction) -> dict[str, float]:
@@ -143,6 +143,10 @@ def train_with_hf_trainer(
         disable_tqdm=not sys.stderr.isatty(),  # our callback logs plain lines in CI logs
     )
     recorder = _RunDirCallback(run_dir, save_best, config.early_stopping_patience, steps_per_epoch)
+    optimizer = None  # the Trainer's own AdamW
+    if config.lora_plus_ratio != 1:
+        groups = parameter_groups(model, config.lr, config.lora_plus_ratio)
+        optimizer = torch.optim.AdamW(groups, lr=config.lr, weight_decay=config.weight_decay)
     trainer = Trainer(
         model=model,
         args=args,
@@ -151,6 +155,7 @@ def train_with_hf_trainer(
         data_collator=collator,
         compute_metrics=_accuracy,
         callbacks=[recorder, _EpochEvents(recorder)],
+        optimizers=(optimizer, None),
     )
     started = time.monotonic()
     with fast_dropout(model) if config.fast_dropout else nullcontext():

@@ -214,6 +214,28 @@ def _truncate_metrics(run_dir: RunDir | None, size: int) -> None:
             handle.truncate(size)
 
 
+def parameter_groups(model: torch.nn.Module, lr: float, lora_plus_ratio: float = 1.0) -> list[dict]:
+    """The optimizer's parameter groups: every trainable parameter at ``lr``, except, for LoRA+
+    (``lora_plus_ratio`` > 1), the B matrices at ``lr * lora_plus_ratio``. B maps the rank-r code
+    to the layer's full width, and LoRA+ shows that with one lr it learns too slowly."""
+    named = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
+    if not named:
+        raise ValueError("the model has no trainable parameters")
+    if lora_plus_ratio == 1:
+        return [{"params": [p for _, p in named], "lr": lr}]
+    is_b = [".lora_B." in name or ".lora_embedding_B." in name for name, _ in named]
+    if not any(is_b):
+        raise ConfigError(
+            f"train.lora_plus_ratio: {lora_plus_ratio} needs LoRA B matrices to train, and this "
+            "model has none; set train.lora_plus_ratio = 1"
+        )
+    return [
+        {"params": [p for (_, p), b in zip(named, is_b, strict=True) if not b], "lr": lr},
+        {"params": [p for (_, p), b in zip(named, is_b, strict=True) if b],
+         "lr": lr * lora_plus_ratio},
+    ]  # fmt: skip
+
+
 def train_loop(
     model: torch.nn.Module,
     train_loader: torch.utils.data.DataLoader,
@@ -247,10 +269,9 @@ def train_loop(
                 f"train.{name}: {getattr(config, name)} cannot be split among {processes} "
                 f"processes; it is the global batch, so make it a multiple of {processes}"
             )
-    params = [p for p in model.parameters() if p.requires_grad]
-    if not params:
-        raise ValueError("the model has no trainable parameters")
-    optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
+    groups = parameter_groups(model, config.lr, config.lora_plus_ratio)
+    params = [p for group in groups for p in group["params"]]
+    optimizer = torch.optim.AdamW(groups, lr=config.lr, weight_decay=config.weight_decay)
     steps_per_epoch = math.ceil(len(train_loader) / config.grad_accum_steps)
     total = steps_per_epoch * config.epochs
     if config.max_steps:
