@@ -145,3 +145,29 @@ def test_hf_trainer_under_bf16_leaves_an_fp32_model(tmp_path, tiny_bert_dir, sta
         called = model(**batch).logits
         unwrapped = type(model).forward(model, **batch).logits  # the class's own forward
     assert torch.equal(called, unwrapped)
+
+
+def test_hf_trainer_takes_the_lora_plus_groups(tmp_path, tiny_bert_dir, stars_csv):
+    """train.lora_plus_ratio reaches the Trainer: with A's lr vanishing, only B moves."""
+    from lorakit.data.tokenize import classification_loaders, tokenize_splits
+    from lorakit.lora import lora_layers
+    from lorakit.train.hf_trainer import train_with_hf_trainer
+
+    config = load_config(recipe_path("sentiment"), [
+        f"data.path={stars_csv}", "data.text_column=review", "data.label_column=stars",
+        f"model.name={tiny_bert_dir}", "train.trainer=hf", "train.max_steps=3", "train.bf16=false",
+        "train.lr=1e-10", "train.lora_plus_ratio=1e8", "train.warmup_ratio=0",
+    ])  # fmt: skip
+    dsd = pipeline.load_task_data(config)
+    model, tokenizer, _ = pipeline.build_model(config, dsd["train"].features["label"].names)
+    layer = next(layer for _, layer in lora_layers(model))
+    A, B = layer.lora_A["default"].weight, layer.lora_B["default"].weight
+    a_before, b_before = A.detach().clone(), B.detach().clone()
+    loaders = classification_loaders(tokenize_splits(dsd, tokenizer, 64), tokenizer, 16, 16, 0)
+    train_with_hf_trainer(
+        model, loaders["train"].dataset, loaders["validation"].dataset,
+        loaders["train"].collate_fn, config.train, run_dir=None, save_best=None, seed=0,
+        output_dir=str(tmp_path / "hf"),
+    )  # fmt: skip
+    assert (A - a_before).abs().max() < 1e-6
+    assert (B - b_before).abs().max() > 1e-4
