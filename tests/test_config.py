@@ -97,10 +97,17 @@ def test_override_values_are_toml_literals_then_strings():
 
 def test_resolved_toml_reads_back_identical():
     config = load_config(
-        recipe_path("classic"), ["train.lr=0.002", "data.max_train_samples=100", "seed=7"]
-    )
+        recipe_path("classic"), ["train.lr=0.002", "data.max_train_samples=100", "seed=7",
+                                 r'lora.rank_pattern={fc1 = 2, "h\\.0\\..*" = 3}']
+    )  # fmt: skip
+    assert config.lora.rank_pattern == {"fc1": 2, r"h\.0\..*": 3}
     text = to_toml(config, header="a header\nover two lines")
     assert Config.model_validate(tomllib.loads(text)) == config
+
+
+def test_bad_rank_pattern_is_named():
+    with pytest.raises(ConfigError, match="lora.rank_pattern: must be greater than 0"):
+        load_config(recipe_path("classic"), ["lora.rank_pattern={fc1 = 0}"])
 
 
 def test_bf16_auto_follows_the_hardware(monkeypatch):

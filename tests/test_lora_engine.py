@@ -311,3 +311,36 @@ def test_reload_reproduces_outputs_and_records_metadata(tmp_path):
     assert (
         lora.trainable_parameters(trainable).trainable == lora.trainable_parameters(model).trainable
     )
+
+
+@pytest.mark.parametrize(
+    "patterns, message",
+    [
+        ({"rank_pattern": {"value": 0}}, r"rank_pattern: 'value' -> 0 is not valid"),
+        ({"rank_pattern": {"value": 2.5}}, r"rank_pattern: 'value' -> 2.5 is not valid"),
+        ({"alpha_pattern": {"value": float("nan")}}, r"alpha_pattern: 'value' -> nan"),
+        ({"rank_pattern": {"(value": 2}}, r"'\(value' is not a regular expression"),
+        ({"rank_pattern": ["value", 2]}, r"rank_pattern must be a dict"),
+    ],
+)
+def test_bad_rank_or_alpha_patterns_are_named(patterns, message):
+    with pytest.raises(lora.LoraError, match=message):
+        lora.LoraConfig(target_modules=["query"], **patterns)
+
+
+def test_for_module_takes_the_first_matching_pattern():
+    config = lora.LoraConfig(
+        r=8, lora_alpha=16, target_modules=["query", "value"],
+        rank_pattern={r"layer\.0\..*": 2, "value": 4}, alpha_pattern={"value": 4},
+    )  # fmt: skip
+    assert config.for_module("bert.encoder.layer.0.attention.self.value").r == 2
+    assert config.for_module("bert.encoder.layer.1.attention.self.value").r == 4
+    assert config.for_module("bert.encoder.layer.1.attention.self.value").scaling == 1.0
+    assert config.for_module("bert.encoder.layer.1.attention.self.query") is config
+    # a pattern must match whole name parts: "alue" is not "value"
+    assert (
+        lora.LoraConfig(r=8, target_modules=["value"], rank_pattern={"alue": 2})
+        .for_module("bert.encoder.layer.1.attention.self.value")
+        .r
+        == 8
+    )

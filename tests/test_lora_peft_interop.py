@@ -137,3 +137,38 @@ def test_all_linear_leaves_the_output_head_alone():
     names = lora.find_targets(model, lora.LoraConfig(target_modules="all-linear"))
     assert "lm_head" not in names
     assert {n.rsplit(".", 1)[-1] for n in names} == {"c_attn", "c_proj", "c_fc"}
+
+
+def test_rank_and_alpha_patterns_match_peft_both_ways(tmp_path):
+    """Per-module r and lora_alpha (PEFT's rank_pattern / alpha_pattern): the same shapes and
+    scalings as PEFT gives, and adapters with them move both ways with the same logits."""
+    input_ids = torch.randint(0, 97, (3, 16), generator=torch.Generator().manual_seed(1))
+    settings = dict(
+        r=4, lora_alpha=8, target_modules=["c_attn", "c_fc"], init_lora_weights=False,
+        rank_pattern={"c_fc": 2, r"h\.1\.attn\.c_attn": 6}, alpha_pattern={"c_fc": 16},
+    )  # fmt: skip
+    ours = lora.inject(tiny_gpt2(), lora.LoraConfig(**settings))
+    peft_model = peft.get_peft_model(tiny_gpt2(), peft.LoraConfig(**settings)).eval()
+    shapes = {
+        name: (layer.r["default"], layer.scaling["default"])
+        for name, layer in lora.lora_layers(ours)
+    }
+    assert shapes == {
+        "transformer.h.0.attn.c_attn": (4, 2.0),
+        "transformer.h.1.attn.c_attn": (6, 8 / 6),
+        "transformer.h.0.mlp.c_fc": (2, 8.0),
+        "transformer.h.1.mlp.c_fc": (2, 8.0),
+    }
+    for name, (r, scaling) in shapes.items():
+        layer = peft_model.base_model.model.get_submodule(name)
+        assert (layer.r["default"], layer.scaling["default"]) == (r, scaling)
+
+    expected = logits(ours, {"input_ids": input_ids})
+    lora.save_adapter(ours, tmp_path / "ours")
+    theirs = peft.PeftModel.from_pretrained(tiny_gpt2(), tmp_path / "ours").eval()
+    assert (logits(theirs, {"input_ids": input_ids}) - expected).abs().max() <= 1e-5
+
+    expected = logits(peft_model, {"input_ids": input_ids})
+    peft_model.save_pretrained(tmp_path / "peft")
+    loaded = lora.load_adapter(tiny_gpt2(), tmp_path / "peft")
+    assert (logits(loaded, {"input_ids": input_ids}) - expected).abs().max() <= 1e-5

@@ -17,7 +17,7 @@ from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, PositiveInt, ValidationError, field_validator
 
 
 class ConfigError(ValueError):
@@ -108,6 +108,14 @@ class LoraSection(_Section):
     modules_to_save: list[str] | None = None
     bias: Literal["none", "all", "lora_only"] = "none"
     use_rslora: bool = False
+    rank_pattern: dict[str, PositiveInt] = Field(
+        default_factory=dict,
+        description="per-module r, e.g. {lm_head = 16}: a regex matched on the end of the "
+        "module's name, as in PEFT",
+    )
+    alpha_pattern: dict[str, float] = Field(
+        default_factory=dict, description="per-module lora_alpha, keyed like rank_pattern"
+    )
     init_lora_weights: bool | Literal["gaussian"] = True
 
     @field_validator("target_modules")
@@ -333,6 +341,9 @@ def _toml_value(value: Any) -> str:
         return json.dumps(value, ensure_ascii=False)  # a valid TOML basic string
     if isinstance(value, (list, tuple)):
         return "[" + ", ".join(_toml_value(v) for v in value) + "]"
+    if isinstance(value, dict):  # an inline table; quoted keys, since patterns hold dots
+        items = ", ".join(f"{_toml_value(str(k))} = {_toml_value(v)}" for k, v in value.items())
+        return "{" + items + "}"
     raise TypeError(f"cannot write {type(value).__name__} to TOML")
 
 

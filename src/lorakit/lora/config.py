@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -30,6 +31,9 @@ class LoraConfig:
     exclude_modules: same forms; never targeted.
     modules_to_save: modules trained in full and saved with the adapter (e.g. a new head).
     bias: "none", "all" (every bias trainable) or "lora_only" (biases of LoRA layers).
+    rank_pattern, alpha_pattern: per-module r and lora_alpha, e.g. {"lm_head": 16}: a key is a
+        regex that must match the end of the module's full name after a dot (PEFT's rule; the
+        first matching key wins); other modules take r and lora_alpha.
     init_lora_weights: True = Kaiming-uniform A and zero B, so training starts at the base
         model (section 4.1); "gaussian" = normal A with std 1/r; False = random B too (tests).
     fan_in_fan_out: the base stores weight as (in, out), as GPT-2's Conv1D does.
@@ -43,6 +47,8 @@ class LoraConfig:
     modules_to_save: list[str] | None = None
     bias: Literal["none", "all", "lora_only"] = "none"
     use_rslora: bool = False
+    rank_pattern: dict[str, int] = field(default_factory=dict)
+    alpha_pattern: dict[str, float] = field(default_factory=dict)
     init_lora_weights: bool | Literal["gaussian"] = True
     fan_in_fan_out: bool = False
     task_type: str | None = None
@@ -71,11 +77,38 @@ class LoraConfig:
             raise LoraError(
                 f"init_lora_weights must be True, False or 'gaussian', got {self.init_lora_weights!r}"
             )
+        self._check_patterns()
         if not self.target_modules:
             raise LoraError(
                 "target_modules is empty: name the modules to adapt, e.g. ['query', 'value'], "
                 "or 'all-linear' (`lorakit inspect MODEL` lists the names)"
             )
+
+    def _check_patterns(self) -> None:
+        for key, values, ok, example in (
+            ("rank_pattern", self.rank_pattern, _is_rank, '{"lm_head": 16}'),
+            ("alpha_pattern", self.alpha_pattern, _is_alpha, '{"lm_head": 32}'),
+        ):
+            if not isinstance(values, dict):
+                raise LoraError(f"{key} must be a dict of module pattern -> value, e.g. {example}")
+            for pattern, value in values.items():
+                try:
+                    re.compile(pattern)
+                except (re.error, TypeError):
+                    raise LoraError(f"{key}: {pattern!r} is not a regular expression") from None
+                if not ok(value):
+                    raise LoraError(f"{key}: {pattern!r} -> {value!r} is not valid; e.g. {example}")
+
+    def for_module(self, module_name: str) -> LoraConfig:
+        """This config with the r and lora_alpha that rank_pattern / alpha_pattern give
+        `module_name` (a full name such as "transformer.h.0.attn.c_attn")."""
+        r = self.rank_pattern.get(_pattern_key(self.rank_pattern, module_name), self.r)
+        alpha = self.alpha_pattern.get(
+            _pattern_key(self.alpha_pattern, module_name), self.lora_alpha
+        )
+        if (r, alpha) == (self.r, self.lora_alpha):
+            return self
+        return dataclasses.replace(self, r=r, lora_alpha=alpha)
 
     @property
     def scaling(self) -> float:
@@ -87,7 +120,7 @@ class LoraConfig:
             f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "extra"
         }
         data.update(peft_type="LORA", revision=None, layers_to_transform=None, layers_pattern=None)
-        data.update(rank_pattern={}, alpha_pattern={}, use_dora=False)
+        data.update(use_dora=False)
         return {**self.extra, **data}
 
     @classmethod
@@ -97,12 +130,27 @@ class LoraConfig:
             raise LoraError(f"only LoRA adapters are supported, this one is {data['peft_type']!r}")
         if data.get("use_dora"):
             raise LoraError("DoRA adapters (use_dora=true) are not supported by lorakit's engine")
-        for key in ("rank_pattern", "alpha_pattern"):
-            if data.get(key):
-                raise LoraError(
-                    f"{key} is not supported by lorakit's engine; load it with engine=peft"
-                )
         names = {f.name for f in dataclasses.fields(cls)} - {"extra"}
         known = {k: v for k, v in data.items() if k in names}
+        for key in ("rank_pattern", "alpha_pattern"):  # PEFT may write null
+            if known.get(key) is None:
+                known.pop(key, None)
         extra = {k: v for k, v in data.items() if k not in names}
         return cls(**known, extra=extra)
+
+
+def _pattern_key(patterns: dict, module_name: str) -> str | None:
+    """The first key of `patterns` that matches the end of `module_name` after a dot, as in
+    PEFT's `get_pattern_key`."""
+    for key in patterns:
+        if re.match(rf"(.*\.)?({key})$", module_name):
+            return key
+    return None
+
+
+def _is_rank(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value > 0
+
+
+def _is_alpha(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)

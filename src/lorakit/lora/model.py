@@ -139,10 +139,11 @@ def add_adapter(model: nn.Module, adapter_name: str, config: LoraConfig) -> nn.M
         raise LoraError(f"adapter names are non-empty strings without dots, got {adapter_name!r}")
     for name in find_targets(model, config):
         module = model.get_submodule(name)
+        module_config = config.for_module(name)  # its own r / lora_alpha, if a pattern says so
         if isinstance(module, LoraLayer):
-            module.update_layer(adapter_name, config)
+            module.update_layer(adapter_name, module_config)
         else:
-            _set_submodule(model, name, make_lora_layer(module, adapter_name, config))
+            _set_submodule(model, name, make_lora_layer(module, adapter_name, module_config))
     _add_modules_to_save(model, adapter_name, config)
     if not hasattr(model, CONFIGS_ATTR):
         # a plain attribute: invisible to state_dict and to the model's own save methods
