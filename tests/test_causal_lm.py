@@ -84,19 +84,23 @@ def test_padding_does_not_change_perplexity(saved_model, reviews):
 
 def test_choice_log_likelihood_is_the_direct_sum(saved_model, reviews):
     _, model, tokenizer = saved_model
-    prompt, choices = f"Review: {reviews[0]}\nVerdict:", (" fresh", " rotten")
-    scores = choice_log_likelihoods(model, tokenizer, [prompt, prompt + " no"], choices)
-    assert scores.shape == (2, 2)
+    # prompts of different lengths, the longest first: batched by length with left padding,
+    # each row must still score as if it were alone
+    prompts = [f"Review: {reviews[0]} {reviews[1]}\nVerdict:", f"Review: {reviews[2]}\nVerdict:"]
+    choices = (" fresh", " rotten", " so-so")
+    scores = choice_log_likelihoods(model, tokenizer, prompts, choices, batch_size=2)
+    assert scores.shape == (2, 3)
     eos = tokenizer.eos_token_id
-    p_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
-    for j, choice in enumerate(choices):
-        c_ids = tokenizer(choice, add_special_tokens=False)["input_ids"]
-        ids = torch.tensor([[eos, *p_ids, *c_ids]])
-        with torch.no_grad():
-            log_probs = model(ids).logits.log_softmax(-1)[0]
-        start = 1 + len(p_ids)
-        direct = sum(log_probs[start - 1 + k, t].item() for k, t in enumerate(c_ids))
-        assert scores[0, j].item() == pytest.approx(direct, abs=1e-4)
+    for i, prompt in enumerate(prompts):
+        p_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+        for j, choice in enumerate(choices):
+            c_ids = tokenizer(choice, add_special_tokens=False)["input_ids"]
+            ids = torch.tensor([[eos, *p_ids, *c_ids]])
+            with torch.no_grad():
+                log_probs = model(ids).logits.log_softmax(-1)[0]
+            start = 1 + len(p_ids)
+            direct = sum(log_probs[start - 1 + k, t].item() for k, t in enumerate(c_ids))
+            assert scores[i, j].item() == pytest.approx(direct, abs=1e-4)
 
 
 def test_generated_choice_is_the_greedy_next_token(saved_model, reviews):

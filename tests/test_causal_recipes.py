@@ -120,6 +120,9 @@ def test_instruct_verdicts_reports_verdict_accuracy(tiny_gpt2, tmp_path):
     assert 0 <= summary["test_verdict_accuracy"] <= 1
     assert 0 <= summary["base_test_verdict_accuracy"] <= 1
     assert summary["test_perplexity"] < summary["base_test_perplexity"]
+    evals = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").open()]
+    evals = [e for e in evals if e["event"] == "eval"]
+    assert evals and all(0 <= e["verdict_accuracy"] <= 1 for e in evals)
 
 
 def test_compare_adds_a_full_fine_tuning_row(lm_run):
@@ -141,6 +144,8 @@ def test_instruction_file_trains_on_its_own_columns(tiny_gpt2, tmp_path):
                  "causal.response_column=answer"]  # fmt: skip
     summary = lk.train("instruct-verdicts", out=tmp_path / "run", overrides=overrides)
     assert summary["mode"] == "instruction" and "test_verdict_accuracy" not in summary
+    metrics = (tmp_path / "run" / "metrics.jsonl").read_text()
+    assert '"split": "validation"' in metrics and "verdict_accuracy" not in metrics
     assert summary["test_perplexity"] < summary["base_test_perplexity"]
     bad = [f"model.name={tiny_gpt2}", f"data.path={path}"]  # the default columns are missing
     with pytest.raises(DataError, match="question"):

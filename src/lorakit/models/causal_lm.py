@@ -2,7 +2,8 @@
 
 `perplexity` is the exponential of the mean loss per target token. `verdict_accuracy` scores a
 closed set of answers ("fresh" / "rotten") two ways: by the answers' log-likelihood after the
-prompt (the default: one batched forward pass per answer, no sampling) or by greedy generation.
+prompt (the default: one batched forward pass per answer, no sampling, the output head run only
+at the answer's positions; `ChoiceScorer`) or by greedy generation.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from transformers import (
     PreTrainedTokenizerBase,
 )
 
-from lorakit.data.causal import instruction_dataset
+from lorakit.data.causal import _eos_id, _pad_id, _token_ids
 from lorakit.network import OfflineError, hub_reachable
 
 TINY_GPT2 = "tiny-gpt2"
@@ -121,7 +122,79 @@ def _max_length(model: PreTrainedModel) -> int:
     )
 
 
-@torch.no_grad()
+class ChoiceScorer:
+    """Scores a closed set of answers after each prompt: ``scorer(model)`` is
+    (len(prompts), len(choices)), log P(choice tokens | eos + prompt) summed over the tokens.
+
+    Tokenizes once, so the same scorer can rate a model many times (every evaluation of a
+    training run). Rows are `eos prompt choice`, left-padded so that every row's choice sits at
+    the end: only those last positions go through the output head, which at an 8k vocabulary is
+    as costly as the rest of a small model, and prompts are batched by length.
+    """
+
+    def __init__(
+        self,
+        tokenizer: PreTrainedTokenizerBase,
+        prompts: Sequence[str],
+        choices: Sequence[str],
+        max_length: int,
+        batch_size: int = 32,
+    ):
+        if not prompts or not choices:
+            raise ValueError("ChoiceScorer needs at least one prompt and one choice")
+        self.choice_ids = _token_ids(tokenizer, choices)
+        if any(not ids for ids in self.choice_ids):
+            raise ValueError(f"every choice must have at least one token, got {list(choices)!r}")
+        self.prompt_ids = _token_ids(tokenizer, prompts)
+        self.eos, self.pad = _eos_id(tokenizer), _pad_id(tokenizer)
+        self.max_length, self.batch_size = max_length, batch_size
+        self.order = sorted(range(len(prompts)), key=lambda i: len(self.prompt_ids[i]))
+
+    def _batch(self, rows: list[int], choice: list[int]) -> dict[str, torch.Tensor]:
+        # the prompt loses its start when too long, as in `instruction_dataset` (room for the
+        # choice and a closing eos)
+        room = max(self.max_length - len(choice) - 2, 0)
+        seqs = [[self.eos, *self.prompt_ids[i][-room:][:room], *choice] for i in rows]
+        width = max(len(seq) for seq in seqs)
+        input_ids = torch.full((len(seqs), width), self.pad, dtype=torch.long)
+        mask = torch.zeros((len(seqs), width), dtype=torch.long)
+        for row, seq in enumerate(seqs):
+            input_ids[row, width - len(seq) :] = torch.tensor(seq)
+            mask[row, width - len(seq) :] = 1
+        positions = (mask.cumsum(1) - 1).clamp(min=0)  # left padding: count from the first token
+        return {"input_ids": input_ids, "attention_mask": mask, "position_ids": positions}
+
+    @torch.no_grad()
+    def __call__(self, model: PreTrainedModel) -> torch.Tensor:
+        was_training = model.training
+        model.eval()
+        device = next(model.parameters()).device
+        scores = torch.zeros(len(self.prompt_ids), len(self.choice_ids), dtype=torch.float64)
+        try:
+            for start in range(0, len(self.order), self.batch_size):
+                rows = self.order[start : start + self.batch_size]
+                for j, choice in enumerate(self.choice_ids):
+                    batch = {k: v.to(device) for k, v in self._batch(rows, choice).items()}
+                    k = len(choice)
+                    # logits at the last k+1 positions; the first k of them predict the choice
+                    logits = _last_logits(model, batch, k + 1)[:, :k].float()
+                    targets = torch.tensor(choice, device=device).expand(len(rows), k)
+                    log_probs = logits.log_softmax(-1).gather(-1, targets.unsqueeze(-1))
+                    scores[rows, j] = log_probs.squeeze(-1).sum(1).double().cpu()
+        finally:
+            model.train(was_training)
+        return scores
+
+
+def _last_logits(model: PreTrainedModel, batch: dict, keep: int) -> torch.Tensor:
+    """The logits of the last `keep` positions; the output head runs on those alone where the
+    model takes `logits_to_keep` (transformers' causal LMs do)."""
+    try:
+        return model(**batch, logits_to_keep=keep).logits[:, -keep:]
+    except TypeError:  # a model without logits_to_keep: every position, then the last ones
+        return model(**batch).logits[:, -keep:]
+
+
 def choice_log_likelihoods(
     model: PreTrainedModel,
     tokenizer: PreTrainedTokenizerBase,
@@ -130,21 +203,7 @@ def choice_log_likelihoods(
     batch_size: int = 32,
 ) -> torch.Tensor:
     """(len(prompts), len(choices)): log P(choice tokens | eos + prompt), summed over tokens."""
-    was_training = model.training
-    model.eval()
-    columns = []
-    for choice in choices:
-        rows = instruction_dataset(tokenizer, prompts, [choice] * len(prompts), _max_length(model))
-        scores = []
-        for batch in _batches(rows, batch_size):
-            log_probs, counted = _token_log_probs(model, batch)
-            # the last counted position is the closing eos: score the choice's own tokens only
-            last = counted.long().cumsum(1).argmax(1)
-            log_probs[torch.arange(len(last)), last] = 0.0
-            scores.append(log_probs.sum(1).cpu())
-        columns.append(torch.cat(scores))
-    model.train(was_training)
-    return torch.stack(columns, dim=1)
+    return ChoiceScorer(tokenizer, prompts, choices, _max_length(model), batch_size)(model)
 
 
 @torch.no_grad()

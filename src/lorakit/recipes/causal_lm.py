@@ -28,12 +28,18 @@ from lorakit import lora
 from lorakit.config import CausalConfig, Config, ConfigError
 from lorakit.data import dataset_fingerprint, load_dataset, split_of
 from lorakit.data.causal import (
+    VERDICT_CHOICES,
     instruction_dataset,
     load_instruction_file,
     pack_texts,
     rotten_tomatoes_verdicts,
 )
-from lorakit.models.causal_lm import load_causal_lm, perplexity, verdict_accuracy
+from lorakit.models.causal_lm import (
+    ChoiceScorer,
+    load_causal_lm,
+    perplexity,
+    verdict_accuracy,
+)
 from lorakit.models.transformer import weights_bytes
 from lorakit.recipes import run_summary, write_reports
 from lorakit.rundir import RunDir
@@ -108,7 +114,10 @@ def build_data(config: Config, tokenizer, max_positions: int) -> dict[str, Any]:
         )
         dsd["train"] = _limit_train(dsd["train"], config)
         splits = {s: pack_texts(tokenizer, dsd[s]["text"], causal.block_size) for s in SPLITS}
-        return {"splits": splits, "test_pairs": None, "fingerprint": dataset_fingerprint(dsd)}
+        return {
+            "splits": splits, "val_pairs": None, "test_pairs": None,
+            "fingerprint": dataset_fingerprint(dsd),
+        }  # fmt: skip
     pairs = _instruction_pairs(config)
     pairs["train"] = _limit_train(pairs["train"], config)
     max_length = min(config.data.max_length, max_positions)
@@ -116,7 +125,10 @@ def build_data(config: Config, tokenizer, max_positions: int) -> dict[str, Any]:
         s: instruction_dataset(tokenizer, pairs[s]["prompt"], pairs[s]["response"], max_length)
         for s in SPLITS
     }
-    return {"splits": splits, "test_pairs": pairs["test"], "fingerprint": _pairs_fingerprint(pairs)}
+    return {
+        "splits": splits, "val_pairs": pairs["validation"], "test_pairs": pairs["test"],
+        "fingerprint": _pairs_fingerprint(pairs),
+    }  # fmt: skip
 
 
 def _pairs_fingerprint(pairs: datasets.DatasetDict) -> str:
@@ -157,6 +169,25 @@ def evaluate_causal(model, loader, accelerator=None) -> dict[str, float]:
         raise ValueError("evaluation split has no target tokens")
     loss = float(nll[0] / nll[1])
     return {"loss": loss, "perplexity": math.exp(loss)}
+
+
+def validation_figures(data: dict[str, Any], tokenizer, max_length: int, batch_size: int):
+    """The loop's evaluation: loss and perplexity, and for verdict data the verdict accuracy
+    on the validation prompts as well (scored the way the test split is), so the run's curves
+    show the task itself. Selection stays on validation perplexity."""
+    pairs = data["val_pairs"]
+    if pairs is None or "choice" not in pairs.column_names:
+        return evaluate_causal
+    scorer = ChoiceScorer(tokenizer, pairs["prompt"], VERDICT_CHOICES, max_length, batch_size)
+    truth = torch.tensor(pairs["choice"])
+
+    def evaluate(model, loader, accelerator=None) -> dict[str, float]:
+        figures = evaluate_causal(model, loader, accelerator)
+        predicted = scorer(model).argmax(1)
+        figures["verdict_accuracy"] = float((predicted == truth).double().mean())
+        return figures
+
+    return evaluate
 
 
 def _verdicts(model, tokenizer, pairs: datasets.Dataset | None, batch_size: int) -> float | None:
@@ -215,7 +246,8 @@ def run(config: Config, run_dir: RunDir, resume: Path | None = None) -> dict[str
     result = train_loop(
         model, loaders["train"], loaders["validation"], config.train, run_dir=run_dir,
         save_best=best, seed=config.seed, metric="perplexity", desc=config.recipe,
-        checkpoint_dir=run_dir / "checkpoints", resume=resume, evaluate_fn=evaluate_causal,
+        checkpoint_dir=run_dir / "checkpoints", resume=resume,
+        evaluate_fn=validation_figures(data, tokenizer, _positions(model), eval_bs),
     )  # fmt: skip
     best.restore(model)
     model.eval()
