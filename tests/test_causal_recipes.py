@@ -15,6 +15,7 @@ from lorakit.generate import generate
 from lorakit.merge import merge
 from lorakit.models.causal_lm import load_causal_lm
 from lorakit.models.tiny_gpt2 import tiny_gpt2_config, train_bpe_tokenizer
+from lorakit.report.plots import curves_from_events, metric_name
 
 PROMPT = "The film is"
 
@@ -120,9 +121,14 @@ def test_instruct_verdicts_reports_verdict_accuracy(tiny_gpt2, tmp_path):
     assert 0 <= summary["test_verdict_accuracy"] <= 1
     assert 0 <= summary["base_test_verdict_accuracy"] <= 1
     assert summary["test_perplexity"] < summary["base_test_perplexity"]
-    evals = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").open()]
-    evals = [e for e in evals if e["event"] == "eval"]
+    events = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").open()]
+    evals = [e for e in events if e["event"] == "eval"]
     assert evals and all(0 <= e["verdict_accuracy"] <= 1 for e in evals)
+    # the run's plot shows the task: validation verdict accuracy, and the test figure
+    curves = curves_from_events(events, metric_name(events, summary))
+    assert curves.metric == "verdict_accuracy"
+    assert [y for _, y in curves.validation_metric] == [e["verdict_accuracy"] for e in evals]
+    assert curves.test_metric == summary["test_verdict_accuracy"]
 
 
 def test_compare_adds_a_full_fine_tuning_row(lm_run):

@@ -46,7 +46,7 @@ class Curves:
     """The series drawn in `loss_accuracy.png`, on one x axis (epochs or steps)."""
 
     x_label: str
-    metric: str  # "accuracy" or "perplexity"
+    metric: str  # "accuracy", "perplexity" or "verdict_accuracy"
     train: list[tuple[float, float]] = field(default_factory=list)
     validation: list[tuple[float, float]] = field(default_factory=list)
     validation_metric: list[tuple[float, float]] = field(default_factory=list)
@@ -54,7 +54,10 @@ class Curves:
 
 
 def metric_name(events: list[dict[str, Any]], summary: dict[str, Any] | None) -> str:
-    """ "perplexity" for a causal-LM run, else "accuracy"."""
+    """ "verdict_accuracy" for an instruction run that scores verdicts, "perplexity" for another
+    causal-LM run, else "accuracy"."""
+    if any("verdict_accuracy" in e or "val_verdict_accuracy" in e for e in events):
+        return "verdict_accuracy"
     if summary and summary.get("task") == "causal-lm":
         return "perplexity"
     if any("perplexity" in e or "val_perplexity" in e for e in events):
@@ -139,8 +142,8 @@ def plot_loss_accuracy(run_dir: str | os.PathLike[str]) -> Path:
         metric_axes.legend(frameon=False)
     else:
         _draw_nothing_yet(metric_axes, "no evaluation logged yet")
-    metric_axes.set_title(f"Validation {curves.metric}")
-    metric_axes.set_ylabel(curves.metric)
+    metric_axes.set_title(f"Validation {curves.metric.replace('_', ' ')}")
+    metric_axes.set_ylabel(curves.metric.replace("_", " "))
 
     for axes in (loss_axes, metric_axes):
         axes.set_xlabel(curves.x_label)
