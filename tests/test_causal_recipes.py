@@ -131,6 +131,23 @@ def test_instruct_verdicts_reports_verdict_accuracy(tiny_gpt2, tmp_path):
     assert curves.test_metric == summary["test_verdict_accuracy"]
 
 
+def test_select_by_verdict_accuracy_keeps_the_most_accurate_adapter(tiny_gpt2, tmp_path):
+    overrides = [f"model.name={tiny_gpt2}", "data.max_train_samples=200", "data.max_length=48",
+                 "train.epochs=2", "train.eval_every=5", "causal.select_by=verdict_accuracy"]  # fmt: skip
+    summary = lk.train("instruct-verdicts", out=tmp_path / "run", overrides=overrides)
+    events = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").open()]
+    evals = [e for e in events if e["event"] == "eval"]
+    best = max(evals, key=lambda e: e["verdict_accuracy"])  # the first of equals, as the loop
+    # here the two figures pick different steps, so the test tells the criteria apart
+    assert min(evals, key=lambda e: e["perplexity"])["step"] != best["step"]
+    assert summary["best_step"] == best["step"]
+    assert summary["best_validation"]["verdict_accuracy"] == best["verdict_accuracy"]
+    with pytest.raises(ConfigError, match="select_by"):
+        lk.train("causal-lm", out=tmp_path / "lm", overrides=[
+            f"model.name={tiny_gpt2}", "causal.select_by=verdict_accuracy",
+        ])  # fmt: skip
+
+
 def test_compare_adds_a_full_fine_tuning_row(lm_run):
     summary, out = lm_run
     rows = json.loads((out / "comparison.json").read_text())

@@ -95,6 +95,11 @@ class CausalConfig(_Section):
     full_lr: float | None = Field(
         None, gt=0, description="compare = true: full fine-tuning's lr; default train.lr / 10"
     )
+    select_by: Literal["perplexity", "verdict_accuracy"] = Field(
+        "perplexity",
+        description="the validation figure that picks the adapter kept; 'verdict_accuracy' "
+        "needs verdict data (the built-in rotten-tomatoes verdicts)",
+    )
 
 
 class LoraSection(_Section):

@@ -174,7 +174,7 @@ def evaluate_causal(model, loader, accelerator=None) -> dict[str, float]:
 def validation_figures(data: dict[str, Any], tokenizer, max_length: int, batch_size: int):
     """The loop's evaluation: loss and perplexity, and for verdict data the verdict accuracy
     on the validation prompts as well (scored the way the test split is), so the run's curves
-    show the task itself. Selection stays on validation perplexity."""
+    show the task itself; `causal.select_by` picks which of them keeps the best adapter."""
     pairs = data["val_pairs"]
     if pairs is None or "choice" not in pairs.column_names:
         return evaluate_causal
@@ -231,6 +231,13 @@ def run(config: Config, run_dir: RunDir, resume: Path | None = None) -> dict[str
     resolved = model.name_or_path  # the folder the weights came from
     data = build_data(config, tokenizer, _positions(model))
     splits = data["splits"]
+    scores_verdicts = data["val_pairs"] is not None and "choice" in data["val_pairs"].column_names
+    if causal.select_by == "verdict_accuracy" and not scores_verdicts:
+        raise ConfigError(
+            "causal.select_by: 'verdict_accuracy' needs verdict data (causal.mode = "
+            "'instruction' on the built-in rotten-tomatoes verdicts); set causal.select_by = "
+            "'perplexity'"
+        )
     run_dir.start_environment(config.seed, data["fingerprint"])
     eval_bs = config.train.eval_batch_size
     base_ppl = perplexity(model, splits["test"], eval_bs)
@@ -245,7 +252,7 @@ def run(config: Config, run_dir: RunDir, resume: Path | None = None) -> dict[str
     best = BestWeights()
     result = train_loop(
         model, loaders["train"], loaders["validation"], config.train, run_dir=run_dir,
-        save_best=best, seed=config.seed, metric="perplexity", desc=config.recipe,
+        save_best=best, seed=config.seed, metric=causal.select_by, desc=config.recipe,
         checkpoint_dir=run_dir / "checkpoints", resume=resume,
         evaluate_fn=validation_figures(data, tokenizer, _positions(model), eval_bs),
     )  # fmt: skip
