@@ -131,6 +131,21 @@ def test_instruct_verdicts_reports_verdict_accuracy(tiny_gpt2, tmp_path):
     assert curves.test_metric == summary["test_verdict_accuracy"]
 
 
+def test_a_run_repeats_itself_with_its_seed(tiny_gpt2, tmp_path):
+    """Same seed, same run: LoRA's random A matrices are drawn from the run's seed."""
+    overrides = [f"model.name={tiny_gpt2}", "data.max_train_samples=64", "data.max_length=48",
+                 "train.max_steps=4", "train.log_every=1"]  # fmt: skip
+
+    def train_losses(out):
+        lk.train("instruct-verdicts", out=out, overrides=overrides)
+        events = [json.loads(line) for line in (out / "metrics.jsonl").open()]
+        return [e["loss"] for e in events if e["event"] == "train"]
+
+    first = train_losses(tmp_path / "a")
+    torch.manual_seed(12345)  # whatever the global generator holds, the run must not care
+    assert len(first) == 4 and train_losses(tmp_path / "b") == first
+
+
 def test_select_by_verdict_accuracy_keeps_the_most_accurate_adapter(tiny_gpt2, tmp_path):
     overrides = [f"model.name={tiny_gpt2}", "data.max_train_samples=200", "data.max_length=48",
                  "train.epochs=2", "train.eval_every=5", "causal.select_by=verdict_accuracy"]  # fmt: skip

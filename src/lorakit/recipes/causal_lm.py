@@ -244,6 +244,7 @@ def run(config: Config, run_dir: RunDir, resume: Path | None = None) -> dict[str
     base_verdicts = _verdicts(model, tokenizer, data["test_pairs"], eval_bs)
     print(f"{config.recipe}: base model {resolved}: test perplexity {base_ppl:.2f}", flush=True)
 
+    torch.manual_seed(config.seed)  # LoRA's A matrices start random: from the run's seed
     model = engines.apply_lora(model, config.lora, base_name=resolved, task_type="CAUSAL_LM")
     trainable, total = engines.parameter_counts(model)
     print(f"{config.recipe}: LoRA ({config.lora.engine}): {trainable:,} of {total:,} parameters "
