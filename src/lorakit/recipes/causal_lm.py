@@ -171,12 +171,17 @@ def evaluate_causal(model, loader, accelerator=None) -> dict[str, float]:
     return {"loss": loss, "perplexity": math.exp(loss)}
 
 
+def _has_verdicts(pairs: datasets.Dataset | None) -> bool:
+    """Whether prompt/response pairs are verdicts (a `choice` column) that can be scored."""
+    return pairs is not None and "choice" in pairs.column_names
+
+
 def validation_figures(data: dict[str, Any], tokenizer, max_length: int, batch_size: int):
     """The loop's evaluation: loss and perplexity, and for verdict data the verdict accuracy
     on the validation prompts as well (scored the way the test split is), so the run's curves
     show the task itself; `causal.select_by` picks which of them keeps the best adapter."""
     pairs = data["val_pairs"]
-    if pairs is None or "choice" not in pairs.column_names:
+    if not _has_verdicts(pairs):
         return evaluate_causal
     scorer = ChoiceScorer(tokenizer, pairs["prompt"], VERDICT_CHOICES, max_length, batch_size)
     truth = torch.tensor(pairs["choice"])
@@ -192,7 +197,7 @@ def validation_figures(data: dict[str, Any], tokenizer, max_length: int, batch_s
 
 def _verdicts(model, tokenizer, pairs: datasets.Dataset | None, batch_size: int) -> float | None:
     """Verdict accuracy (log-likelihood of " fresh" vs " rotten"); None without verdict data."""
-    if pairs is None or "choice" not in pairs.column_names:
+    if not _has_verdicts(pairs):
         return None
     return verdict_accuracy(
         model, tokenizer, pairs["prompt"], pairs["choice"], batch_size=batch_size
@@ -231,8 +236,7 @@ def run(config: Config, run_dir: RunDir, resume: Path | None = None) -> dict[str
     resolved = model.name_or_path  # the folder the weights came from
     data = build_data(config, tokenizer, _positions(model))
     splits = data["splits"]
-    scores_verdicts = data["val_pairs"] is not None and "choice" in data["val_pairs"].column_names
-    if causal.select_by == "verdict_accuracy" and not scores_verdicts:
+    if causal.select_by == "verdict_accuracy" and not _has_verdicts(data["val_pairs"]):
         raise ConfigError(
             "causal.select_by: 'verdict_accuracy' needs verdict data (causal.mode = "
             "'instruction' on the built-in rotten-tomatoes verdicts); set causal.select_by = "
@@ -365,7 +369,7 @@ def comparison_rows(config: Config, splits, summary, test_pairs, tokenizer) -> l
             "test_perplexity": ppl,
             "vs_base": ppl / summary["base_test_perplexity"],
         }
-        if test_pairs is not None and "choice" in test_pairs.column_names:
+        if _has_verdicts(test_pairs):
             figures["test_verdict_accuracy"] = verdicts
         figures["train_seconds"] = seconds
         return figures
