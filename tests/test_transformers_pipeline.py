@@ -121,24 +121,35 @@ def test_minilm_learns_topics_in_a_few_steps(tmp_path):
     assert summary["reload_lorakit_identical"] and summary["reload_peft_identical"]
 
 
-def test_hf_trainer_under_bf16_leaves_an_fp32_model(tmp_path, tiny_bert_dir, stars_csv):
-    """accelerate wraps forward in autocast for bf16; after training the model computes in fp32
-    again, so the recorded test accuracy is what a reload computes."""
+def hf_setup(stars_csv, tiny_bert_dir, overrides):
+    """(config, model with LoRA, loaders) of `sentiment` on the stars CSV under the HF Trainer."""
     from lorakit.data.tokenize import classification_loaders, tokenize_splits
-    from lorakit.train.hf_trainer import train_with_hf_trainer
 
     config = load_config(recipe_path("sentiment"), [
         f"data.path={stars_csv}", "data.text_column=review", "data.label_column=stars",
-        f"model.name={tiny_bert_dir}", "train.trainer=hf", "train.bf16=true", "train.max_steps=3",
+        f"model.name={tiny_bert_dir}", "train.trainer=hf", "train.max_steps=3", *overrides,
     ])  # fmt: skip
     dsd = pipeline.load_task_data(config)
     model, tokenizer, _ = pipeline.build_model(config, dsd["train"].features["label"].names)
     loaders = classification_loaders(tokenize_splits(dsd, tokenizer, 64), tokenizer, 16, 16, 0)
+    return config, model, loaders
+
+
+def train_hf(config, model, loaders, tmp_path):
+    from lorakit.train.hf_trainer import train_with_hf_trainer
+
     train_with_hf_trainer(
         model, loaders["train"].dataset, loaders["validation"].dataset,
         loaders["train"].collate_fn, config.train, run_dir=None, save_best=None, seed=0,
         output_dir=str(tmp_path / "hf"),
     )  # fmt: skip
+
+
+def test_hf_trainer_under_bf16_leaves_an_fp32_model(tmp_path, tiny_bert_dir, stars_csv):
+    """accelerate wraps forward in autocast for bf16; after training the model computes in fp32
+    again, so the recorded test accuracy is what a reload computes."""
+    config, model, loaders = hf_setup(stars_csv, tiny_bert_dir, ["train.bf16=true"])
+    train_hf(config, model, loaders, tmp_path)
     batch = next(iter(loaders["test"]))
     model.eval()
     with torch.no_grad():
@@ -149,25 +160,14 @@ def test_hf_trainer_under_bf16_leaves_an_fp32_model(tmp_path, tiny_bert_dir, sta
 
 def test_hf_trainer_takes_the_lora_plus_groups(tmp_path, tiny_bert_dir, stars_csv):
     """train.lora_plus_ratio reaches the Trainer: with A's lr vanishing, only B moves."""
-    from lorakit.data.tokenize import classification_loaders, tokenize_splits
     from lorakit.lora import lora_layers
-    from lorakit.train.hf_trainer import train_with_hf_trainer
 
-    config = load_config(recipe_path("sentiment"), [
-        f"data.path={stars_csv}", "data.text_column=review", "data.label_column=stars",
-        f"model.name={tiny_bert_dir}", "train.trainer=hf", "train.max_steps=3", "train.bf16=false",
-        "train.lr=1e-10", "train.lora_plus_ratio=1e8", "train.warmup_ratio=0",
+    config, model, loaders = hf_setup(stars_csv, tiny_bert_dir, [
+        "train.bf16=false", "train.lr=1e-10", "train.lora_plus_ratio=1e8", "train.warmup_ratio=0",
     ])  # fmt: skip
-    dsd = pipeline.load_task_data(config)
-    model, tokenizer, _ = pipeline.build_model(config, dsd["train"].features["label"].names)
     layer = next(layer for _, layer in lora_layers(model))
     A, B = layer.lora_A["default"].weight, layer.lora_B["default"].weight
     a_before, b_before = A.detach().clone(), B.detach().clone()
-    loaders = classification_loaders(tokenize_splits(dsd, tokenizer, 64), tokenizer, 16, 16, 0)
-    train_with_hf_trainer(
-        model, loaders["train"].dataset, loaders["validation"].dataset,
-        loaders["train"].collate_fn, config.train, run_dir=None, save_best=None, seed=0,
-        output_dir=str(tmp_path / "hf"),
-    )  # fmt: skip
+    train_hf(config, model, loaders, tmp_path)
     assert (A - a_before).abs().max() < 1e-6
     assert (B - b_before).abs().max() > 1e-4
