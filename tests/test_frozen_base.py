@@ -75,3 +75,29 @@ def test_bf16_frozen_base_restores_after_an_error(tiny_bert_dir):
     with pytest.raises(RuntimeError, match="stop"), bf16_frozen_base(model):
         raise RuntimeError("stop")
     assert torch.equal(model.bert.embeddings.word_embeddings.weight, weight)
+
+
+@pytest.mark.parametrize("engine", ["lorakit", "peft"])
+def test_bf16_frozen_base_keeps_modules_with_a_trainable_bias_in_fp32(tiny_bert_dir, engine):
+    # bias="all" trains a LayerNorm's bias beside its frozen weight; LayerNorm is outside bf16
+    # autocast, so a bf16 weight beside an fp32 bias used to stop the forward inside torch
+    torch.manual_seed(0)
+    model = AutoModelForSequenceClassification.from_pretrained(tiny_bert_dir, num_labels=2)
+    options = dict(r=4, lora_alpha=8, target_modules=["query", "value"], bias="all")
+    if engine == "peft":
+        model = peft.get_peft_model(model, peft.LoraConfig(**options, task_type="SEQ_CLS"))
+    else:
+        model = lora.inject(model, lora.LoraConfig(**options))
+    norm = next(m for m in model.modules() if isinstance(m, nn.LayerNorm))
+    assert norm.bias.requires_grad and not norm.weight.requires_grad
+    batch = {"input_ids": torch.tensor([[101, 2023, 2003, 1037, 3231, 102]] * 2),
+             "labels": torch.tensor([0, 1])}  # fmt: skip
+    with bf16_frozen_base(model):
+        assert norm.weight.dtype == torch.float32
+        frozen_alone = model.base_model.model if engine == "peft" else model
+        embeddings = frozen_alone.bert.embeddings.word_embeddings.weight
+        assert embeddings.dtype == torch.bfloat16  # a module with nothing trainable still is
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss = model(**batch).loss
+        loss.backward()
+    assert norm.bias.grad is not None and norm.bias.grad.abs().sum() > 0

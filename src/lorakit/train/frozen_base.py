@@ -8,11 +8,11 @@ frozen weight on every forward. So the fast path is about the base:
 - ``set_model_dropout``: the frozen model's own dropout probability (hidden, attention, head),
   LoRA's ``lora_dropout`` left alone. Dropout 0 also lets attention skip its mask.
 - ``bf16_frozen_base``: for the length of a bf16 training run, the frozen floating-point weights
-  are held in bf16 (cast once, not on every forward) and attention runs the eager kernel (plain
-  batched matmuls, which use the CPU's bf16 matrix units; PyTorch's fused CPU attention backward
-  is several times slower in bf16). On exit the exact fp32 weights and the original attention
-  kernel come back, so the final evaluation, the saved adapter and its base fingerprint are
-  those of the untouched base.
+  (of modules with nothing trainable) are held in bf16 (cast once, not on every forward) and
+  attention runs the eager kernel (plain batched matmuls, which use the CPU's bf16 matrix units;
+  PyTorch's fused CPU attention backward is several times slower in bf16). On exit the exact
+  fp32 weights and the original attention kernel come back, so the final evaluation, the saved
+  adapter and its base fingerprint are those of the untouched base.
 """
 
 from __future__ import annotations
@@ -48,8 +48,8 @@ def bf16_frozen_base(model: nn.Module) -> Iterator[None]:
     """Frozen fp32 weights held in bf16 and eager attention while inside; exactly restored after.
     Use it under bf16 autocast (the trainable weights stay fp32 for the optimizer)."""
     originals: dict[nn.Parameter, torch.Tensor] = {}
-    for param in model.parameters():
-        if not param.requires_grad and param.dtype == torch.float32:
+    for param in _frozen_alone(model):
+        if param.dtype == torch.float32:
             originals[param] = param.data
             param.data = param.data.to(torch.bfloat16)
     kernels = {m: m.config._attn_implementation for m in _pretrained_models(model)}
@@ -63,6 +63,21 @@ def bf16_frozen_base(model: nn.Module) -> Iterator[None]:
         for module, kernel in kernels.items():
             if kernel is not None:
                 module.set_attn_implementation(kernel)
+
+
+def _frozen_alone(model: nn.Module) -> list[nn.Parameter]:
+    """Frozen parameters whose own module has nothing trainable. A module that mixes the two
+    (a LayerNorm whose bias trains under ``bias="all"``) keeps fp32: ops outside bf16 autocast,
+    such as layer_norm, refuse a bf16 weight beside an fp32 bias."""
+    frozen: dict[nn.Parameter, None] = {}  # ordered, and a tied weight counted once
+    mixed: set[nn.Parameter] = set()
+    for module in model.modules():
+        own = list(module.parameters(recurse=False))
+        if any(p.requires_grad for p in own):
+            mixed.update(own)
+        else:
+            frozen.update(dict.fromkeys(own))
+    return [p for p in frozen if p not in mixed]
 
 
 def _pretrained_models(model: nn.Module) -> list[nn.Module]:
