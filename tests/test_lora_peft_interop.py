@@ -172,3 +172,15 @@ def test_rank_and_alpha_patterns_match_peft_both_ways(tmp_path):
     peft_model.save_pretrained(tmp_path / "peft")
     loaded = lora.load_adapter(tiny_gpt2(), tmp_path / "peft")
     assert (logits(loaded, {"input_ids": input_ids}) - expected).abs().max() <= 1e-5
+
+
+def test_peft_adapter_on_the_tied_lm_head_loads_in_lorakit(tmp_path):
+    """PEFT saves a targeted lm_head's full weight beside the adapter; GPT-2 ties that weight
+    to the token embedding."""
+    input_ids = torch.randint(0, 97, (3, 16), generator=torch.Generator().manual_seed(1))
+    config = peft.LoraConfig(r=4, target_modules=["c_attn", "lm_head"], init_lora_weights=False)
+    peft_model = peft.get_peft_model(tiny_gpt2(), config).eval()
+    expected = logits(peft_model, {"input_ids": input_ids})
+    peft_model.save_pretrained(tmp_path / "peft")  # with lm_head.base_layer.weight
+    loaded = lora.load_adapter(tiny_gpt2(), tmp_path / "peft")
+    assert (logits(loaded, {"input_ids": input_ids}) - expected).abs().max() <= 1e-5

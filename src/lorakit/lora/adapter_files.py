@@ -245,8 +245,9 @@ def _check_and_copy(model, adapter_name, directory, expected, tensors, extra_bas
             f"adapter {directory} lacks {len(missing)} tensor(s) this model needs, first: "
             f"{missing[0]}; it was made for another model or other target_modules"
         )
-    # PEFT may store full tensors of targeted embedding layers beside the adapter.
-    model_params = dict(model.named_parameters())
+    # PEFT may store full tensors of targeted embedding layers beside the adapter; a tied
+    # lm_head's weight is listed under its own name only with remove_duplicate=False.
+    model_params = dict(model.named_parameters(remove_duplicate=False))
     unknown = []
     for key in extra_base:
         name = key.removeprefix(PREFIX)
