@@ -184,3 +184,25 @@ def test_peft_adapter_on_the_tied_lm_head_loads_in_lorakit(tmp_path):
     peft_model.save_pretrained(tmp_path / "peft")  # with lm_head.base_layer.weight
     loaded = lora.load_adapter(tiny_gpt2(), tmp_path / "peft")
     assert (logits(loaded, {"input_ids": input_ids}) - expected).abs().max() <= 1e-5
+
+
+def test_peft_adapter_with_bias_all_and_a_saved_head_loads_in_lorakit(
+    tmp_path, tiny_bert_dir, review_texts
+):
+    """PEFT's bias="all" file also names the head's biases inside its wrapper
+    (classifier.modules_to_save.bias, classifier.original_module.bias)."""
+    batch = AutoTokenizer.from_pretrained(tiny_bert_dir)(
+        review_texts, padding=True, truncation=True, max_length=64, return_tensors="pt"
+    )
+    config = peft.LoraConfig(
+        r=4, target_modules=["query", "value"], modules_to_save=["classifier"], bias="all"
+    )
+    peft_model = peft.get_peft_model(fresh_classifier(tiny_bert_dir), config).eval()
+    with torch.no_grad():
+        for name, param in peft_model.named_parameters():
+            if name.endswith("bias") and param.requires_grad:
+                param.add_(0.1)  # as if trained
+    expected = logits(peft_model, batch)
+    peft_model.save_pretrained(tmp_path / "peft")
+    loaded = lora.load_adapter(fresh_classifier(tiny_bert_dir), tmp_path / "peft")
+    assert (logits(loaded, batch) - expected).abs().max() <= 1e-5

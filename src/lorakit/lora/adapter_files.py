@@ -251,6 +251,8 @@ def _check_and_copy(model, adapter_name, directory, expected, tensors, extra_bas
     unknown = []
     for key in extra_base:
         name = key.removeprefix(PREFIX)
+        # PEFT's bias="all" also writes a modules_to_save copy's bias, without the adapter's name
+        name = name.replace(".modules_to_save.", f".modules_to_save.{adapter_name}.")
         name = name if name in model_params else name.replace(".weight", ".base_layer.weight")
         if name not in model_params:
             unknown.append(key)
