@@ -52,7 +52,9 @@ def test_bf16_frozen_base_inside_and_exact_restore_after(tiny_bert_dir, engine):
              "labels": torch.tensor([0, 1])}  # fmt: skip
     with bf16_frozen_base(model):
         dtypes = {n: p.dtype for n, p in model.named_parameters()}
-        assert {dtypes[n] for n in frozen} == {torch.bfloat16}
+        norms = {n for n in frozen if "LayerNorm" in n}  # fp32: they take either input dtype
+        assert {dtypes[n] for n in frozen - norms} == {torch.bfloat16}
+        assert norms and {dtypes[n] for n in norms} == {torch.float32}
         assert {dtypes[n] for n in trainable} == {torch.float32}  # the optimizer's weights
         assert model.config._attn_implementation == "eager"
         model.train()
@@ -101,3 +103,24 @@ def test_bf16_frozen_base_keeps_modules_with_a_trainable_bias_in_fp32(tiny_bert_
             loss = model(**batch).loss
         loss.backward()
     assert norm.bias.grad is not None and norm.bias.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("engine", ["lorakit", "peft"])
+def test_bf16_frozen_base_takes_fp32_hidden_states_from_a_trainable_embedding(
+    tiny_bert_dir, engine
+):
+    # modules_to_save = ["word_embeddings"] trains a copy of the embedding in fp32, and an
+    # embedding is outside bf16 autocast: its fp32 output met the next LayerNorm's weights
+    torch.manual_seed(0)
+    model = AutoModelForSequenceClassification.from_pretrained(tiny_bert_dir, num_labels=2)
+    options = dict(r=4, target_modules=["query"], modules_to_save=["word_embeddings"])
+    if engine == "peft":
+        model = peft.get_peft_model(model, peft.LoraConfig(**options, task_type="SEQ_CLS"))
+    else:
+        model = lora.inject(model, lora.LoraConfig(**options))
+    batch = {"input_ids": torch.tensor([[101, 2023, 2003, 1037, 3231, 102]] * 2),
+             "labels": torch.tensor([0, 1])}  # fmt: skip
+    with bf16_frozen_base(model), torch.autocast("cpu", dtype=torch.bfloat16):
+        model(**batch).loss.backward()
+    copy = next(p for n, p in model.named_parameters() if "modules_to_save" in n)
+    assert copy.grad is not None and copy.grad.abs().sum() > 0

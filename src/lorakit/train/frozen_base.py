@@ -8,11 +8,11 @@ frozen weight on every forward. So the fast path is about the base:
 - ``set_model_dropout``: the frozen model's own dropout probability (hidden, attention, head),
   LoRA's ``lora_dropout`` left alone. Dropout 0 also lets attention skip its mask.
 - ``bf16_frozen_base``: for the length of a bf16 training run, the frozen floating-point weights
-  (of modules with nothing trainable) are held in bf16 (cast once, not on every forward) and
-  attention runs the eager kernel (plain batched matmuls, which use the CPU's bf16 matrix units;
-  PyTorch's fused CPU attention backward is several times slower in bf16). On exit the exact
-  fp32 weights and the original attention kernel come back, so the final evaluation, the saved
-  adapter and its base fingerprint are those of the untouched base.
+  (of modules with nothing trainable, normalization layers aside) are held in bf16 (cast once,
+  not on every forward) and attention runs the eager kernel (plain batched matmuls, which use
+  the CPU's bf16 matrix units; PyTorch's fused CPU attention backward is several times slower
+  in bf16). On exit the exact fp32 weights and the original attention kernel come back, so the
+  final evaluation, the saved adapter and its base fingerprint are those of the untouched base.
 """
 
 from __future__ import annotations
@@ -68,16 +68,18 @@ def bf16_frozen_base(model: nn.Module) -> Iterator[None]:
 def _frozen_alone(model: nn.Module) -> list[nn.Parameter]:
     """Frozen parameters whose own module has nothing trainable. A module that mixes the two
     (a LayerNorm whose bias trains under ``bias="all"``) keeps fp32: ops outside bf16 autocast,
-    such as layer_norm, refuse a bf16 weight beside an fp32 bias."""
+    such as layer_norm, refuse a bf16 weight beside an fp32 bias. Normalization layers keep fp32
+    too: layer_norm refuses bf16 weights for an fp32 input, which a trainable embedding
+    (``modules_to_save = ["wte"]``) gives; with fp32 weights it takes either, and they are tiny."""
     frozen: dict[nn.Parameter, None] = {}  # ordered, and a tied weight counted once
-    mixed: set[nn.Parameter] = set()
+    kept: set[nn.Parameter] = set()  # fp32
     for module in model.modules():
         own = list(module.parameters(recurse=False))
-        if any(p.requires_grad for p in own):
-            mixed.update(own)
+        if any(p.requires_grad for p in own) or isinstance(module, (nn.LayerNorm, nn.GroupNorm)):
+            kept.update(own)
         else:
             frozen.update(dict.fromkeys(own))
-    return [p for p in frozen if p not in mixed]
+    return [p for p in frozen if p not in kept]
 
 
 def _pretrained_models(model: nn.Module) -> list[nn.Module]:
