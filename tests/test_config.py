@@ -61,6 +61,12 @@ def test_empty_target_modules():
     assert line.startswith("lora.target_modules:") and "empty" in line
 
 
+def test_a_module_is_not_both_targeted_and_saved():
+    # sentiment saves the classifier whole; LoRA on it too trained a muddle that PEFT can't load
+    [line] = problems(["lora.target_modules=query,classifier"], base="sentiment")
+    assert line.startswith("lora.modules_to_save:") and "'classifier'" in line
+
+
 def test_malformed_override():
     [line] = problems(["train.epochs"])
     assert "train.epochs" in line and "KEY=VALUE" in line

@@ -17,7 +17,15 @@ from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, PositiveInt, ValidationError, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    PositiveInt,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+)
 
 
 class ConfigError(ValueError):
@@ -128,6 +136,18 @@ class LoraSection(_Section):
     def _targets_not_empty(cls, value: list[str] | str | None) -> list[str] | str | None:
         if value is not None and len(value) == 0:
             raise ValueError("is empty: name at least one module, a regex, or 'all-linear'")
+        return value
+
+    @field_validator("modules_to_save")
+    @classmethod
+    def _saved_not_targeted(cls, value: list[str] | None, info: ValidationInfo) -> list[str] | None:
+        targets = info.data.get("target_modules")
+        both = [m for m in value or [] if isinstance(targets, list) and m in targets]
+        if both:
+            raise ValueError(
+                f"{both[0]!r} is in lora.target_modules too; a module gets LoRA or is trained "
+                "and saved whole, not both: remove it from one of the two"
+            )
         return value
 
 
