@@ -283,6 +283,28 @@ def test_fingerprint_mismatch_warns_with_both(tmp_path):
     assert lora.base_fingerprint(same) in text and lora.base_fingerprint(other) in text
 
 
+@pytest.mark.parametrize("bias", ["all", "lora_only"])
+def test_trained_biases_do_not_change_the_fingerprint(tmp_path, bias):
+    # the adapter stores the biases it trained, so they are not part of the base it needs
+    model = adapted(bias=bias)
+    trained = [p for n, p in model.named_parameters() if n.endswith("bias") and p.requires_grad]
+    assert trained
+    with torch.no_grad():
+        for param in trained:
+            param.add_(0.5)
+    lora.save_adapter(model, tmp_path)
+    fresh = tiny_bert()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", lora.FingerprintWarning)
+        loaded = lora.load_adapter(fresh, tmp_path)
+    assert torch.equal(out(loaded), out(model))
+    other = tiny_bert()
+    with torch.no_grad():
+        other.bert.encoder.layer[0].output.dense.weight.add_(0.01)
+    with pytest.warns(lora.FingerprintWarning):  # a changed frozen weight is still seen
+        lora.load_adapter(other, tmp_path)
+
+
 def test_save_is_atomic_when_writing_fails(tmp_path, monkeypatch):
     good = adapted()
     lora.save_adapter(good, tmp_path)

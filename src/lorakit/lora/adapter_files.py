@@ -13,6 +13,7 @@ import hashlib
 import json
 import os
 import warnings
+from collections.abc import Iterable
 from pathlib import Path
 
 import torch
@@ -77,11 +78,15 @@ def adapter_state_dict(model: nn.Module, adapter_name: str = "default") -> dict[
 
 
 # ---------------------------------------------------------------- fingerprint
-def base_fingerprint(model: nn.Module, modules_to_save: list[str] | None = None) -> str:
+def base_fingerprint(
+    model: nn.Module, modules_to_save: list[str] | None = None, stored: Iterable[str] = ()
+) -> str:
     """A digest of the base model's weights, under their names before LoRA was added.
 
     Adapters and `modules_to_save` (e.g. a freshly initialised head) are left out, so the same
-    pretrained weights give the same fingerprint before and after `inject`.
+    pretrained weights give the same fingerprint before and after `inject`; so are the base
+    tensors an adapter file stores (`stored`: its tensor names, such as the biases it trained
+    under `bias="all"`), which the adapter brings with it.
     """
     merged = [layer for _, layer in lora_layers(model) if layer.merged]
     if merged:
@@ -89,12 +94,13 @@ def base_fingerprint(model: nn.Module, modules_to_save: list[str] | None = None)
     saved = set(modules_to_save or [])
     for config in configs(model).values():
         saved |= set(config.modules_to_save or [])
+    brought = {key.removeprefix(PREFIX).replace(".base_layer.", ".") for key in stored}
     digest = hashlib.blake2b(digest_size=16)
     for name, param in model.named_parameters():
         if "lora_" in name or ".modules_to_save." in name:
             continue
         base_name = name.replace(".base_layer.", ".").replace(".original_module.", ".")
-        if name_matches(base_name.rsplit(".", 1)[0], sorted(saved)):
+        if base_name in brought or name_matches(base_name.rsplit(".", 1)[0], sorted(saved)):
             continue
         tensor = param.detach().contiguous().cpu()
         digest.update(f"{base_name}|{tensor.dtype}|{tuple(tensor.shape)}".encode())
@@ -138,7 +144,7 @@ def save_adapter(
         "format": "pt",
         "lorakit_version": _version(),
         "base_model": str(base_name or ""),
-        "base_fingerprint": base_fingerprint(model),
+        "base_fingerprint": base_fingerprint(model, stored=tensors),
     }
     config_dict = config.to_dict()
     config_dict["base_model_name_or_path"] = base_name
@@ -210,7 +216,7 @@ def load_adapter(
     config.inference_mode = not is_trainable
     recorded = metadata.get("base_fingerprint")
     if recorded:
-        actual = base_fingerprint(model, config.modules_to_save)
+        actual = base_fingerprint(model, config.modules_to_save, stored=tensors)
         if actual != recorded:
             warnings.warn(
                 f"adapter {directory} was trained on a base model with fingerprint {recorded}, "
