@@ -206,3 +206,25 @@ def test_peft_adapter_with_bias_all_and_a_saved_head_loads_in_lorakit(
     peft_model.save_pretrained(tmp_path / "peft")
     loaded = lora.load_adapter(fresh_classifier(tiny_bert_dir), tmp_path / "peft")
     assert (logits(loaded, batch) - expected).abs().max() <= 1e-5
+
+
+def test_peft_engine_saves_the_adapter_alone_when_lm_head_is_tied(tmp_path):
+    """PEFT's save_pretrained adds the tied embedding matrix for a targeted lm_head; the
+    adapter needs only its LoRA tensors (the base has the embedding)."""
+    from lorakit.config import LoraSection
+    from lorakit.train import engines
+
+    input_ids = torch.randint(0, 97, (3, 16), generator=torch.Generator().manual_seed(1))
+    section = LoraSection(
+        engine="peft", r=4, target_modules=["c_attn", "lm_head"], init_lora_weights=False
+    )
+    model = engines.apply_lora(tiny_gpt2(), section).eval()
+    expected = logits(model, {"input_ids": input_ids})
+    engines.save(model, tmp_path)
+    _, tensors, _ = lora.read_adapter(tmp_path)
+    assert tensors and all("lora_" in key for key in tensors)
+    size = (tmp_path / lora.WEIGHTS_NAME).stat().st_size
+    assert size < 32 * 97 * 4  # smaller than the embedding matrix it used to carry
+    for engine in ("lorakit", "peft"):
+        loaded = engines.load(tiny_gpt2(), tmp_path, engine=engine).eval()
+        assert (logits(loaded, {"input_ids": input_ids}) - expected).abs().max() <= 1e-5

@@ -43,7 +43,9 @@ def save(model: torch.nn.Module, directory: str | Path, base_name: str | None = 
     """Save the adapter alone (whichever engine added it); return its size in bytes."""
     directory = Path(directory)
     if hasattr(model, "peft_config"):
-        model.save_pretrained(directory)
+        # PEFT would add the whole (tied) embedding matrix when lm_head or an embedding is a
+        # target; lorakit never resizes the vocabulary, so the base has it already
+        model.save_pretrained(directory, save_embedding_layers=False)
     else:
         lora.save_adapter(model, directory, base_model_name_or_path=base_name)
     return folder_bytes(directory)
