@@ -67,6 +67,11 @@ def test_a_module_is_not_both_targeted_and_saved():
     assert line.startswith("lora.modules_to_save:") and "'classifier'" in line
 
 
+def test_one_saved_module_needs_no_list_syntax():
+    config = load_config(recipe_path("sentiment"), ["lora.modules_to_save=pooler"])
+    assert config.lora.modules_to_save == ["pooler"]
+
+
 def test_malformed_override():
     [line] = problems(["train.epochs"])
     assert "train.epochs" in line and "KEY=VALUE" in line

@@ -138,6 +138,11 @@ class LoraSection(_Section):
             raise ValueError("is empty: name at least one module, a regex, or 'all-linear'")
         return value
 
+    @field_validator("modules_to_save", mode="before")
+    @classmethod
+    def _one_name_is_a_list(cls, value: Any) -> Any:
+        return [value] if isinstance(value, str) else value  # --set lora.modules_to_save=wte
+
     @field_validator("modules_to_save")
     @classmethod
     def _saved_not_targeted(cls, value: list[str] | None, info: ValidationInfo) -> list[str] | None:
