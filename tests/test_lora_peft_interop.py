@@ -228,3 +228,13 @@ def test_peft_engine_saves_the_adapter_alone_when_lm_head_is_tied(tmp_path):
     for engine in ("lorakit", "peft"):
         loaded = engines.load(tiny_gpt2(), tmp_path, engine=engine).eval()
         assert (logits(loaded, {"input_ids": input_ids}) - expected).abs().max() <= 1e-5
+
+
+@pytest.mark.parametrize("engine", ["lorakit", "peft"])
+@pytest.mark.parametrize("targets", [["ln_f"], ["no_such_layer"]])
+def test_both_engines_name_the_layers_that_can_be_targeted(engine, targets):
+    from lorakit.config import LoraSection
+    from lorakit.train import engines
+
+    with pytest.raises(lora.TargetModulesError, match=r"c_attn \(Conv1D x2\)"):
+        engines.apply_lora(tiny_gpt2(), LoraSection(engine=engine, target_modules=targets))

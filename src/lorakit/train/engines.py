@@ -32,7 +32,12 @@ def apply_lora(
 
         config = peft.LoraConfig(**lora_kwargs(section), task_type=task_type)
         config.base_model_name_or_path = base_name
-        return peft.get_peft_model(model, config)
+        try:
+            return peft.get_peft_model(model, config)
+        except ValueError as err:
+            # PEFT's message does not say which layers could be targeted; lorakit's does
+            lora.find_targets(model, lora.LoraConfig(**lora_kwargs(section)))
+            raise lora.LoraError(f"PEFT refused lora.target_modules: {err}") from None
     config = lora.LoraConfig(
         **lora_kwargs(section), task_type=task_type, base_model_name_or_path=base_name
     )
