@@ -62,6 +62,8 @@ def test_recipes_lists_classic(capsys):
         (["train", "classic", "--set", "data.name=no-such-data", "--dry-run"], None),
         (["eval", "/nonexistent/run"], "not a finished run directory"),
         (["predict", "/nonexistent/run", "text"], "not a finished run directory"),
+        (["eval"], "Missing argument 'run_dir'"),  # click's usage errors, as typer raises them
+        (["train", "--bogus"], "No such option: --bogus"),
     ],
 )
 def test_errors_are_one_clean_message(args, message, capsys):

@@ -288,7 +288,9 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as err:  # click's usage errors
         import click
 
-        if isinstance(err, click.ClickException):
+        # newer typer raises those of its own copy of click, based on typer.TyperException
+        usage = (click.ClickException, getattr(typer, "TyperException", click.ClickException))
+        if isinstance(err, usage):
             err.show()
             return 2
         raise
