@@ -1,6 +1,7 @@
 """The command line: train, predict, eval, recipes, and clean errors (exit 2, no traceback)."""
 
 import json
+import shutil
 
 import pytest
 
@@ -90,3 +91,21 @@ def test_one_set_takes_several_key_values():
         "train", "sentiment", "--set", "data.path=my.csv", "--set", "data.text_column=review",
         "--out", "runs/x", "--set", "train.lr=1e-3",
     ]  # fmt: skip
+
+
+COMMANDS_ON_A_RUN = [
+    ["predict", "RUN", "text"], ["eval", "RUN"], ["generate", "RUN", "The"],
+    ["merge", "RUN", "OUT"], ["inspect", "RUN"],
+]  # fmt: skip
+
+
+@pytest.mark.parametrize("command", COMMANDS_ON_A_RUN)
+def test_damaged_summary_is_one_clean_message(run_dir, tmp_path, command, capsys):
+    damaged = tmp_path / "run"
+    shutil.copytree(run_dir, damaged)
+    (damaged / "summary.json").write_text('{"recipe": "classic", "test_acc')  # cut short
+    args = [{"RUN": str(damaged), "OUT": str(tmp_path / "merged")}.get(a, a) for a in command]
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert "summary.json is damaged" in err and "Traceback" not in err
+    assert not (tmp_path / "merged").exists()

@@ -21,7 +21,7 @@ import numpy as np
 
 from lorakit.config import Config, ConfigError, load_config
 from lorakit.recipes import describe, pipeline_module, recipe_names, recipe_path
-from lorakit.rundir import RunDir, default_out
+from lorakit.rundir import RunDir, default_out, read_run_summary
 
 DEFAULT_RECIPE = "sentiment"
 
@@ -162,6 +162,7 @@ def _run_config(run_dir: str | Path) -> tuple[Path, Config]:
                 f"{run_dir} is not a finished run directory (no {name}); give the folder "
                 "`lorakit train` wrote, e.g. runs/classic-20250101-120000"
             )
+    read_run_summary(run_dir)  # a damaged summary.json: one clean error before any work
     return run_dir, load_config(run_dir / "config.toml")
 
 

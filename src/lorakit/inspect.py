@@ -16,7 +16,6 @@ version, tensor and parameter counts, and bytes on disk.
 from __future__ import annotations
 
 import io
-import json
 import re
 from collections.abc import Iterable
 from pathlib import Path
@@ -31,6 +30,7 @@ from torch import nn
 from lorakit import lora
 from lorakit.config import ConfigError
 from lorakit.lora.layers import supported_types
+from lorakit.rundir import read_run_summary
 
 _INDEX = re.compile(r"^\d+$")
 
@@ -252,7 +252,7 @@ def _run_facts(run_dir: Path) -> dict[str, Any]:
     path = run_dir / "summary.json"
     if not path.is_file():
         return {"status": "unfinished (no summary.json)"}
-    summary = json.loads(path.read_text(encoding="utf-8"))
+    summary = read_run_summary(run_dir)
     keys = ("recipe", "task", "dataset", "engine", "test_accuracy", "test_perplexity")
     facts = {k: summary[k] for k in keys if summary.get(k) is not None}
     if summary.get("base_model") == "base":  # the classic recipe's own pretrained base

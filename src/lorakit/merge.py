@@ -30,6 +30,7 @@ import torch
 
 from lorakit import lora
 from lorakit.config import Config, ConfigError, load_config
+from lorakit.rundir import read_run_summary
 
 TOLERANCE = 1e-4
 SAMPLE_SIZE = 8
@@ -56,8 +57,7 @@ def _read_run(run_dir: Path) -> tuple[Config, dict[str, Any]]:
                 f"{run_dir} is not a finished run directory (no {name}); give the folder "
                 "`lorakit train` wrote, e.g. runs/sentiment-20250101-120000"
             )
-    summary = json.loads((run_dir / "summary.json").read_text(encoding="utf-8"))
-    return load_config(run_dir / "config.toml"), summary
+    return load_config(run_dir / "config.toml"), read_run_summary(run_dir)
 
 
 def _check_out_dir(out_dir: Path, run_dir: Path, force: bool) -> None:

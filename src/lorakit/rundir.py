@@ -148,6 +148,20 @@ class RunDir:
         return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
+def read_run_summary(run_dir: str | Path) -> dict[str, Any]:
+    """A finished run's ``summary.json``, or a ConfigError naming the file when it is damaged."""
+    path = Path(run_dir) / "summary.json"
+    try:
+        summary = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        summary = None
+    if not isinstance(summary, dict):
+        raise ConfigError(
+            f"{path} is damaged (not a JSON object); restore it from a copy, or train the run again"
+        )
+    return summary
+
+
 def markdown_table(rows: list[dict[str, Any]]) -> str:
     columns = list(rows[0])
 
