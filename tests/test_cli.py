@@ -44,6 +44,15 @@ def test_predict_json_from_file(run_dir, tmp_path, capsys):
         assert row["probability"] == max(row["probabilities"].values())
 
 
+def test_predict_file_not_in_utf8_is_read_with_a_warning(run_dir, tmp_path, capsys):
+    texts = tmp_path / "texts.txt"
+    texts.write_bytes("\ufeffgreat fun\n".encode() + "caf\xe9 tr\xe8s bon\n".encode("latin-1"))
+    with pytest.warns(UserWarning, match="2 invalid UTF-8 byte sequence"):
+        assert main(["predict", str(run_dir), "--file", str(texts), "--json"]) == 0
+    rows = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert [r["text"] for r in rows] == ["great fun", "caf\ufffd tr\ufffds bon"]
+
+
 def test_eval_reproduces_recorded_accuracy(run_dir, capsys):
     assert main(["eval", str(run_dir), "--split", "test"]) == 0
     result = json.loads(capsys.readouterr().out)

@@ -96,9 +96,13 @@ def predict(
     """Predict the label of each text, with its probability."""
     texts = list(texts or [])
     if file is not None:
+        from lorakit.data.text_io import decode, read_bytes, warn_replaced
+
         if not file.is_file():
             raise api.ConfigError(f"--file: {str(file)!r} does not exist")
-        texts += [line for line in file.read_text(encoding="utf-8").splitlines() if line.strip()]
+        text, replaced = decode(read_bytes(file))  # as data files are read: BOM dropped
+        warn_replaced(str(file), replaced)
+        texts += [line for line in text.splitlines() if line.strip()]
     if not texts:
         raise api.ConfigError("predict: give texts as arguments or --file FILE (one text per line)")
     for text, result in zip(texts, api.predict(run_dir, texts), strict=True):
