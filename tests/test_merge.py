@@ -80,6 +80,12 @@ def test_merge_refuses_an_existing_folder(tiny_run, tmp_path):
     assert not (out / "keep.txt").exists() and (out / "merge.json").is_file()
 
 
+def test_merge_under_a_file_is_refused(tiny_run, tmp_path):
+    (tmp_path / "taken").write_text("mine")
+    with pytest.raises(MergeError, match="cannot make .*taken"):
+        merge(tiny_run, tmp_path / "taken" / "merged")
+
+
 def test_merge_needs_a_finished_run(tmp_path):
     with pytest.raises(MergeError, match="not a finished run directory"):
         merge(tmp_path, tmp_path / "out")

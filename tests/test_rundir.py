@@ -51,6 +51,14 @@ def test_config_round_trip_and_existing_run_refused(tmp_path):
         RunDir(tmp_path / "run")
 
 
+@pytest.mark.parametrize("out", ["taken", "taken/run"])
+def test_out_blocked_by_a_file_is_a_config_error(tmp_path, out):
+    (tmp_path / "taken").write_text("mine")
+    with pytest.raises(ConfigError, match="cannot make the folder .* choose another --out"):
+        RunDir(tmp_path / out)
+    assert (tmp_path / "taken").read_text() == "mine"
+
+
 def test_environment_records_versions_seed_and_times(tmp_path):
     run = RunDir(tmp_path / "run")
     run.start_environment(seed=3, data_fingerprint="abc")

@@ -78,6 +78,12 @@ def test_sweep_folder_must_be_new(tmp_path):
         sweep("classic", {"r": [1]}, out=tmp_path, overrides=TINY)
 
 
+def test_sweep_folder_under_a_file_is_refused(tmp_path):
+    (tmp_path / "taken").write_text("x")
+    with pytest.raises(ConfigError, match="cannot make the sweep folder"):
+        sweep("classic", {"r": [1]}, out=tmp_path / "taken" / "sweep", overrides=TINY)
+
+
 def test_classic_sweep_survives_a_failing_combination(tmp_path, capsys):
     out = tmp_path / "sweep"
     grid = parse_grid(["r=1,2", "target_modules=fc1|nothing"])

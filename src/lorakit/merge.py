@@ -147,7 +147,12 @@ def merge(run_dir: str | Path, out_dir: str | Path, force: bool = False) -> Path
     _check_out_dir(out_dir, run_dir, force)
     texts, texts_from = sample_texts(config, summary)
     base_dir = run_dir / str(summary.get("base_model", ""))  # classic: "base" or an absolute path
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        out_dir.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as error:  # a file in the way, no permission
+        raise MergeError(
+            f"cannot make {out_dir.parent} ({error.strerror}); choose another folder"
+        ) from None
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.merging-", dir=out_dir.parent))
     umask = os.umask(0)
     os.umask(umask)

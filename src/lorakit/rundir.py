@@ -67,7 +67,13 @@ class RunDir:
             raise ConfigError(
                 f"out: {str(self.path)!r} already holds a run; choose a new --out folder"
             )
-        self.path.mkdir(parents=True, exist_ok=True)
+        try:
+            self.path.mkdir(parents=True, exist_ok=True)
+        except OSError as error:  # a file in the way, no permission
+            raise ConfigError(
+                f"out: cannot make the folder {str(self.path)!r} ({error.strerror}); choose "
+                "another --out folder"
+            ) from None
         self._started_clock = time.monotonic()
         self.environment: dict[str, Any] = {}
 

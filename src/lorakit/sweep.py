@@ -248,7 +248,13 @@ def sweep(
     overrides = [*SWEEP_SETTINGS, *overrides]
     first = validate_all(source, overrides, combos)
     folder = _sweep_dir(out, first.recipe)
-    folder.mkdir(parents=True, exist_ok=True)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as error:  # a file in the way, no permission
+        raise ConfigError(
+            f"out: cannot make the sweep folder {str(folder)!r} ({error.strerror}); choose "
+            "another --out folder"
+        ) from None
     may_share_base = (
         first.pretrain is not None
         and not first.model.pretrained
