@@ -1,6 +1,7 @@
 """Loading and scoring causal LMs, and generation, on a small GPT-2 with a real BPE tokenizer."""
 
 import math
+import shutil
 import time
 
 import pytest
@@ -10,6 +11,7 @@ from transformers import GPT2LMHeadModel
 from lorakit.data import load_dataset
 from lorakit.data.causal import pack_texts, padded_lm_dataset
 from lorakit.generate import generate
+from lorakit.models import ModelError
 from lorakit.models.causal_lm import (
     choice_log_likelihoods,
     generated_choices,
@@ -61,9 +63,14 @@ def test_hub_id_without_network_names_the_offline_model(monkeypatch, tmp_path):
     assert time.perf_counter() - start < 10
 
 
-def test_missing_folder_is_reported(tmp_path):
-    with pytest.raises(FileNotFoundError, match="does not exist"):
+def test_missing_or_damaged_folder_is_reported(saved_model, tmp_path):
+    with pytest.raises(ModelError, match="does not exist"):
         load_causal_lm(tmp_path / "no-such-model")
+    damaged = tmp_path / "damaged"
+    shutil.copytree(saved_model[0], damaged)
+    (damaged / "model.safetensors").write_bytes(b"\x10\x00")  # cut short
+    with pytest.raises(ModelError, match=f"cannot load the model in {damaged}"):
+        load_causal_lm(damaged)
 
 
 def test_perplexity_of_blocks_is_exp_of_the_model_loss(saved_model, reviews):

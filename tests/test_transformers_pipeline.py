@@ -2,6 +2,7 @@
 
 import json
 import random
+import shutil
 
 import peft
 import pytest
@@ -12,7 +13,7 @@ from transformers import (
 
 from lorakit import api
 from lorakit.config import load_config
-from lorakit.models.transformer import minilm_path, resolve_model
+from lorakit.models.transformer import load_sequence_classifier, minilm_path, resolve_model
 from lorakit.network import OfflineError
 from lorakit.recipes import recipe_path
 from lorakit.recipes import sequence_classification as pipeline
@@ -104,6 +105,30 @@ def test_hub_id_without_network_fails_fast_naming_the_default(monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     with pytest.raises(OfflineError, match="model.name='minilm'"):
         resolve_model("distilbert-base-uncased")
+
+
+DAMAGES = {
+    "config.json": lambda folder: (folder / "config.json").write_text("{"),
+    "model type": lambda folder: (folder / "config.json").write_text('{"model_type": "nosuch"}'),
+    "no weights": lambda folder: (folder / "model.safetensors").unlink(),
+    "cut weights": lambda folder: (folder / "model.safetensors").write_bytes(b"\x10\x00"),
+    "tokenizer": lambda folder: (folder / "tokenizer.json").write_text("{"),
+}
+
+
+@pytest.mark.parametrize("damage", DAMAGES)
+def test_damaged_model_folder_is_one_error_naming_it(tiny_bert_dir, tmp_path, damage):
+    from lorakit.inspect import inspect
+    from lorakit.models import ModelError
+
+    folder = tmp_path / "model"
+    shutil.copytree(tiny_bert_dir, folder)
+    DAMAGES[damage](folder)
+    with pytest.raises(ModelError, match=f"cannot load the model in {folder}"):
+        load_sequence_classifier(str(folder), ["negative", "positive"])
+    if damage != "tokenizer":  # inspect reads the model alone
+        with pytest.raises(ModelError, match=f"cannot load the model in {folder}"):
+            inspect(folder)
 
 
 @pytest.mark.slow

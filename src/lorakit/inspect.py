@@ -30,6 +30,7 @@ from torch import nn
 from lorakit import lora
 from lorakit.config import ConfigError
 from lorakit.lora.layers import supported_types
+from lorakit.models import loading_folder
 from lorakit.rundir import read_run_summary
 
 _INDEX = re.compile(r"^\d+$")
@@ -139,7 +140,8 @@ def load_model_for_inspection(target: str) -> tuple[nn.Module, str]:
     from lorakit.models.transformer import resolve_model
 
     resolved = resolve_model(target)
-    config = AutoConfig.from_pretrained(resolved)
+    with loading_folder(resolved):
+        config = AutoConfig.from_pretrained(resolved)
     import transformers
 
     architecture = (getattr(config, "architectures", None) or [None])[0]
@@ -147,7 +149,8 @@ def load_model_for_inspection(target: str) -> tuple[nn.Module, str]:
     verbosity = hf_logging.get_verbosity()
     hf_logging.set_verbosity_error()
     try:
-        return model_class.from_pretrained(resolved), resolved
+        with loading_folder(resolved):
+            return model_class.from_pretrained(resolved), resolved
     finally:
         hf_logging.set_verbosity(verbosity)
 

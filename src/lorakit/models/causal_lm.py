@@ -24,6 +24,7 @@ from transformers import (
 )
 
 from lorakit.data.causal import _eos_id, _pad_id, _token_ids
+from lorakit.models import ModelError, loading_folder
 from lorakit.network import OfflineError, hub_reachable
 
 TINY_GPT2 = "tiny-gpt2"
@@ -40,12 +41,10 @@ def _resolve(name_or_path: str | Path) -> tuple[str, bool]:
     path = Path(name).expanduser()
     if path.exists():
         if not (path / "config.json").is_file():
-            raise FileNotFoundError(
-                f"{path} has no config.json; it is not a Hugging Face model folder"
-            )
+            raise ModelError(f"{path} has no config.json; it is not a Hugging Face model folder")
         return str(path), False
     if name.startswith((".", "/", "~")) or name.count("/") > 1 or os.sep in name.replace("/", ""):
-        raise FileNotFoundError(f"model folder {path} does not exist")
+        raise ModelError(f"model folder {path} does not exist")
     return name, True
 
 
@@ -60,10 +59,11 @@ def load_causal_lm(
     source, needs_hub = _resolve(name_or_path)
     local_only = needs_hub and not hub_reachable()
     try:
-        tokenizer = AutoTokenizer.from_pretrained(source, local_files_only=local_only)
-        model = AutoModelForCausalLM.from_pretrained(
-            source, dtype=dtype, local_files_only=local_only
-        )
+        with loading_folder(source):
+            tokenizer = AutoTokenizer.from_pretrained(source, local_files_only=local_only)
+            model = AutoModelForCausalLM.from_pretrained(
+                source, dtype=dtype, local_files_only=local_only
+            )
     except OSError as err:
         if local_only:
             raise OfflineError(

@@ -24,6 +24,8 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from transformers.modeling_outputs import SequenceClassifierOutput
 
+from lorakit.models import ModelError, loading_folder
+
 PAD, UNK = "<pad>", "<unk>"
 DEFAULT_EMBEDDINGS = "glove-6b-50d"
 MODEL_TYPE = "lorakit-glove-classifier"
@@ -172,21 +174,26 @@ def save_classic(model: TextClassifier, vocab: Vocabulary, directory: str | Path
 
 def is_classic(directory: str | Path) -> bool:
     config = Path(directory) / "config.json"
-    return config.is_file() and json.loads(config.read_text()).get("model_type") == MODEL_TYPE
+    try:
+        return json.loads(config.read_text()).get("model_type") == MODEL_TYPE
+    except (OSError, ValueError, AttributeError):  # absent or damaged: not a classic model
+        return False
 
 
 def load_classic(directory: str | Path) -> tuple[TextClassifier, Vocabulary, dict]:
     """The saved model, its vocabulary and its config."""
     directory = Path(directory)
     if not is_classic(directory):
-        raise FileNotFoundError(
-            f"{directory} holds no saved classic model (config.json, model.safetensors)"
+        raise ModelError(
+            f"{directory} holds no saved classic model (config.json, model.safetensors); give "
+            "the base/ folder of a classic run"
         )
     config = json.loads((directory / "config.json").read_text())
     model = TextClassifier(
         config["vocab_size"], config["dim"], config["num_classes"], config["hidden"]
     )
-    model.load_state_dict(load_file(str(directory / "model.safetensors")))
+    with loading_folder(directory):
+        model.load_state_dict(load_file(str(directory / "model.safetensors")))
     return model, Vocabulary.load(directory / "vocab.txt"), config
 
 

@@ -13,6 +13,7 @@ import torch
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 from transformers.utils import logging as hf_logging
 
+from lorakit.models import loading_folder
 from lorakit.network import OfflineError, hub_reachable
 
 MINILM = "minilm"
@@ -58,16 +59,18 @@ def load_sequence_classifier(
     verbosity = hf_logging.get_verbosity()
     hf_logging.set_verbosity_error()  # the "newly initialized: classifier" report is expected
     try:
-        model = AutoModelForSequenceClassification.from_pretrained(
-            resolved,
-            num_labels=len(labels),
-            id2label=dict(enumerate(labels)),
-            label2id={label: i for i, label in enumerate(labels)},
-            ignore_mismatched_sizes=True,  # a head for other labels is replaced, not an error
-        )
+        with loading_folder(resolved):
+            model = AutoModelForSequenceClassification.from_pretrained(
+                resolved,
+                num_labels=len(labels),
+                id2label=dict(enumerate(labels)),
+                label2id={label: i for i, label in enumerate(labels)},
+                ignore_mismatched_sizes=True,  # a head for other labels is replaced, not an error
+            )
     finally:
         hf_logging.set_verbosity(verbosity)
-    tokenizer = AutoTokenizer.from_pretrained(resolved)
+    with loading_folder(resolved):
+        tokenizer = AutoTokenizer.from_pretrained(resolved)
     return model, tokenizer, resolved
 
 
