@@ -150,5 +150,5 @@ def test_load_instruction_file_bad_input(tmp_path, name, content, message):
 
 
 def test_load_instruction_file_missing_file(tmp_path):
-    with pytest.raises(FileNotFoundError, match="does not exist"):
+    with pytest.raises(InstructionFileError, match="does not exist"):  # a DataError: one line
         load_instruction_file(tmp_path / "absent.jsonl")

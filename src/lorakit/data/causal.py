@@ -143,7 +143,7 @@ def load_instruction_file(
     """Read prompt/response pairs from a `.jsonl` or `.csv` file into columns `prompt`, `response`."""
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"instruction file {path} does not exist")
+        raise InstructionFileError(f"instruction file {path} does not exist; check data.path")
     suffix = path.suffix.lower()
     try:
         if suffix == ".jsonl":
