@@ -85,6 +85,23 @@ def test_errors_are_one_clean_message(args, message, capsys):
     assert code == 2 and message in err and "Traceback" not in err
 
 
+@pytest.mark.parametrize(
+    ("setting", "message"),
+    [("data.path=no-such.csv", "No such file"), ("lora.target_modules=nothing", "matched no")],
+)
+@pytest.mark.parametrize("existing", [False, True])
+def test_train_failing_in_setup_leaves_out_free(
+    tiny_bert_dir, tmp_path, setting, message, existing, capsys
+):
+    out = tmp_path / "run"
+    if existing:
+        out.mkdir()
+    args = ["train", "sentiment", "--out", str(out), "--set", f"model.name={tiny_bert_dir}"]
+    assert main([*args, setting]) == 2
+    assert message in capsys.readouterr().err
+    assert out.is_dir() == existing and not (existing and any(out.iterdir()))
+
+
 def test_eval_unknown_split(run_dir, capsys):
     assert main(["eval", str(run_dir), "--split", "dev"]) == 2
     assert "split: 'dev' does not exist" in capsys.readouterr().err

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import inspect
 import json
+import os
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
@@ -89,18 +90,37 @@ def train(
     if not distributed.is_main_process():
         with distributed.worker_scratch() as scratch:
             return module.run(config, RunDir(scratch), **extra)
+    before = set(os.listdir(run_path)) if run_path.is_dir() else None
     run_dir = RunDir(run_path, exist_ok=checkpoint is not None)
     environment = run_path / "environment.json"
     previous = json.loads(environment.read_text()) if checkpoint and environment.exists() else {}
     if checkpoint is None:
         run_dir.write_config(config)
-    summary = module.run(config, run_dir, **extra)
+    try:
+        summary = module.run(config, run_dir, **extra)
+    except BaseException:
+        if checkpoint is None:
+            _discard_unstarted(run_path, before)
+        raise
     facts = {"processes": distributed.world_size()}
     if checkpoint is not None:
         facts.update(started=previous.get("started"), resumed_from=checkpoint.name)
     run_dir.update_environment(**facts)
     summary.setdefault("run_dir", str(run_path))
     return summary
+
+
+def _discard_unstarted(run_path: Path, before: set[str] | None) -> None:
+    """A run that failed in setup (its data, model or LoRA settings) wrote only config.toml and
+    environment.json: remove them, so that the same --out works once the input is fixed. A run
+    that got further keeps its folder (metrics, checkpoints for --resume, a pretrained base)."""
+    written = set(os.listdir(run_path)) - (before or set())
+    if not written <= {"config.toml", "environment.json"}:
+        return
+    for name in written:
+        (run_path / name).unlink()
+    if before is None:
+        run_path.rmdir()
 
 
 def resume_point(run_dir: str | Path) -> tuple[Path, Config, Path]:

@@ -229,8 +229,8 @@ def _run_one(source, out: Path, overrides: list[str]) -> dict[str, Any]:
         return collect_run_summary(out)
     except Exception as err:  # one failing combination must not end the sweep
         message = f"{type(err).__name__}: {err}".strip()
-        if out.is_dir():
-            (out / "error.txt").write_text(traceback.format_exc(), encoding="utf-8")
+        out.mkdir(parents=True, exist_ok=True)  # a run that failed in setup left no folder
+        (out / "error.txt").write_text(traceback.format_exc(), encoding="utf-8")
         return {"status": "failed", "error": message, "run_dir": str(out)}
 
 
