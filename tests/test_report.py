@@ -525,3 +525,13 @@ def test_sweep_errors_name_the_fix(tmp_path: Path) -> None:
     write_sweep_table(tmp_path, [row | {"test_accuracy": None} for row in failed_only])
     assert plot_sweep(tmp_path) == []
     assert "nothing to plot" in write_report(tmp_path).read_text()
+
+
+def test_sweep_whose_runs_all_failed_has_a_report(tmp_path: Path) -> None:
+    """`lorakit sweep` writes a failed run's row without result columns."""
+    rows = [{"r": r, "status": "failed", "error": "matched no module", "run_dir": f"r={r}"}
+            for r in (1, 2)]  # fmt: skip
+    write_sweep_table(tmp_path, rows)
+    assert plot_sweep(tmp_path) == []
+    page = write_report(tmp_path).read_text()
+    assert "0 of 2 runs succeeded" in page and page.count('class="failed"') == 2

@@ -154,6 +154,11 @@ def read_sweep_table(sweep_dir: str | os.PathLike[str]) -> pd.DataFrame:
         table = pd.read_csv(path, keep_default_na=False, na_values=[""])
     except (pd.errors.EmptyDataError, pd.errors.ParserError) as error:
         raise ReportError(f"{path} is not a readable CSV table ({error})") from None
+    if "status" in table.columns and not (table["status"] == "ok").any():
+        # no run succeeded, so no run wrote results: their columns are empty, not missing
+        for column in ("trainable_params", METRIC_COLUMNS[0]):
+            if column not in table.columns:
+                table[column] = None
     missing = [c for c in ("status", "trainable_params") if c not in table.columns]
     if not any(m in table.columns for m in METRIC_COLUMNS):
         missing.append("test_accuracy or test_perplexity")
