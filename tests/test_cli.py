@@ -74,6 +74,7 @@ def test_recipes_lists_classic(capsys):
         (["predict", "/nonexistent/run", "text"], "not a finished run directory"),
         (["eval"], "Missing argument 'run_dir'"),  # click's usage errors, as typer raises them
         (["train", "--bogus"], "No such option: --bogus"),
+        (["serve", "--adapter", "nonsense"], "write NAME=DIR"),  # typer.Exit(2) in the command
     ],
 )
 def test_errors_are_one_clean_message(args, message, capsys):

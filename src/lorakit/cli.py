@@ -280,7 +280,7 @@ def main(argv: list[str] | None = None) -> int:
     """The ``lorakit`` entry point."""
     argv = expand_set_options(sys.argv[1:] if argv is None else list(argv))
     try:
-        app(args=argv, standalone_mode=False)
+        code = app(args=argv, standalone_mode=False)  # a command's typer.Exit(n) comes back as n
     except _clean_errors() as err:
         typer.echo(f"error: {err}", err=True)
         return 2
@@ -298,7 +298,7 @@ def main(argv: list[str] | None = None) -> int:
             err.show()
             return 2
         raise
-    return 0
+    return code if isinstance(code, int) else 0
 
 
 if __name__ == "__main__":
