@@ -252,6 +252,9 @@ def test_truncated_or_corrupted_weights(tmp_path):
     (tmp_path / lora.CONFIG_NAME).write_text("{not json")
     with pytest.raises(lora.AdapterFileError, match="not valid JSON"):
         lora.load_adapter(tiny_bert(), tmp_path)
+    (tmp_path / lora.CONFIG_NAME).write_text('["r", 4]')
+    with pytest.raises(lora.AdapterFileError, match="not a JSON object"):
+        lora.load_adapter(tiny_bert(), tmp_path)
 
 
 def test_shape_mismatch_names_the_tensor_and_both_shapes(tmp_path):

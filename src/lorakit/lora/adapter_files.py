@@ -184,7 +184,13 @@ def read_adapter(directory: str | os.PathLike) -> tuple[LoraConfig, dict[str, to
             f"{CONFIG_NAME} and {WEIGHTS_NAME}, as save_adapter or PEFT's save_pretrained write them"
         )
     try:
-        config = LoraConfig.from_dict(json.loads((directory / CONFIG_NAME).read_text()))
+        fields = json.loads((directory / CONFIG_NAME).read_text())
+        if not isinstance(fields, dict):
+            raise AdapterFileError(
+                f"{directory / CONFIG_NAME} is not a JSON object of LoRA settings "
+                f"(found a {type(fields).__name__}); save the adapter again"
+            )
+        config = LoraConfig.from_dict(fields)
     except json.JSONDecodeError as e:
         raise AdapterFileError(
             f"{directory / CONFIG_NAME} is not valid JSON ({e}); save the adapter again"
