@@ -238,3 +238,87 @@ def test_both_engines_name_the_layers_that_can_be_targeted(engine, targets):
 
     with pytest.raises(lora.TargetModulesError, match=r"c_attn \(Conv1D x2\)"):
         engines.apply_lora(tiny_gpt2(), LoraSection(engine=engine, target_modules=targets))
+
+
+# ---------------------------------------------------------------- the task's head (PEFT's rule)
+def tiny_roberta() -> nn.Module:
+    """RoBERTa's head is a module with layers of its own: classifier.dense, classifier.out_proj."""
+    from transformers import RobertaConfig, RobertaForSequenceClassification
+
+    torch.manual_seed(0)
+    config = RobertaConfig(
+        vocab_size=100, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+        intermediate_size=64, max_position_embeddings=80, num_labels=2,
+    )  # fmt: skip
+    return RobertaForSequenceClassification(config).eval()
+
+
+def trainable_names(model: nn.Module) -> set[str]:
+    """Trainable parameters under the base model's own names, whichever engine wrapped it."""
+    return {
+        n.removeprefix("base_model.model.").replace(".default", "")
+        for n, p in model.named_parameters()
+        if p.requires_grad
+    }
+
+
+@pytest.mark.parametrize("modules_to_save", [None, ["LayerNorm"]])
+def test_a_classification_adapter_trains_and_saves_its_head_in_both_engines(
+    tmp_path, modules_to_save
+):
+    """PEFT's sequence-classification model always trains the head (`classifier`/`score`) and
+    never puts LoRA inside it. lorakit trained a head-less list as given (a random head that
+    never learned), and PEFT could not load that file (KeyError 'classifier.weight')."""
+    options = dict(r=4, lora_alpha=8, target_modules=["query", "dense"], task_type="SEQ_CLS")
+    ours = lora.inject(tiny_roberta(), lora.LoraConfig(**options, modules_to_save=modules_to_save))
+    theirs = peft.get_peft_model(
+        tiny_roberta(), peft.LoraConfig(**options, modules_to_save=modules_to_save)
+    )
+    assert trainable_names(ours) == trainable_names(theirs)
+    assert "classifier.modules_to_save.dense.weight" in trainable_names(ours)
+    assert not any("classifier" in n and "lora_" in n for n in trainable_names(ours))
+    assert any("intermediate.dense.lora_A" in n for n in trainable_names(ours))
+
+    with torch.no_grad():  # a trained-looking head and adapter
+        for param in ours.parameters():
+            if param.requires_grad:
+                param.normal_(0, 0.5)
+    ids = torch.randint(3, 100, (3, 9))
+    expected = ours(input_ids=ids).logits
+    lora.save_adapter(ours, tmp_path / "ours")
+    saved = lora.read_adapter(tmp_path / "ours")[0].modules_to_save
+    assert "classifier" in saved  # the file says what PEFT will look for
+    loaded = peft.PeftModel.from_pretrained(tiny_roberta(), tmp_path / "ours").eval()
+    assert (loaded(input_ids=ids).logits - expected).abs().max() <= 1e-5
+
+    theirs.save_pretrained(tmp_path / "theirs")
+    back = lora.load_adapter(tiny_roberta(), tmp_path / "theirs")
+    assert (back(input_ids=ids).logits - theirs.eval()(input_ids=ids).logits).abs().max() <= 1e-5
+
+
+@pytest.mark.parametrize("engine", ["lorakit", "peft"])
+def test_a_module_inside_the_saved_head_is_refused_in_modules_to_save(engine):
+    """PEFT wraps `classifier` and `classifier.out_proj` both and writes a file that neither
+    engine reads back; both engines refuse it first, naming what to drop."""
+    from lorakit.config import LoraSection
+    from lorakit.train import engines
+
+    section = LoraSection(
+        engine=engine, r=4, lora_alpha=8, target_modules=["query"], modules_to_save=["out_proj"]
+    )
+    with pytest.raises(lora.TargetModulesError, match="drop 'out_proj'.*head is always saved"):
+        engines.apply_lora(tiny_roberta(), section, task_type="SEQ_CLS")
+
+
+def test_targets_only_inside_the_saved_head_are_refused_with_the_reason():
+    config = lora.LoraConfig(target_modules=["out_proj"], task_type="SEQ_CLS")
+    with pytest.raises(lora.TargetModulesError, match="only modules inside modules_to_save"):
+        lora.inject(tiny_roberta(), config)
+
+
+def test_a_misspelt_modules_to_save_beside_the_head_is_still_named():
+    config = lora.LoraConfig(
+        target_modules=["query"], modules_to_save=["poolr"], task_type="SEQ_CLS"
+    )
+    with pytest.raises(lora.TargetModulesError, match="'poolr'.*matched no module"):
+        lora.inject(tiny_roberta(), config)

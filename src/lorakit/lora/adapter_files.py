@@ -222,7 +222,7 @@ def load_adapter(
     config.inference_mode = not is_trainable
     recorded = metadata.get("base_fingerprint")
     if recorded:
-        actual = base_fingerprint(model, config.modules_to_save, stored=tensors)
+        actual = base_fingerprint(model, config.with_task_head().saved, stored=tensors)
         if actual != recorded:
             warnings.warn(
                 f"adapter {directory} was trained on a base model with fingerprint {recorded}, "

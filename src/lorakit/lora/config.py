@@ -16,6 +16,15 @@ from .errors import LoraError
 
 ALL_LINEAR = "all-linear"
 
+# PEFT's task models always train and save their output head whole, whatever modules_to_save
+# says (PeftModelForSequenceClassification and its siblings add these names); lorakit follows
+# the same rule, so that both engines train the same weights and their files load in each other
+TASK_HEADS = {
+    "SEQ_CLS": ("classifier", "score"),
+    "TOKEN_CLS": ("classifier", "score"),
+    "QUESTION_ANS": ("qa_outputs",),
+}
+
 
 @dataclass
 class LoraConfig:
@@ -30,6 +39,8 @@ class LoraConfig:
         equals an entry or ends with "." + entry), a regex string (full match), or "all-linear".
     exclude_modules: same forms; never targeted.
     modules_to_save: modules trained in full and saved with the adapter (e.g. a new head).
+        With task_type "SEQ_CLS" or "TOKEN_CLS" the head ("classifier" or "score") is always
+        one of them, and with "QUESTION_ANS" "qa_outputs", as in PEFT (`TASK_HEADS`).
     bias: "none", "all" (every bias trainable) or "lora_only" (biases of LoRA layers).
     rank_pattern, alpha_pattern: per-module r and lora_alpha, e.g. {"lm_head": 16}: a key is a
         regex that must match the end of the module's full name after a dot (PEFT's rule; the
@@ -109,6 +120,18 @@ class LoraConfig:
         if (r, alpha) == (self.r, self.lora_alpha):
             return self
         return dataclasses.replace(self, r=r, lora_alpha=alpha)
+
+    def with_task_head(self) -> LoraConfig:
+        """This config with the output head of its task_type added to modules_to_save."""
+        heads = [h for h in TASK_HEADS.get(self.task_type or "", ()) if h not in self.saved]
+        if not heads:
+            return self
+        return dataclasses.replace(self, modules_to_save=[*self.saved, *heads])
+
+    @property
+    def saved(self) -> list[str]:
+        """modules_to_save as a list (empty for None)."""
+        return list(self.modules_to_save or [])
 
     @property
     def scaling(self) -> float:

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 from torch import nn
 
-from .config import ALL_LINEAR, LoraConfig
+from .config import ALL_LINEAR, TASK_HEADS, LoraConfig
 from .errors import LoraError, TargetModulesError
 from .layers import Conv1D, LoraLayer, ModulesToSaveWrapper, make_lora_layer, supported_types
 
@@ -76,9 +76,22 @@ def find_targets(model: nn.Module, config: LoraConfig) -> list[str]:
             )
         names = [n for n in names if n in dict(candidates) or n in wrapped]
     names = [n for n in names if not name_matches(n, config.exclude_modules)]
-    if not names:
+    kept = [n for n in names if not _within(n, config.saved)]
+    if names and not kept:
+        raise TargetModulesError(
+            f"target_modules {config.target_modules!r} matched only modules inside "
+            f"modules_to_save {config.saved!r} ({', '.join(names)}), which train whole; "
+            "target other layers"
+        )
+    if not kept:
         raise TargetModulesError(_no_match_message(config.target_modules, candidates))
-    return names
+    return kept
+
+
+def _within(name: str, saved: list[str]) -> bool:
+    """Is `name` a modules_to_save module or inside one? PEFT never puts LoRA there, since the
+    module trains whole (e.g. a RoBERTa head's `classifier.dense` when `classifier` is saved)."""
+    return any(re.match(rf"(^|.*\.){re.escape(m)}($|\..*)", name) for m in saved)
 
 
 def _describe(candidates: list[tuple[str, nn.Module]]) -> str:
@@ -137,6 +150,7 @@ def add_adapter(model: nn.Module, adapter_name: str, config: LoraConfig) -> nn.M
         )
     if not isinstance(adapter_name, str) or not adapter_name or "." in adapter_name:
         raise LoraError(f"adapter names are non-empty strings without dots, got {adapter_name!r}")
+    config = config.with_task_head()  # stored so: the saved adapter_config.json lists the head
     for name in find_targets(model, config):
         module = model.get_submodule(name)
         module_config = config.for_module(name)  # its own r / lora_alpha, if a pattern says so
@@ -153,25 +167,49 @@ def add_adapter(model: nn.Module, adapter_name: str, config: LoraConfig) -> nn.M
 
 
 def _add_modules_to_save(model: nn.Module, adapter_name: str, config: LoraConfig) -> None:
-    if not config.modules_to_save:
-        return
-    found = False
-    for name, module in list(model.named_modules()):
-        if not name_matches(name, config.modules_to_save) or "lora_" in name:
-            continue
-        if ".modules_to_save." in name or name.endswith(".original_module"):
-            continue
-        found = True
+    for name in modules_to_save_names(model, config):
+        module = model.get_submodule(name)
         if isinstance(module, ModulesToSaveWrapper):
             module.update(adapter_name)
         else:
             _set_submodule(model, name, ModulesToSaveWrapper(module, adapter_name))
-    if not found:
+
+
+def modules_to_save_names(model: nn.Module, config: LoraConfig) -> list[str]:
+    """The modules that `config.modules_to_save` (its task's head included) trains whole."""
+    config = config.with_task_head()
+    if not config.saved:
+        return []
+    names = [
+        name
+        for name, _ in model.named_modules()
+        if name_matches(name, config.saved)
+        and "lora_" not in name
+        and ".modules_to_save." not in name
+        and not name.endswith(".original_module")
+        and ".original_module." not in name
+    ]
+    for inner in names:
+        outer = next((n for n in names if inner.startswith(n + ".")), None)
+        if outer is not None:
+            # PEFT would wrap both and write a file that neither engine reads back
+            raise TargetModulesError(
+                f"modules_to_save names {inner!r}, which lies inside {outer!r}, also saved "
+                f"whole; drop {inner.rsplit('.', 1)[-1]!r} from modules_to_save"
+                + (
+                    f" (with task_type {config.task_type!r} the head is always saved)"
+                    if config.task_type in TASK_HEADS
+                    else ""
+                )
+            )
+    own = [m for m in config.saved if m not in TASK_HEADS.get(config.task_type or "", ())]
+    if own and not any(name_matches(n, own) for n in names):
         top = [n for n, _ in model.named_children()]
         raise TargetModulesError(
             f"modules_to_save {config.modules_to_save!r} matched no module; "
             f"top-level modules here: {', '.join(top)}"
         )
+    return names
 
 
 def set_adapter(model: nn.Module, adapter_name: str) -> None:

@@ -30,6 +30,11 @@ def apply_lora(
     if section.engine == "peft":
         import peft
 
+        # PEFT wraps nested modules_to_save twice and writes a file no engine reads back:
+        # lorakit's check refuses that first, with the same message for both engines
+        lora.modules_to_save_names(
+            model, lora.LoraConfig(**lora_kwargs(section), task_type=task_type)
+        )
         config = peft.LoraConfig(**lora_kwargs(section), task_type=task_type)
         config.base_model_name_or_path = base_name
         try:
