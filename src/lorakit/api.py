@@ -14,12 +14,14 @@ from __future__ import annotations
 import inspect
 import json
 import os
+import shutil
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from lorakit import trackers
 from lorakit.config import Config, ConfigError, load_config
 from lorakit.recipes import describe, pipeline_module, recipe_names, recipe_path
 from lorakit.rundir import RunDir, default_out, read_run_summary
@@ -87,6 +89,7 @@ def train(
     if checkpoint is not None and "resume" not in inspect.signature(module.run).parameters:
         raise ConfigError(f"the {config.recipe!r} recipe's pipeline cannot resume a run yet")
     extra = {"resume": checkpoint} if checkpoint is not None else {}
+    tracker_names = trackers.resolve(config.train.log_to)  # a missing package: before any work
     if not distributed.is_main_process():
         with distributed.worker_scratch() as scratch:
             return module.run(config, RunDir(scratch), **extra)
@@ -97,11 +100,16 @@ def train(
     if checkpoint is None:
         run_dir.write_config(config)
     try:
+        run_dir.trackers = trackers.Trackers(tracker_names, run_path, config)
         summary = module.run(config, run_dir, **extra)
     except BaseException:
         if checkpoint is None:
             _discard_unstarted(run_path, before)
         raise
+    finally:
+        if run_dir.trackers is not None:
+            run_dir.trackers.finish()
+            run_dir.trackers = None
     facts = {"processes": distributed.world_size()}
     if checkpoint is not None:
         facts.update(started=previous.get("started"), resumed_from=checkpoint.name)
@@ -115,10 +123,13 @@ def _discard_unstarted(run_path: Path, before: set[str] | None) -> None:
     environment.json: remove them, so that the same --out works once the input is fixed. A run
     that got further keeps its folder (metrics, checkpoints for --resume, a pretrained base)."""
     written = set(os.listdir(run_path)) - (before or set())
-    if not written <= {"config.toml", "environment.json"}:
+    if not written <= {"config.toml", "environment.json", "tensorboard", "wandb"}:
         return
     for name in written:
-        (run_path / name).unlink()
+        if (run_path / name).is_dir():  # a tracker's folder, opened at the start
+            shutil.rmtree(run_path / name)
+        else:
+            (run_path / name).unlink()
     if before is None:
         run_path.rmdir()
 

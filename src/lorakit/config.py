@@ -186,11 +186,21 @@ class TrainConfig(_Section):
         "false: PyTorch's own dropout",
     )
     log_every: int = Field(50, gt=0)
+    log_to: list[Literal["tensorboard", "wandb"]] | Literal["auto"] = Field(
+        "auto",
+        description="live trackers beside metrics.jsonl (RUN_DIR/tensorboard, wandb): 'auto' = "
+        "TensorBoard when installed; [] = none",
+    )
     num_workers: int = Field(0, ge=0)
     checkpoint_every: int = Field(
         200, ge=0, description="optimizer steps between checkpoints (RUN_DIR/checkpoints); 0 = off"
     )
     keep_checkpoints: int = Field(2, gt=0, description="the newest checkpoints kept")
+
+    @field_validator("log_to", mode="before")
+    @classmethod
+    def _one_tracker_is_a_list(cls, value: Any) -> Any:
+        return [value] if value in ("tensorboard", "wandb") else value  # --set train.log_to=wandb
 
     @property
     def use_bf16(self) -> bool:

@@ -76,6 +76,7 @@ class RunDir:
             ) from None
         self._started_clock = time.monotonic()
         self.environment: dict[str, Any] = {}
+        self.trackers = None  # lorakit.trackers.Trackers of a live run: each event goes there too
 
     # paths ------------------------------------------------------------------
     def __truediv__(self, name: str) -> Path:
@@ -125,6 +126,8 @@ class RunDir:
         with open(self.path / "metrics.jsonl", "a", encoding="utf-8") as handle:
             handle.write(json.dumps(record) + "\n")
             handle.flush()
+        if self.trackers is not None:
+            self.trackers.event(record)
         return record
 
     def write_summary(self, summary: dict[str, Any]) -> None:

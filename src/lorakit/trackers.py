@@ -1,0 +1,94 @@
+"""Live experiment trackers beside ``metrics.jsonl``: TensorBoard when it is installed, wandb
+when the config asks for it (``train.log_to``).
+
+Every event a run logs (``RunDir.log``) also goes to each tracker, so lorakit's loop and the HF
+``Trainer`` bridge report the same figures under the same names: ``train/loss``, ``train/lr``,
+``validation/accuracy``, ``epoch/val_loss``, ``test/accuracy``, ... at the event's step. The
+trackers themselves are accelerate's (``accelerate.tracking``).
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import os
+from pathlib import Path
+from typing import Any
+
+from lorakit.config import Config, ConfigError, to_toml
+
+AUTO = "auto"
+PACKAGES = {"tensorboard": "tensorboard", "wandb": "wandb"}
+_NOT_FIGURES = {"step", "epoch", "time"}  # an event's coordinates, not what it measured
+
+
+def resolve(log_to: list[str] | str) -> list[str]:
+    """The trackers to start: ``"auto"`` is TensorBoard when installed, else none; a named one
+    that is not installed is a ConfigError before any work."""
+    if log_to == AUTO:
+        return ["tensorboard"] if importlib.util.find_spec("tensorboard") else []
+    for name in log_to:
+        try:
+            importlib.import_module(PACKAGES[name])
+        except ImportError:
+            raise ConfigError(
+                f"train.log_to: {name!r} is not installed; pip install {PACKAGES[name]} "
+                "(or drop it from train.log_to)"
+            ) from None
+    return list(dict.fromkeys(log_to))
+
+
+def figures(record: dict[str, Any]) -> tuple[int | None, dict[str, float]]:
+    """(step, {"<split or event>/<field>": value}) of one metrics.jsonl record."""
+    prefix = record.get("split") or record["event"]
+    values = {
+        f"{prefix}/{key}": float(value)
+        for key, value in record.items()
+        if key not in _NOT_FIGURES
+        and isinstance(value, (int, float))
+        and not isinstance(value, bool)
+    }
+    step = record.get("step")
+    return (int(step) if isinstance(step, (int, float)) else None), values
+
+
+class Trackers:
+    """The started trackers of one run; ``event`` sends them a record, ``finish`` closes them."""
+
+    def __init__(self, names: list[str], run_path: Path, config: Config):
+        from accelerate.tracking import TensorBoardTracker, WandBTracker
+
+        self.started: list[Any] = []
+        self.last_step = 0
+        try:
+            for name in names:
+                if name == "tensorboard":
+                    tracker = TensorBoardTracker(".", logging_dir=run_path / "tensorboard")
+                    tracker.start()
+                    tracker.log({"config": to_toml(config)}, step=0)
+                    print(
+                        f"TensorBoard: tensorboard --logdir {run_path / 'tensorboard'}", flush=True
+                    )
+                else:
+                    project = os.environ.get("WANDB_PROJECT", "lorakit")
+                    tracker = WandBTracker(project, name=run_path.name, dir=str(run_path))
+                    tracker.start()
+                    tracker.store_init_configuration(config.model_dump(mode="json"))
+                self.started.append(tracker)
+        except BaseException:
+            self.finish()
+            raise
+
+    def event(self, record: dict[str, Any]) -> None:
+        step, values = figures(record)
+        # wandb drops a step below one it has seen; the test figures (logged at the best
+        # step) are drawn at the end of training instead
+        step = self.last_step = max(step or 0, self.last_step)
+        if values:
+            for tracker in self.started:
+                tracker.log(values, step=step)
+
+    def finish(self) -> None:
+        for tracker in self.started:
+            tracker.finish()
+        self.started = []
