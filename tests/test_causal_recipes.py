@@ -188,3 +188,19 @@ def test_instruction_file_trains_on_its_own_columns(tiny_gpt2, tmp_path):
     bad = [f"model.name={tiny_gpt2}", f"data.path={path}"]  # the default columns are missing
     with pytest.raises(DataError, match="question"):
         lk.train("instruct-verdicts", out=tmp_path / "bad", overrides=bad)
+
+
+def test_padded_sequences_train_one_row_per_review(tiny_gpt2, tmp_path):
+    """causal.packing = false: each review is its own row (eos review eos, cut at
+    data.max_length), and padding is neither trained on nor counted in perplexity."""
+    from transformers import AutoTokenizer
+
+    overrides = [f"model.name={tiny_gpt2}", "data.max_train_samples=300", "causal.packing=false",
+                 "data.max_length=24", "train.epochs=1", "train.eval_every=0"]  # fmt: skip
+    summary = lk.train("causal-lm", out=tmp_path / "run", overrides=overrides)
+    assert summary["test_perplexity"] < summary["base_test_perplexity"]
+    tokenizer = AutoTokenizer.from_pretrained(tiny_gpt2)
+    test_texts = list(load_dataset("rotten-tomatoes")["test"]["text"])
+    ids = tokenizer(test_texts, add_special_tokens=False)["input_ids"]
+    # every row predicts all of its tokens but the first (the eos that plays bos)
+    assert summary["test_tokens"] == sum(min(len(row) + 2, 24) - 1 for row in ids)

@@ -98,6 +98,12 @@ class CausalConfig(_Section):
         "lm", description="'lm': packed blocks of text; 'instruction': loss on responses only"
     )
     block_size: int = Field(128, ge=2, description="lm mode: tokens per packed block")
+    packing: bool = Field(
+        True,
+        description="lm mode: true = the texts joined by eos and cut into full blocks of "
+        "block_size; false = one row per text, padded (padding not counted), cut at "
+        "data.max_length",
+    )
     prompt_column: str = "prompt"
     response_column: str = "response"
     full_lr: float | None = Field(

@@ -3,7 +3,7 @@
 1. Load the base model (`model.name`: "tiny-gpt2", a folder or a hub id) and measure its test
    perplexity.
 2. Build the data: `causal.mode = "lm"` packs the review text into blocks of
-   `causal.block_size`; `"instruction"` makes prompt/response rows whose loss counts only the
+   `causal.block_size` (`causal.packing = false`: one padded row per text); `"instruction"` makes prompt/response rows whose loss counts only the
    response (the built-in rotten-tomatoes verdicts, or a .jsonl/.csv file in `data.path`).
 3. Add LoRA (engine `lorakit` or `peft`), train with lorakit's loop, keep the adapter of the best
    validation perplexity.
@@ -32,6 +32,7 @@ from lorakit.data.causal import (
     instruction_dataset,
     load_instruction_file,
     pack_texts,
+    padded_lm_dataset,
     rotten_tomatoes_verdicts,
 )
 from lorakit.models.causal_lm import (
@@ -113,7 +114,11 @@ def build_data(config: Config, tokenizer, max_positions: int) -> dict[str, Any]:
             label_column=config.data.label_column,
         )
         dsd["train"] = _limit_train(dsd["train"], config)
-        splits = {s: pack_texts(tokenizer, dsd[s]["text"], causal.block_size) for s in SPLITS}
+        if causal.packing:
+            splits = {s: pack_texts(tokenizer, dsd[s]["text"], causal.block_size) for s in SPLITS}
+        else:
+            max_length = min(config.data.max_length, max_positions)
+            splits = {s: padded_lm_dataset(tokenizer, dsd[s]["text"], max_length) for s in SPLITS}
         return {
             "splits": splits, "val_pairs": None, "test_pairs": None,
             "fingerprint": dataset_fingerprint(dsd),
