@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from lorakit import api
 from lorakit.config import ConfigError
@@ -96,10 +97,15 @@ def test_sigkill_mid_epoch_then_resume_gives_the_same_adapter(reference, tiny_be
     )  # fmt: skip
     deadline = time.monotonic() + 120
     try:
-        # wait for a checkpoint in the second epoch (step 21 or later), then kill at once
+        # wait for a checkpoint in the second epoch (step 21 or later) and a step logged after
+        # it (which the resumed run must drop and train again), then kill at once
         while not any(s > STEPS_PER_EPOCH for s, _ in ckpt.checkpoint_steps(run / "checkpoints")):
             assert child.poll() is None, child.stderr.read().decode()[-2000:]
             assert time.monotonic() < deadline, "no checkpoint appeared"
+            time.sleep(0.02)
+        saved = ckpt.checkpoint_steps(run / "checkpoints")[-1][0]
+        while max(e["step"] for e in events(run, "train")) <= saved:
+            assert time.monotonic() < deadline, "no step after the checkpoint"
             time.sleep(0.02)
         child.send_signal(signal.SIGKILL)
     finally:
@@ -125,6 +131,14 @@ def test_sigkill_mid_epoch_then_resume_gives_the_same_adapter(reference, tiny_be
     )
     environment = json.loads((run / "environment.json").read_text())
     assert environment["resumed_from"] == newest.name and environment["finished"]
+
+    # TensorBoard, like metrics.jsonl, holds each step once: the stopped run's steps after the
+    # checkpoint are purged
+    board = EventAccumulator(str(run / "tensorboard")).Reload()
+    assert [e.step for e in board.Scalars("train/loss")] == train_steps
+    assert [e.value for e in board.Scalars("train/loss")] == pytest.approx(
+        [e["loss"] for e in events(run, "train")], rel=1e-6
+    )
 
 
 def test_failed_write_keeps_the_previous_checkpoint(

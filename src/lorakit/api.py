@@ -69,6 +69,7 @@ def train(
     data-parallel in that many processes on this machine (``batch_size`` is the global batch).
     """
     from lorakit.train import distributed  # torch and accelerate: only when training
+    from lorakit.train.checkpoint import checkpoint_step
 
     if processes < 1:
         raise ConfigError(f"processes: {processes} must be 1 or more")
@@ -100,7 +101,8 @@ def train(
     if checkpoint is None:
         run_dir.write_config(config)
     try:
-        run_dir.trackers = trackers.Trackers(tracker_names, run_path, config)
+        resumed_at = None if checkpoint is None else checkpoint_step(checkpoint)
+        run_dir.trackers = trackers.Trackers(tracker_names, run_path, config, resumed_at)
         summary = module.run(config, run_dir, **extra)
     except BaseException:
         if checkpoint is None:

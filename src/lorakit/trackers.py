@@ -55,17 +55,23 @@ def figures(record: dict[str, Any]) -> tuple[int | None, dict[str, float]]:
 class Trackers:
     """The started trackers of one run; ``event`` sends them a record, ``finish`` closes them."""
 
-    def __init__(self, names: list[str], run_path: Path, config: Config):
+    def __init__(
+        self, names: list[str], run_path: Path, config: Config, resumed_at: int | None = None
+    ):
+        """``resumed_at``: the step of the checkpoint a resumed run starts from; TensorBoard
+        drops what the stopped run logged after it, as metrics.jsonl does."""
         from accelerate.tracking import TensorBoardTracker, WandBTracker
 
         self.started: list[Any] = []
-        self.last_step = 0
+        self.last_step = resumed_at or 0
         try:
             for name in names:
                 if name == "tensorboard":
-                    tracker = TensorBoardTracker(".", logging_dir=run_path / "tensorboard")
+                    purge = {} if resumed_at is None else {"purge_step": resumed_at + 1}
+                    tracker = TensorBoardTracker(".", run_path / "tensorboard", **purge)
                     tracker.start()
-                    tracker.log({"config": to_toml(config)}, step=0)
+                    if resumed_at is None:
+                        tracker.log({"config": to_toml(config)}, step=0)
                     print(
                         f"TensorBoard: tensorboard --logdir {run_path / 'tensorboard'}", flush=True
                     )

@@ -79,6 +79,14 @@ def checkpoint_steps(directory: str | Path) -> list[tuple[int, Path]]:
     return sorted(found)
 
 
+def checkpoint_step(folder: str | Path) -> int:
+    """The optimizer step a checkpoint folder (``step-<N>``) was written at."""
+    match = _STEP_FOLDER.match(Path(folder).name)
+    if match is None:
+        raise ValueError(f"{folder} is not a checkpoint folder (step-<N>)")
+    return int(match.group(1))
+
+
 def latest_checkpoint(directory: str | Path) -> Path | None:
     """The newest complete checkpoint folder in ``directory``, or None."""
     found = checkpoint_steps(directory)
