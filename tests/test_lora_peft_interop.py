@@ -322,3 +322,43 @@ def test_a_misspelt_modules_to_save_beside_the_head_is_still_named():
     )
     with pytest.raises(lora.TargetModulesError, match="'poolr'.*matched no module"):
         lora.inject(tiny_roberta(), config)
+
+
+def tiny_distilbert() -> nn.Module:
+    """DistilBERT's head is `pre_classifier` then `classifier`."""
+    from transformers import DistilBertConfig, DistilBertForSequenceClassification
+
+    torch.manual_seed(0)
+    config = DistilBertConfig(
+        vocab_size=100, dim=32, n_layers=2, n_heads=4, hidden_dim=64,
+        max_position_embeddings=64, num_labels=3,
+    )  # fmt: skip
+    return DistilBertForSequenceClassification(config).eval()
+
+
+def test_a_distilbert_classification_adapter_saves_pre_classifier_as_peft_does(tmp_path):
+    """PEFT saves every module whose name ends with a modules_to_save entry, with no dot before
+    it: "classifier" saves DistilBERT's `pre_classifier` too. lorakit saved `classifier` alone,
+    and PEFT failed to load its file (KeyError 'base_model.model.pre_classifier.weight')."""
+    options = dict(r=4, lora_alpha=8, target_modules=["q_lin", "v_lin"], task_type="SEQ_CLS")
+    ours = lora.inject(tiny_distilbert(), lora.LoraConfig(**options))
+    theirs = peft.get_peft_model(tiny_distilbert(), peft.LoraConfig(**options))
+    assert trainable_names(ours) == trainable_names(theirs)
+    assert "pre_classifier.modules_to_save.weight" in trainable_names(ours)
+
+    with torch.no_grad():
+        for param in ours.parameters():
+            if param.requires_grad:
+                param.normal_(0, 0.5)
+    ids = torch.randint(3, 100, (3, 9))
+    expected = ours(input_ids=ids).logits
+    lora.save_adapter(ours, tmp_path / "ours")
+    loaded = peft.PeftModel.from_pretrained(tiny_distilbert(), tmp_path / "ours").eval()
+    assert (loaded(input_ids=ids).logits - expected).abs().max() <= 1e-5
+
+
+def test_a_target_that_modules_to_save_also_saves_is_refused():
+    """PEFT would put LoRA on `pre_classifier`, then fail to wrap it (TypeError)."""
+    config = lora.LoraConfig(target_modules=["q_lin", "pre_classifier"], task_type="SEQ_CLS")
+    with pytest.raises(lora.TargetModulesError, match="'pre_classifier' is also saved whole"):
+        lora.inject(tiny_distilbert(), config)

@@ -24,7 +24,7 @@ from torch import nn
 from .config import LoraConfig
 from .errors import AdapterFileError, AdapterShapeError, LoraError
 from .layers import LoraLayer, ModulesToSaveWrapper
-from .model import add_adapter, configs, lora_layers, name_matches, set_adapter
+from .model import add_adapter, configs, lora_layers, saved_matches, set_adapter
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -100,7 +100,7 @@ def base_fingerprint(
         if "lora_" in name or ".modules_to_save." in name:
             continue
         base_name = name.replace(".base_layer.", ".").replace(".original_module.", ".")
-        if base_name in brought or name_matches(base_name.rsplit(".", 1)[0], sorted(saved)):
+        if base_name in brought or saved_matches(base_name.rsplit(".", 1)[0], sorted(saved)):
             continue
         tensor = param.detach().contiguous().cpu()
         digest.update(f"{base_name}|{tensor.dtype}|{tuple(tensor.shape)}".encode())

@@ -38,7 +38,8 @@ class LoraConfig:
     target_modules: which modules get LoRA: a list of names (a module matches when its full name
         equals an entry or ends with "." + entry), a regex string (full match), or "all-linear".
     exclude_modules: same forms; never targeted.
-    modules_to_save: modules trained in full and saved with the adapter (e.g. a new head).
+    modules_to_save: modules trained in full and saved with the adapter (e.g. a new head); a
+        module matches when its full name ends with an entry (PEFT's rule, no dot needed).
         With task_type "SEQ_CLS" or "TOKEN_CLS" the head ("classifier" or "score") is always
         one of them, and with "QUESTION_ANS" "qa_outputs", as in PEFT (`TASK_HEADS`).
     bias: "none", "all" (every bias trainable) or "lora_only" (biases of LoRA layers).

@@ -34,6 +34,12 @@ def name_matches(name: str, patterns: list[str] | str | None) -> bool:
     return any(name == p or name.endswith("." + p) for p in patterns)
 
 
+def saved_matches(name: str, modules_to_save: list[str] | None) -> bool:
+    """PEFT's rule for modules_to_save: a plain suffix of the name, with no dot before it, so
+    "classifier" also saves DistilBERT's "pre_classifier" (PEFT's `_set_trainable`)."""
+    return any(name.endswith(m) for m in modules_to_save or [])
+
+
 def _output_head_names(model: nn.Module) -> set[str]:
     heads: set[str] = set()
     get_out = getattr(model, "get_output_embeddings", None)
@@ -58,7 +64,7 @@ def find_targets(model: nn.Module, config: LoraConfig) -> list[str]:
     candidates = _targetable(model)
     if config.target_modules == ALL_LINEAR:
         heads = _output_head_names(model) | {
-            n for n, _ in candidates if name_matches(n, config.modules_to_save)
+            n for n, _ in candidates if saved_matches(n, config.modules_to_save)
         }
         linear = (nn.Linear,) + ((Conv1D,) if Conv1D is not None else ())
         names = [n for n, m in candidates if isinstance(m, linear) and n not in heads]
@@ -77,6 +83,14 @@ def find_targets(model: nn.Module, config: LoraConfig) -> list[str]:
         names = [n for n in names if n in dict(candidates) or n in wrapped]
     names = [n for n in names if not name_matches(n, config.exclude_modules)]
     kept = [n for n in names if not _within(n, config.saved)]
+    clash = next((n for n in kept if saved_matches(n, config.saved)), None)
+    if clash is not None:
+        # PEFT puts LoRA on it, then fails to wrap the LoRA layer (TypeError): no file can result
+        saved = next(m for m in config.saved if clash.endswith(m))
+        raise TargetModulesError(
+            f"target module {clash!r} is also saved whole: its name ends with {saved!r} from "
+            "modules_to_save (PEFT saves every module whose name ends so); drop one of the two"
+        )
     if names and not kept:
         raise TargetModulesError(
             f"target_modules {config.target_modules!r} matched only modules inside "
@@ -183,7 +197,7 @@ def modules_to_save_names(model: nn.Module, config: LoraConfig) -> list[str]:
     names = [
         name
         for name, _ in model.named_modules()
-        if name_matches(name, config.saved)
+        if saved_matches(name, config.saved)
         and "lora_" not in name
         and ".modules_to_save." not in name
         and not name.endswith(".original_module")
@@ -203,7 +217,7 @@ def modules_to_save_names(model: nn.Module, config: LoraConfig) -> list[str]:
                 )
             )
     own = [m for m in config.saved if m not in TASK_HEADS.get(config.task_type or "", ())]
-    if own and not any(name_matches(n, own) for n in names):
+    if own and not any(saved_matches(n, own) for n in names):
         top = [n for n, _ in model.named_children()]
         raise TargetModulesError(
             f"modules_to_save {config.modules_to_save!r} matched no module; "
