@@ -362,3 +362,20 @@ def test_a_target_that_modules_to_save_also_saves_is_refused():
     config = lora.LoraConfig(target_modules=["q_lin", "pre_classifier"], task_type="SEQ_CLS")
     with pytest.raises(lora.TargetModulesError, match="'pre_classifier' is also saved whole"):
         lora.inject(tiny_distilbert(), config)
+
+
+def test_an_adapter_with_dropout_loads_for_inference_with_peft_logits(tmp_path):
+    """load_adapter added LoRA layers in training mode to an eval model, so lora_dropout ran at
+    inference and the logits were random; PEFT's from_pretrained turns the model to eval."""
+    input_ids = torch.randint(0, 97, (3, 16), generator=torch.Generator().manual_seed(1))
+    config = peft.LoraConfig(
+        r=4, target_modules=["c_attn"], lora_dropout=0.5, init_lora_weights=False
+    )
+    peft_model = peft.get_peft_model(tiny_gpt2(), config)
+    peft_model.save_pretrained(tmp_path / "peft")
+    expected = logits(
+        peft.PeftModel.from_pretrained(tiny_gpt2(), tmp_path / "peft"), {"input_ids": input_ids}
+    )
+    loaded = lora.load_adapter(tiny_gpt2(), tmp_path / "peft")
+    assert not loaded.training
+    assert (logits(loaded, {"input_ids": input_ids}) - expected).abs().max() <= 1e-5

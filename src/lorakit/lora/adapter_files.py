@@ -217,7 +217,8 @@ def load_adapter(
     adapter_name: str = "default",
     is_trainable: bool = False,
 ) -> nn.Module:
-    """Loads an adapter saved by lorakit or PEFT into `model` (adding LoRA layers if needed)."""
+    """Loads an adapter saved by lorakit or PEFT into `model` (adding LoRA layers if needed);
+    for inference (in eval mode, as PEFT does) unless `is_trainable`."""
     config, tensors, metadata = read_adapter(directory)
     config.inference_mode = not is_trainable
     recorded = metadata.get("base_fingerprint")
@@ -246,6 +247,10 @@ def load_adapter(
             if "lora_" not in name and ".modules_to_save." not in name:
                 param.requires_grad = False
     set_adapter(model, adapter_name)
+    if not is_trainable:
+        # new LoRA layers start in training mode, and their lora_dropout would be applied at
+        # inference; PEFT's from_pretrained turns the model to eval mode so too
+        model.eval()
     return model
 
 
