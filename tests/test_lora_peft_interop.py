@@ -379,3 +379,22 @@ def test_an_adapter_with_dropout_loads_for_inference_with_peft_logits(tmp_path):
     loaded = lora.load_adapter(tiny_gpt2(), tmp_path / "peft")
     assert not loaded.training
     assert (logits(loaded, {"input_ids": input_ids}) - expected).abs().max() <= 1e-5
+
+
+def test_peft_adapter_with_bias_all_and_a_nested_head_loads_in_lorakit(tmp_path):
+    """RoBERTa's head has layers of its own; PEFT's bias="all" file keeps its adapter's name in
+    their copies' biases (classifier.modules_to_save.default.dense.bias), which lorakit refused
+    as tensors this model lacks."""
+    config = peft.LoraConfig(
+        r=4, target_modules=["query", "value"], bias="all", task_type="SEQ_CLS"
+    )
+    peft_model = peft.get_peft_model(tiny_roberta(), config).eval()
+    with torch.no_grad():
+        for param in peft_model.parameters():
+            if param.requires_grad:
+                param.normal_(0, 0.5)  # as if trained
+    ids = torch.randint(3, 100, (3, 9))
+    expected = peft_model(input_ids=ids).logits
+    peft_model.save_pretrained(tmp_path / "peft")
+    loaded = lora.load_adapter(tiny_roberta(), tmp_path / "peft")
+    assert (loaded(input_ids=ids).logits - expected).abs().max() <= 1e-5

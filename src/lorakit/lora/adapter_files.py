@@ -267,9 +267,7 @@ def _check_and_copy(model, adapter_name, directory, expected, tensors, extra_bas
     model_params = dict(model.named_parameters(remove_duplicate=False))
     unknown = []
     for key in extra_base:
-        name = key.removeprefix(PREFIX)
-        # PEFT's bias="all" also writes a modules_to_save copy's bias, without the adapter's name
-        name = name.replace(".modules_to_save.", f".modules_to_save.{adapter_name}.")
+        name = _copy_name(key.removeprefix(PREFIX), adapter_name, model_params)
         name = name if name in model_params else name.replace(".weight", ".base_layer.weight")
         if name not in model_params:
             unknown.append(key)
@@ -293,6 +291,20 @@ def _check_and_copy(model, adapter_name, directory, expected, tensors, extra_bas
     with torch.no_grad():
         for key, target in expected.items():
             target.copy_(tensors[key].to(target.dtype))
+
+
+def _copy_name(name: str, adapter_name: str, model_params: dict) -> str:
+    """PEFT's bias="all" also writes a modules_to_save copy's bias: without the adapter's name
+    for the saved module's own parameter ("classifier.modules_to_save.bias"), with the name PEFT
+    saved it under for a nested one ("classifier.modules_to_save.default.dense.bias")."""
+    if ".modules_to_save." not in name:
+        return name
+    head, _, rest = name.partition(".modules_to_save.")
+    for tail in (rest, rest.partition(".")[2]):
+        candidate = f"{head}.modules_to_save.{adapter_name}.{tail}"
+        if candidate in model_params:
+            return candidate
+    return name
 
 
 def _undo(model: nn.Module, adapter_name: str) -> None:
