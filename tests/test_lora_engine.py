@@ -180,6 +180,24 @@ def test_several_named_adapters():
         lora.set_adapter(model, "other")
 
 
+def test_set_adapter_on_a_merged_model_unmerges_first():
+    """The merged adapter stayed in the weights and added to the one set active (PEFT unmerges)."""
+    model = adapted()
+    first = out(model)
+    lora.add_adapter(
+        model, "other", lora.LoraConfig(r=2, target_modules=["key"], init_lora_weights=False)
+    )
+    lora.set_adapter(model, "other")
+    second = out(model)
+    lora.merge_adapter(model)
+    with pytest.warns(UserWarning, match="unmerging first"):
+        lora.set_adapter(model, "default")
+    assert (out(model) - first).abs().max() <= 1e-5
+    assert not any(layer.merged for _, layer in lora.lora_layers(model))
+    lora.set_adapter(model, "other")
+    assert (out(model) - second).abs().max() <= 1e-5
+
+
 def test_rslora_scaling():
     model = lora.inject(
         tiny_bert(), lora.LoraConfig(r=4, lora_alpha=8, use_rslora=True, target_modules=["query"])

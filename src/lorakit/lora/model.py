@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import difflib
 import re
+import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -233,6 +234,10 @@ def set_adapter(model: nn.Module, adapter_name: str) -> None:
             f"no adapter named {adapter_name!r}; adapters here: {sorted(configs(model))}"
         )
     trainable = not configs(model)[adapter_name].inference_mode
+    if any(layer.merged for _, layer in lora_layers(model)):
+        # else the merged adapter stays in the weights and adds to the newly active one
+        warnings.warn("set_adapter on a merged model: unmerging first, as PEFT does", stacklevel=2)
+        unmerge_adapter(model)
     for _, layer in lora_layers(model):
         layer.active_adapter = adapter_name if adapter_name in layer.r else None
         for name, param in layer.named_parameters():
