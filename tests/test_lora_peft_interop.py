@@ -398,3 +398,20 @@ def test_peft_adapter_with_bias_all_and_a_nested_head_loads_in_lorakit(tmp_path)
     peft_model.save_pretrained(tmp_path / "peft")
     loaded = lora.load_adapter(tiny_roberta(), tmp_path / "peft")
     assert (loaded(input_ids=ids).logits - expected).abs().max() <= 1e-5
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_an_adapter_on_a_half_precision_base_gives_peft_logits(tmp_path, dtype):
+    """The fp32 LoRA weights met a bf16 / fp16 input and forward failed (expected m1 and m2 to
+    have the same dtype); PEFT computes the branch in the adapter's dtype, returns the base's."""
+    input_ids = torch.randint(0, 97, (3, 16), generator=torch.Generator().manual_seed(1))
+    config = peft.LoraConfig(r=4, target_modules=["c_attn", "wte"], init_lora_weights=False)
+    peft.get_peft_model(tiny_gpt2(), config).save_pretrained(
+        tmp_path / "peft", save_embedding_layers=False
+    )
+    theirs = peft.PeftModel.from_pretrained(tiny_gpt2().to(dtype), tmp_path / "peft").eval()
+    expected = logits(theirs, {"input_ids": input_ids})
+    ours = lora.load_adapter(tiny_gpt2().to(dtype), tmp_path / "peft")
+    got = logits(ours, {"input_ids": input_ids})
+    assert got.dtype == dtype
+    assert torch.equal(got, expected)

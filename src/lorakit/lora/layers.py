@@ -176,8 +176,18 @@ class Linear(LoraLayer):
         if name is None:
             return result
         A, B = self.lora_A[name].weight, self.lora_B[name].weight
+        x, dtype = _to_adapter_dtype(x, A), result.dtype
         down = F.linear(self.lora_dropout[name](x), A)  # (..., r): the cheap half
-        return add_scaled_product(result, down, B, self.scaling[name])
+        return add_scaled_product(result, down, B, self.scaling[name]).to(dtype)
+
+
+def _to_adapter_dtype(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """x in the adapter's dtype, as PEFT casts it: an fp32 adapter on a bf16 or fp16 base
+    (PEFT's files load so) computes in fp32, and the layer returns the base's dtype. Under
+    autocast the ops choose the dtype themselves, and x is left as it is."""
+    if torch.is_autocast_enabled(x.device.type):
+        return x
+    return x.to(weight.dtype)
 
 
 def add_scaled_product(result: torch.Tensor, down: torch.Tensor, B: torch.Tensor, scaling: float):
@@ -239,7 +249,10 @@ class Embedding(LoraLayer):
             return result
         base = self.base_layer
         after_A = F.embedding(x, self.lora_embedding_A[name].T, padding_idx=base.padding_idx)
-        return result + (after_A @ self.lora_embedding_B[name].T) * self.scaling[name]
+        update = (after_A @ self.lora_embedding_B[name].T) * self.scaling[name]
+        if torch.is_autocast_enabled(update.device.type):
+            return result + update
+        return (result + update).to(result.dtype)  # the base's dtype, as in Linear
 
 
 class ModulesToSaveWrapper(nn.Module):
