@@ -415,3 +415,15 @@ def test_an_adapter_on_a_half_precision_base_gives_peft_logits(tmp_path, dtype):
     got = logits(ours, {"input_ids": input_ids})
     assert got.dtype == dtype
     assert torch.equal(got, expected)
+
+
+@pytest.mark.parametrize(
+    "option", [{"lora_bias": True}, {"trainable_token_indices": [1, 2]}], ids=lambda o: [*o][0]
+)
+def test_a_peft_option_lorakit_lacks_is_named_when_loading(tmp_path, option):
+    """lorakit dropped these options and then refused the file as made "for another model"."""
+    config = peft.LoraConfig(r=4, target_modules=["c_attn"], **option)
+    peft.get_peft_model(tiny_gpt2(), config).save_pretrained(tmp_path / "peft")
+    name = [*option][0]
+    with pytest.raises(lora.LoraError, match=rf"PEFT's {name}=.*lora.engine=peft"):
+        lora.load_adapter(tiny_gpt2(), tmp_path / "peft")

@@ -25,6 +25,13 @@ TASK_HEADS = {
     "QUESTION_ANS": ("qa_outputs",),
 }
 
+# PEFT LoRA options that change the tensors or the forward pass and that lorakit does not have
+UNSUPPORTED = (
+    "lora_bias", "trainable_token_indices", "layer_replication", "target_parameters",
+    "alora_invocation_tokens", "use_qalora", "use_bdlora", "arrow_config", "velora_config",
+    "monteclora_config", "kasa_config",
+)  # fmt: skip
+
 
 @dataclass
 class LoraConfig:
@@ -154,6 +161,12 @@ class LoraConfig:
             raise LoraError(f"only LoRA adapters are supported, this one is {data['peft_type']!r}")
         if data.get("use_dora"):
             raise LoraError("DoRA adapters (use_dora=true) are not supported by lorakit's engine")
+        for key in UNSUPPORTED:
+            if data.get(key):  # else lorakit would drop the tensors or the changes they bring
+                raise LoraError(
+                    f"this adapter uses PEFT's {key}={data[key]!r}, which lorakit's engine does "
+                    "not support; load it with PEFT (lora.engine=peft)"
+                )
         names = {f.name for f in dataclasses.fields(cls)} - {"extra"}
         known = {k: v for k, v in data.items() if k in names}
         for key in ("rank_pattern", "alpha_pattern"):  # PEFT may write null
