@@ -241,6 +241,12 @@ def test_target_of_unsupported_type_is_named():
         ({"lora_dropout": -0.1}, "lora_dropout must be in [0, 1)"),
         ({"bias": "some"}, "bias must be"),
         ({"target_modules": []}, "target_modules is empty"),
+        ({"layers_to_transform": "1"}, "layers_to_transform must be a layer index"),
+        ({"layers_pattern": "layers"}, "layers_pattern is set without layers_to_transform"),
+        (
+            {"target_modules": ".*query", "layers_to_transform": [0]},
+            "need target_modules as a list",
+        ),
     ],
 )
 def test_bad_config_values(kwargs, words):

@@ -427,3 +427,28 @@ def test_a_peft_option_lorakit_lacks_is_named_when_loading(tmp_path, option):
     name = [*option][0]
     with pytest.raises(lora.LoraError, match=rf"PEFT's {name}=.*lora.engine=peft"):
         lora.load_adapter(tiny_gpt2(), tmp_path / "peft")
+
+
+def test_layers_to_transform_matches_peft_both_ways(tmp_path):
+    """lorakit ignored PEFT's layers_to_transform / layers_pattern (and wrote them as null): a
+    PEFT file with them was refused as "made for another model", and LoRA went on every layer."""
+    input_ids = torch.randint(0, 97, (3, 16), generator=torch.Generator().manual_seed(1))
+    settings = dict(
+        r=4, target_modules=["c_attn", "c_fc"], init_lora_weights=False,
+        layers_to_transform=[1], layers_pattern="h",
+    )  # fmt: skip
+    ours = lora.inject(tiny_gpt2(), lora.LoraConfig(**settings))
+    assert [n for n, _ in lora.lora_layers(ours)] == [
+        "transformer.h.1.attn.c_attn",
+        "transformer.h.1.mlp.c_fc",
+    ]
+    expected = logits(ours, {"input_ids": input_ids})
+    lora.save_adapter(ours, tmp_path / "ours")
+    theirs = peft.PeftModel.from_pretrained(tiny_gpt2(), tmp_path / "ours").eval()
+    assert (logits(theirs, {"input_ids": input_ids}) - expected).abs().max() <= 1e-5
+
+    peft_model = peft.get_peft_model(tiny_gpt2(), peft.LoraConfig(**settings)).eval()
+    expected = logits(peft_model, {"input_ids": input_ids})
+    peft_model.save_pretrained(tmp_path / "peft")
+    loaded = lora.load_adapter(tiny_gpt2(), tmp_path / "peft")
+    assert (logits(loaded, {"input_ids": input_ids}) - expected).abs().max() <= 1e-5

@@ -56,6 +56,9 @@ class LoraConfig:
     init_lora_weights: True = Kaiming-uniform A and zero B, so training starts at the base
         model (section 4.1); "gaussian" = normal A with std 1/r; False = random B too (tests).
     fan_in_fan_out: the base stores weight as (in, out), as GPT-2's Conv1D does.
+    layers_to_transform, layers_pattern: only the layers with these indices (an int or a list)
+        get LoRA, with a list target_modules: the index is the number after `layers_pattern`
+        (e.g. "layers" in "model.layers.3.mlp"), or the first number in the name (PEFT's rule).
     """
 
     r: int = 8
@@ -70,6 +73,8 @@ class LoraConfig:
     alpha_pattern: dict[str, float] = field(default_factory=dict)
     init_lora_weights: bool | Literal["gaussian"] = True
     fan_in_fan_out: bool = False
+    layers_to_transform: list[int] | int | None = None
+    layers_pattern: list[str] | str | None = None
     task_type: str | None = None
     base_model_name_or_path: str | None = None
     inference_mode: bool = False
@@ -97,6 +102,7 @@ class LoraConfig:
                 f"init_lora_weights must be True, False or 'gaussian', got {self.init_lora_weights!r}"
             )
         self._check_patterns()
+        self._check_layers()
         if not self.target_modules:
             raise LoraError(
                 "target_modules is empty: name the modules to adapt, e.g. ['query', 'value'], "
@@ -117,6 +123,30 @@ class LoraConfig:
                     raise LoraError(f"{key}: {pattern!r} is not a regular expression") from None
                 if not ok(value):
                     raise LoraError(f"{key}: {pattern!r} -> {value!r} is not valid; e.g. {example}")
+
+    def _check_layers(self) -> None:
+        layers, pattern = self.layers_to_transform, self.layers_pattern
+        if not (layers is None or _is_index(layers) or (
+            isinstance(layers, list) and all(_is_index(i) for i in layers)
+        )):  # fmt: skip
+            raise LoraError(
+                f"layers_to_transform must be a layer index or a list of them, got {layers!r}"
+            )
+        if not (pattern is None or isinstance(pattern, str) or (
+            isinstance(pattern, list) and all(isinstance(p, str) for p in pattern)
+        )):  # fmt: skip
+            raise LoraError(
+                f"layers_pattern must be a name such as 'layers' or a list, got {pattern!r}"
+            )
+        if isinstance(self.target_modules, str) and (layers is not None or pattern is not None):
+            raise LoraError(
+                "layers_to_transform and layers_pattern need target_modules as a list of names, "
+                f"not the string {self.target_modules!r}"
+            )
+        if pattern and layers is None:
+            raise LoraError(
+                "layers_pattern is set without layers_to_transform; set both or neither"
+            )
 
     def for_module(self, module_name: str) -> LoraConfig:
         """This config with the r and lora_alpha that rank_pattern / alpha_pattern give
@@ -150,7 +180,7 @@ class LoraConfig:
         data = {
             f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "extra"
         }
-        data.update(peft_type="LORA", revision=None, layers_to_transform=None, layers_pattern=None)
+        data.update(peft_type="LORA", revision=None)
         data.update(use_dora=False)
         return {**self.extra, **data}
 
@@ -183,6 +213,10 @@ def _pattern_key(patterns: dict, module_name: str) -> str | None:
         if re.match(rf"(.*\.)?({key})$", module_name):
             return key
     return None
+
+
+def _is_index(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
 
 
 def _is_rank(value) -> bool:

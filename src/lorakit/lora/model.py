@@ -70,7 +70,12 @@ def find_targets(model: nn.Module, config: LoraConfig) -> list[str]:
         linear = (nn.Linear,) + ((Conv1D,) if Conv1D is not None else ())
         names = [n for n, m in candidates if isinstance(m, linear) and n not in heads]
     else:
-        names = [n for n, _ in model.named_modules() if name_matches(n, config.target_modules)]
+        names = [
+            n
+            for n, _ in model.named_modules()
+            if name_matches(n, config.target_modules)
+            and (n in config.target_modules or _in_layers(n, config))
+        ]
         unsupported = [n for n in names if n not in dict(candidates)]
         wrapped = {n for n, m in model.named_modules() if isinstance(m, LoraLayer)}
         unsupported = [n for n in unsupported if n not in wrapped and "lora_" not in n]
@@ -101,6 +106,26 @@ def find_targets(model: nn.Module, config: LoraConfig) -> list[str]:
     if not kept:
         raise TargetModulesError(_no_match_message(config.target_modules, candidates))
     return kept
+
+
+def _in_layers(name: str, config: LoraConfig) -> bool:
+    """Is `name` in one of config.layers_to_transform? PEFT's `check_target_module_exists`: the
+    index follows a layers_pattern entry, or else is the first number between dots; a name that
+    equals a target_modules entry is taken whatever its layer."""
+    wanted, patterns = config.layers_to_transform, config.layers_pattern
+    if wanted is None or wanted == []:
+        return True
+    if not patterns:
+        match = re.match(r".*?\.[^.]*\.(?P<idx>\d+)\.", name)
+    else:
+        for pattern in [patterns] if isinstance(patterns, str) else patterns:
+            match = re.match(rf"(?:^|.*?\.){pattern}\.(?P<idx>\d+)\.", name)
+            if match is not None:
+                break
+    if match is None:
+        return False
+    index = int(match.group("idx"))
+    return index == wanted if isinstance(wanted, int) else index in wanted
 
 
 def _within(name: str, saved: list[str]) -> bool:
