@@ -241,6 +241,9 @@ def test_target_of_unsupported_type_is_named():
         ({"lora_dropout": -0.1}, "lora_dropout must be in [0, 1)"),
         ({"bias": "some"}, "bias must be"),
         ({"target_modules": []}, "target_modules is empty"),
+        ({"target_modules": 5}, "target_modules must be a list of module names"),
+        ({"exclude_modules": [1]}, "exclude_modules must be a list of module names"),
+        ({"modules_to_save": "classifier"}, "modules_to_save must be a list of module names"),
         ({"layers_to_transform": "1"}, "layers_to_transform must be a layer index"),
         ({"layers_pattern": "layers"}, "layers_pattern is set without layers_to_transform"),
         (

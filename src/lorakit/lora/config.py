@@ -101,6 +101,7 @@ class LoraConfig:
             raise LoraError(
                 f"init_lora_weights must be True, False or 'gaussian', got {self.init_lora_weights!r}"
             )
+        self._check_names()
         self._check_patterns()
         self._check_layers()
         if not self.target_modules:
@@ -108,6 +109,24 @@ class LoraConfig:
                 "target_modules is empty: name the modules to adapt, e.g. ['query', 'value'], "
                 "or 'all-linear' (`lorakit inspect MODEL` lists the names)"
             )
+
+    def _check_names(self) -> None:
+        for key, value, regex in (
+            ("target_modules", self.target_modules, True),
+            ("exclude_modules", self.exclude_modules, True),
+            (
+                "modules_to_save",
+                self.modules_to_save,
+                False,
+            ),  # PEFT reads a string letter by letter
+        ):
+            names = isinstance(value, list) and all(isinstance(n, str) for n in value)
+            if not (value is None or names or (regex and isinstance(value, str))):
+                raise LoraError(
+                    f"{key} must be a list of module names, e.g. ['classifier']"
+                    + (" (or a regex string)" if regex else "")
+                    + f", got {value!r}"
+                )
 
     def _check_patterns(self) -> None:
         for key, values, ok, example in (
