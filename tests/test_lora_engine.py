@@ -396,3 +396,16 @@ def test_for_module_takes_the_first_matching_pattern():
         .r
         == 8
     )
+
+
+def test_a_merged_adapter_saves_and_loads_with_its_outputs(tmp_path):
+    """save_adapter after merge_adapter failed ("unmerge the adapter before fingerprinting the
+    base"); PEFT saves a merged adapter as it is."""
+    model = adapted(modules_to_save=None)
+    expected = out(model)
+    lora.merge_adapter(model)
+    lora.save_adapter(model, tmp_path / "adapter")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", lora.FingerprintWarning)
+        loaded = lora.load_adapter(tiny_bert(), tmp_path / "adapter")
+    assert (out(loaded) - expected).abs().max() <= 1e-5

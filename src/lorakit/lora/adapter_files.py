@@ -136,6 +136,7 @@ def save_adapter(
             f"no adapter named {adapter_name!r}; adapters here: {sorted(configs(model))}"
         )
     base_name = base_model_name_or_path or config.base_model_name_or_path
+    merged = any(layer.merged for _, layer in lora_layers(model))
     tensors = {
         k: v.detach().to("cpu").contiguous().clone()
         for k, v in adapter_state_dict(model, adapter_name).items()
@@ -144,7 +145,8 @@ def save_adapter(
         "format": "pt",
         "lorakit_version": _version(),
         "base_model": str(base_name or ""),
-        "base_fingerprint": base_fingerprint(model, stored=tensors),
+        # merged weights are not the base's: such a file records no fingerprint (none is checked)
+        "base_fingerprint": "" if merged else base_fingerprint(model, stored=tensors),
     }
     config_dict = config.to_dict()
     config_dict["base_model_name_or_path"] = base_name
