@@ -452,3 +452,28 @@ def test_layers_to_transform_matches_peft_both_ways(tmp_path):
     peft_model.save_pretrained(tmp_path / "peft")
     loaded = lora.load_adapter(tiny_gpt2(), tmp_path / "peft")
     assert (logits(loaded, {"input_ids": input_ids}) - expected).abs().max() <= 1e-5
+
+
+@pytest.mark.parametrize("task_type", ["SEQ_CLS", None])
+def test_an_all_linear_adapter_adapts_the_same_layers_in_peft(tmp_path, task_type):
+    """lorakit saved target_modules "all-linear", which PEFT resolves by its own rule: with
+    SEQ_CLS it put LoRA on DistilBERT's saved pre_classifier and failed (TypeError), without a
+    task it added LoRA to the classifier. lorakit now saves the names it adapted, as PEFT does."""
+    ours = lora.inject(
+        tiny_distilbert(),
+        lora.LoraConfig(
+            r=4, target_modules="all-linear", init_lora_weights=False, task_type=task_type
+        ),
+    )
+    with torch.no_grad():
+        for param in ours.parameters():
+            if param.requires_grad:
+                param.normal_(0, 0.5)
+    ids = torch.randint(3, 100, (3, 9))
+    expected = ours(input_ids=ids).logits
+    lora.save_adapter(ours, tmp_path / "ours")
+    theirs = peft.PeftModel.from_pretrained(tiny_distilbert(), tmp_path / "ours", is_trainable=True)
+    assert trainable_names(theirs) == trainable_names(ours)
+    assert (theirs.eval()(input_ids=ids).logits - expected).abs().max() <= 1e-5
+    back = lora.load_adapter(tiny_distilbert(), tmp_path / "ours")
+    assert (back(input_ids=ids).logits - expected).abs().max() <= 1e-5

@@ -21,7 +21,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 
-from .config import LoraConfig
+from .config import ALL_LINEAR, LoraConfig
 from .errors import AdapterFileError, AdapterShapeError, LoraError
 from .layers import LoraLayer, ModulesToSaveWrapper
 from .model import add_adapter, configs, lora_layers, saved_matches, set_adapter
@@ -150,6 +150,13 @@ def save_adapter(
     }
     config_dict = config.to_dict()
     config_dict["base_model_name_or_path"] = base_name
+    if config.target_modules == ALL_LINEAR:
+        # PEFT resolves "all-linear" by a rule of its own (LoRA on a classifier head lorakit
+        # leaves alone, or on DistilBERT's saved pre_classifier, where it fails) and saves the
+        # names it chose; lorakit saves its names too, so that both engines adapt the same layers
+        config_dict["target_modules"] = sorted(
+            name for name, layer in lora_layers(model) if adapter_name in layer.r
+        )
     config_dict["inference_mode"] = True
     # PEFT reads GPT-2's Conv1D weights as (in, out) only when told so
     config_dict["fan_in_fan_out"] = config.fan_in_fan_out or any(
