@@ -409,3 +409,12 @@ def test_a_merged_adapter_saves_and_loads_with_its_outputs(tmp_path):
         warnings.simplefilter("error", lora.FingerprintWarning)
         loaded = lora.load_adapter(tiny_bert(), tmp_path / "adapter")
     assert (out(loaded) - expected).abs().max() <= 1e-5
+
+
+def test_a_refused_modules_to_save_leaves_the_model_untouched():
+    """LoRA layers were injected before modules_to_save was checked, and stayed after its error."""
+    model = tiny_bert()
+    config = lora.LoraConfig(target_modules=["query"], modules_to_save=["clasifier"])
+    with pytest.raises(lora.TargetModulesError, match="'clasifier'.*matched no module"):
+        lora.inject(model, config)
+    assert not list(lora.lora_layers(model))

@@ -191,7 +191,9 @@ def add_adapter(model: nn.Module, adapter_name: str, config: LoraConfig) -> nn.M
     if not isinstance(adapter_name, str) or not adapter_name or "." in adapter_name:
         raise LoraError(f"adapter names are non-empty strings without dots, got {adapter_name!r}")
     config = config.with_task_head()  # stored so: the saved adapter_config.json lists the head
-    for name in find_targets(model, config):
+    targets = find_targets(model, config)
+    modules_to_save_names(model, config)  # its errors come before the model is changed
+    for name in targets:
         module = model.get_submodule(name)
         module_config = config.for_module(name)  # its own r / lora_alpha, if a pattern says so
         if isinstance(module, LoraLayer):
