@@ -477,3 +477,21 @@ def test_an_all_linear_adapter_adapts_the_same_layers_in_peft(tmp_path, task_typ
     assert (theirs.eval()(input_ids=ids).logits - expected).abs().max() <= 1e-5
     back = lora.load_adapter(tiny_distilbert(), tmp_path / "ours")
     assert (back(input_ids=ids).logits - expected).abs().max() <= 1e-5
+
+
+@pytest.mark.parametrize("targets", ["all-linear", r".*\.c_attn.*"])
+def test_a_second_adapter_goes_into_the_lora_layers_not_their_base_layer(tmp_path, targets):
+    """With "all-linear" or a regex, a second adapter also matched each LoRA layer's base_layer
+    and nested LoRA in it (tensors ...c_attn.base_layer.lora_A.weight, which PEFT cannot load)."""
+    input_ids = torch.randint(0, 97, (3, 16), generator=torch.Generator().manual_seed(1))
+    model = lora.inject(tiny_gpt2(), lora.LoraConfig(r=4, target_modules=["c_attn"]))
+    first = [n for n, _ in lora.lora_layers(model)]
+    config = lora.LoraConfig(r=2, target_modules=targets, init_lora_weights=False)
+    lora.add_adapter(model, "other", config)
+    assert not any(".base_layer" in n for n, _ in lora.lora_layers(model))
+    assert set(first) <= {n for n, layer in lora.lora_layers(model) if "other" in layer.r}
+    lora.set_adapter(model, "other")
+    expected = logits(model, {"input_ids": input_ids})
+    lora.save_adapter(model, tmp_path / "other", adapter_name="other")
+    theirs = peft.PeftModel.from_pretrained(tiny_gpt2(), tmp_path / "other").eval()
+    assert (logits(theirs, {"input_ids": input_ids}) - expected).abs().max() <= 1e-5

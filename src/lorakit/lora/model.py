@@ -19,6 +19,7 @@ from torch import nn
 from .config import ALL_LINEAR, TASK_HEADS, LoraConfig
 from .errors import LoraError, TargetModulesError
 from .layers import Conv1D, LoraLayer, ModulesToSaveWrapper, make_lora_layer, supported_types
+from .layers import Linear as LoraLinear
 
 CONFIGS_ATTR = "lorakit_configs"  # {adapter_name: LoraConfig} kept on the model
 HEAD_NAMES = ("lm_head", "classifier", "score")  # output heads that "all-linear" leaves alone
@@ -52,12 +53,26 @@ def _output_head_names(model: nn.Module) -> set[str]:
 
 
 def _targetable(model: nn.Module) -> list[tuple[str, nn.Module]]:
-    types = supported_types()
+    types = (*supported_types(), LoraLayer)
+    inside = _inside_lora_layers(model)
     return [
         (name, m)
         for name, m in model.named_modules()
-        if isinstance(m, types) and "lora_" not in name and ".modules_to_save." not in name
+        if isinstance(m, types)
+        and name not in inside
+        and "lora_" not in name
+        and ".modules_to_save." not in name
     ]
+
+
+def _inside_lora_layers(model: nn.Module) -> set[str]:
+    """The modules inside LoRA layers (base_layer, lora_A, ...): a further adapter goes into the
+    LoRA layer itself, as in PEFT, never into its base_layer (LoRA inside LoRA)."""
+    inside: set[str] = set()
+    for name, module in model.named_modules():
+        if isinstance(module, LoraLayer):
+            inside.update(f"{name}.{sub}" for sub, _ in module.named_modules() if sub)
+    return inside
 
 
 def find_targets(model: nn.Module, config: LoraConfig) -> list[str]:
@@ -67,18 +82,18 @@ def find_targets(model: nn.Module, config: LoraConfig) -> list[str]:
         heads = _output_head_names(model) | {
             n for n, _ in candidates if saved_matches(n, config.modules_to_save)
         }
-        linear = (nn.Linear,) + ((Conv1D,) if Conv1D is not None else ())
+        linear = (nn.Linear, LoraLinear) + ((Conv1D,) if Conv1D is not None else ())
         names = [n for n, m in candidates if isinstance(m, linear) and n not in heads]
     else:
+        inside = _inside_lora_layers(model)
         names = [
             n
             for n, _ in model.named_modules()
             if name_matches(n, config.target_modules)
             and (n in config.target_modules or _in_layers(n, config))
+            and n not in inside
         ]
-        unsupported = [n for n in names if n not in dict(candidates)]
-        wrapped = {n for n, m in model.named_modules() if isinstance(m, LoraLayer)}
-        unsupported = [n for n in unsupported if n not in wrapped and "lora_" not in n]
+        unsupported = [n for n in names if n not in dict(candidates) and "lora_" not in n]
         if unsupported:
             kind = type(model.get_submodule(unsupported[0])).__name__
             raise TargetModulesError(
@@ -86,7 +101,7 @@ def find_targets(model: nn.Module, config: LoraConfig) -> list[str]:
                 "Linear, Embedding and GPT-2's Conv1D. Name those layers instead "
                 f"(targetable here: {_describe(candidates)})"
             )
-        names = [n for n in names if n in dict(candidates) or n in wrapped]
+        names = [n for n in names if n in dict(candidates)]
     names = [n for n in names if not name_matches(n, config.exclude_modules)]
     kept = [n for n in names if not _within(n, config.saved)]
     clash = next((n for n in kept if saved_matches(n, config.saved)), None)
