@@ -418,3 +418,17 @@ def test_a_refused_modules_to_save_leaves_the_model_untouched():
     with pytest.raises(lora.TargetModulesError, match="'clasifier'.*matched no module"):
         lora.inject(model, config)
     assert not list(lora.lora_layers(model))
+
+
+@pytest.mark.parametrize("bias", ["all", "lora_only"])
+def test_an_adapter_loaded_for_training_trains_its_biases(tmp_path, bias):
+    """load_adapter(is_trainable=True) froze the biases that inject (and PEFT) train."""
+    trained = adapted(bias=bias)
+    lora.save_adapter(trained, tmp_path / "adapter")
+    loaded = lora.load_adapter(tiny_bert(), tmp_path / "adapter", is_trainable=True)
+
+    def trainable(model):
+        return {n for n, p in model.named_parameters() if p.requires_grad}
+
+    assert trainable(loaded) == trainable(trained)
+    assert any(n.endswith("bias") and "classifier" not in n for n in trainable(loaded))

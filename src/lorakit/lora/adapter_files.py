@@ -24,7 +24,14 @@ from torch import nn
 from .config import ALL_LINEAR, LoraConfig
 from .errors import AdapterFileError, AdapterShapeError, LoraError
 from .layers import LoraLayer, ModulesToSaveWrapper
-from .model import add_adapter, configs, lora_layers, saved_matches, set_adapter
+from .model import (
+    _mark_bias_trainable,
+    add_adapter,
+    configs,
+    lora_layers,
+    saved_matches,
+    set_adapter,
+)
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -255,6 +262,8 @@ def load_adapter(
         for name, param in model.named_parameters():
             if "lora_" not in name and ".modules_to_save." not in name:
                 param.requires_grad = False
+    if is_trainable:
+        _mark_bias_trainable(model, config.bias)  # trained with the adapter, as in inject
     set_adapter(model, adapter_name)
     if not is_trainable:
         # new LoRA layers start in training mode, and their lora_dropout would be applied at
