@@ -495,3 +495,39 @@ def test_a_second_adapter_goes_into_the_lora_layers_not_their_base_layer(tmp_pat
     lora.save_adapter(model, tmp_path / "other", adapter_name="other")
     theirs = peft.PeftModel.from_pretrained(tiny_gpt2(), tmp_path / "other").eval()
     assert (logits(theirs, {"input_ids": input_ids}) - expected).abs().max() <= 1e-5
+
+
+def test_a_second_adapter_with_bias_all_loads_alone_in_lorakit(tmp_path):
+    """A second adapter's bias="all" file names the biases of layers the first adapter wrapped
+    as `query.base_layer.bias`; in a fresh model those are `query.bias`, and lorakit refused
+    the file as lacking them (PEFT loads it)."""
+    ids = torch.randint(3, 100, (3, 9))
+    peft_model = peft.get_peft_model(
+        tiny_roberta(), peft.LoraConfig(r=4, target_modules=["query"], task_type="SEQ_CLS")
+    )
+    second = peft.LoraConfig(
+        r=4, target_modules=["value"], bias="all", task_type="SEQ_CLS", init_lora_weights=False
+    )
+    peft_model.add_adapter("other", second)
+    peft_model.set_adapter("other")
+    with torch.no_grad():
+        for param in peft_model.parameters():
+            if param.requires_grad:
+                param.add_(0.1)  # as if trained
+    expected = peft_model.eval()(input_ids=ids).logits
+    peft_model.save_pretrained(tmp_path / "peft")
+    loaded = lora.load_adapter(tiny_roberta(), tmp_path / "peft" / "other")
+    assert (loaded(input_ids=ids).logits - expected).abs().max() <= 1e-5
+
+    ours = lora.inject(tiny_roberta(), lora.LoraConfig(r=4, target_modules=["query"]))
+    config = lora.LoraConfig(r=4, target_modules=["value"], bias="all", init_lora_weights=False)
+    lora.add_adapter(ours, "other", config)
+    lora.set_adapter(ours, "other")
+    with torch.no_grad():
+        for name, param in ours.named_parameters():
+            if name.endswith("bias"):
+                param.add_(0.1)
+    expected = ours(input_ids=ids).logits
+    lora.save_adapter(ours, tmp_path / "ours", adapter_name="other")
+    loaded = lora.load_adapter(tiny_roberta(), tmp_path / "ours")
+    assert (loaded(input_ids=ids).logits - expected).abs().max() <= 1e-5

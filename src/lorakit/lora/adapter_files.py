@@ -256,6 +256,7 @@ def load_adapter(
         )
     add_adapter(model, adapter_name, config)
     expected = adapter_state_dict(model, adapter_name)
+    tensors = _as_named_here(tensors, expected)
     extra_base = {k: v for k, v in tensors.items() if k not in expected}
     _check_and_copy(model, adapter_name, directory, expected, tensors, extra_base)
     if fresh:
@@ -270,6 +271,19 @@ def load_adapter(
         # inference; PEFT's from_pretrained turns the model to eval mode so too
         model.eval()
     return model
+
+
+def _as_named_here(tensors: dict, expected: dict) -> dict:
+    """A base tensor's key has ".base_layer." where the saving model had a LoRA layer, whichever
+    adapter put it there (a second adapter's bias="all" file names the first one's biases so, in
+    PEFT and lorakit alike); such a tensor takes the key this model gives it."""
+    plain = {key.replace(".base_layer.", "."): key for key in expected}
+    named = {}
+    for key, tensor in tensors.items():
+        if key not in expected:
+            key = plain.get(key.replace(".base_layer.", "."), key)
+        named[key] = tensor
+    return named
 
 
 def _check_and_copy(model, adapter_name, directory, expected, tensors, extra_base) -> None:
