@@ -432,3 +432,15 @@ def test_an_adapter_loaded_for_training_trains_its_biases(tmp_path, bias):
 
     assert trainable(loaded) == trainable(trained)
     assert any(n.endswith("bias") and "classifier" not in n for n in trainable(loaded))
+
+
+def test_a_module_saved_whole_still_shows_its_attributes():
+    """`get_input_embeddings().weight` (and num_embeddings, ...) raised AttributeError on the
+    ModulesToSaveWrapper; PEFT's wrapper forwards them to the active module."""
+    model = adapted(modules_to_save=["word_embeddings"], target_modules=["query"])
+    embeddings = model.get_input_embeddings()
+    assert isinstance(embeddings, lora.ModulesToSaveWrapper)
+    assert embeddings.weight is embeddings.modules_to_save["default"].weight
+    assert embeddings.num_embeddings == 120
+    with lora.disable_adapters(model):
+        assert embeddings.weight is embeddings.original_module.weight

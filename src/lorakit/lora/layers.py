@@ -288,6 +288,16 @@ class ModulesToSaveWrapper(nn.Module):
     def forward(self, *args, **kwargs):
         return self.active_module()(*args, **kwargs)
 
+    def __getattr__(self, name: str):
+        """The active module's attributes (`weight`, `num_embeddings`, ...), which code around
+        the model reads, e.g. `get_input_embeddings().weight`; PEFT's wrapper forwards them too."""
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            if name in ("original_module", "modules_to_save", "active_adapter", "disabled"):
+                raise  # not set yet (inside __init__): no recursion through active_module
+        return getattr(self.active_module(), name)
+
 
 def make_lora_layer(module: nn.Module, adapter_name: str, config: LoraConfig) -> LoraLayer | None:
     """The LoRA layer for `module`, or None when its type has no LoRA layer."""
