@@ -284,6 +284,20 @@ def test_truncated_or_corrupted_weights(tmp_path):
         lora.load_adapter(tiny_bert(), tmp_path)
 
 
+@pytest.mark.parametrize(
+    ("field", "words"),
+    [({"r": "4"}, "r must be a positive integer"), ({"peft_type": "IA3"}, "only LoRA adapters")],
+)
+def test_a_bad_value_in_adapter_config_names_the_file(tmp_path, field, words):
+    """The error said what was wrong (r must be ...) but not that it came from this file."""
+    lora.save_adapter(adapted(), tmp_path)
+    config = json.loads((tmp_path / lora.CONFIG_NAME).read_text())
+    (tmp_path / lora.CONFIG_NAME).write_text(json.dumps({**config, **field}))
+    with pytest.raises(lora.AdapterFileError) as err:
+        lora.load_adapter(tiny_bert(), tmp_path)
+    assert str(tmp_path / lora.CONFIG_NAME) in str(err.value) and words in str(err.value)
+
+
 def test_shape_mismatch_names_the_tensor_and_both_shapes(tmp_path):
     lora.save_adapter(adapted(), tmp_path)
     config = json.loads((tmp_path / lora.CONFIG_NAME).read_text())

@@ -213,6 +213,10 @@ def read_adapter(directory: str | os.PathLike) -> tuple[LoraConfig, dict[str, to
         ) from None
     except TypeError as e:
         raise AdapterFileError(f"{directory / CONFIG_NAME} has a bad field: {e}") from None
+    except AdapterFileError:
+        raise
+    except LoraError as e:  # a value LoraConfig refuses: name the file that holds it
+        raise AdapterFileError(f"{directory / CONFIG_NAME}: {e}") from None
     try:
         tensors = {}
         with safe_open(str(directory / WEIGHTS_NAME), framework="pt") as f:
