@@ -531,3 +531,35 @@ def test_a_second_adapter_with_bias_all_loads_alone_in_lorakit(tmp_path):
     lora.save_adapter(ours, tmp_path / "ours", adapter_name="other")
     loaded = lora.load_adapter(tiny_roberta(), tmp_path / "ours")
     assert (loaded(input_ids=ids).logits - expected).abs().max() <= 1e-5
+
+
+def tiny_gemma() -> nn.Module:
+    """Gemma's token embedding multiplies its lookup by embed_scale (sqrt of the width)."""
+    from transformers import GemmaConfig, GemmaForCausalLM
+
+    torch.manual_seed(0)
+    config = GemmaConfig(
+        vocab_size=97, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, head_dim=8,
+    )  # fmt: skip
+    return GemmaForCausalLM(config).eval()
+
+
+def test_lora_on_a_scaled_embedding_matches_peft_and_its_merge(tmp_path):
+    """The embedding's update was left unscaled: other logits than PEFT's (which scales it by
+    embed_scale), and merging (scaled with the weight) changed lorakit's own outputs."""
+    input_ids = torch.randint(0, 97, (3, 16), generator=torch.Generator().manual_seed(1))
+    settings = dict(r=4, target_modules=["embed_tokens"], init_lora_weights=False)
+    ours = lora.inject(tiny_gemma(), lora.LoraConfig(**settings))
+    expected = logits(ours, {"input_ids": input_ids})
+    lora.save_adapter(ours, tmp_path / "ours")
+    theirs = peft.PeftModel.from_pretrained(tiny_gemma(), tmp_path / "ours").eval()
+    assert (logits(theirs, {"input_ids": input_ids}) - expected).abs().max() <= 1e-5
+    lora.merge_adapter(ours)
+    assert (logits(ours, {"input_ids": input_ids}) - expected).abs().max() <= 1e-5
+
+    peft_model = peft.get_peft_model(tiny_gemma(), peft.LoraConfig(**settings)).eval()
+    expected = logits(peft_model, {"input_ids": input_ids})
+    peft_model.save_pretrained(tmp_path / "peft", save_embedding_layers=False)
+    loaded = lora.load_adapter(tiny_gemma(), tmp_path / "peft")
+    assert (logits(loaded, {"input_ids": input_ids}) - expected).abs().max() <= 1e-5

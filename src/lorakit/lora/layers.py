@@ -238,6 +238,17 @@ class Embedding(LoraLayer):
         for store in self._adapter_stores():
             store[adapter_name].data = store[adapter_name].data.to(device)
 
+    def _embed_scale(self) -> torch.Tensor | None:
+        """The factor a scaled embedding (Gemma's, BART's: `embed_scale`) multiplies its lookup
+        by; the update is scaled alike, as in PEFT, so merged and unmerged outputs agree."""
+        scale = getattr(self.base_layer, "embed_scale", None)
+        if isinstance(scale, (int, float)):
+            weight = self.base_layer.weight
+            return torch.tensor(scale, device=weight.device, dtype=weight.dtype)
+        if isinstance(scale, torch.Tensor) and scale.numel() == 1:
+            return scale
+        return None
+
     def get_delta_weight(self, adapter_name: str) -> torch.Tensor:
         A, B = self.lora_embedding_A[adapter_name], self.lora_embedding_B[adapter_name]
         return (B @ A).T * self.scaling[adapter_name]  # num_embeddings × embedding_dim
@@ -250,6 +261,9 @@ class Embedding(LoraLayer):
         base = self.base_layer
         after_A = F.embedding(x, self.lora_embedding_A[name].T, padding_idx=base.padding_idx)
         update = (after_A @ self.lora_embedding_B[name].T) * self.scaling[name]
+        scale = self._embed_scale()
+        if scale is not None:
+            update = update * scale.to(update.dtype)
         if torch.is_autocast_enabled(update.device.type):
             return result + update
         return (result + update).to(result.dtype)  # the base's dtype, as in Linear
