@@ -458,3 +458,16 @@ def test_a_module_saved_whole_still_shows_its_attributes():
     assert embeddings.num_embeddings == 120
     with lora.disable_adapters(model):
         assert embeddings.weight is embeddings.original_module.weight
+
+
+def test_the_fingerprint_is_the_adapters_own_whatever_other_adapters_save(tmp_path):
+    """It left out the modules every adapter on the model saves: an adapter saved beside one
+    that saves the classifier, or loaded beside one, warned of another base model."""
+    model = adapted()  # saves "classifier"
+    lora.add_adapter(model, "other", lora.LoraConfig(r=2, target_modules=["key"]))
+    lora.save_adapter(model, tmp_path / "other", adapter_name="other")
+    lora.save_adapter(adapted(modules_to_save=None), tmp_path / "plain")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", lora.FingerprintWarning)
+        lora.load_adapter(tiny_bert(), tmp_path / "other")
+        lora.load_adapter(adapted(), tmp_path / "plain", adapter_name="plain")

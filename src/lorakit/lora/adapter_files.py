@@ -93,14 +93,15 @@ def base_fingerprint(
     Adapters and `modules_to_save` (e.g. a freshly initialised head) are left out, so the same
     pretrained weights give the same fingerprint before and after `inject`; so are the base
     tensors an adapter file stores (`stored`: its tensor names, such as the biases it trained
-    under `bias="all"`), which the adapter brings with it.
+    under `bias="all"`), which the adapter brings with it. `modules_to_save` defaults to those
+    of the adapters on the model; an adapter's file records (and its loading checks) its own.
     """
     merged = [layer for _, layer in lora_layers(model) if layer.merged]
     if merged:
         raise LoraError("unmerge the adapter (unmerge_adapter) before fingerprinting the base")
-    saved = set(modules_to_save or [])
-    for config in configs(model).values():
-        saved |= set(config.modules_to_save or [])
+    if modules_to_save is None:
+        modules_to_save = [m for config in configs(model).values() for m in config.saved]
+    saved = set(modules_to_save)
     brought = {key.removeprefix(PREFIX).replace(".base_layer.", ".") for key in stored}
     digest = hashlib.blake2b(digest_size=16)
     for name, param in model.named_parameters():
@@ -153,7 +154,7 @@ def save_adapter(
         "lorakit_version": _version(),
         "base_model": str(base_name or ""),
         # merged weights are not the base's: such a file records no fingerprint (none is checked)
-        "base_fingerprint": "" if merged else base_fingerprint(model, stored=tensors),
+        "base_fingerprint": "" if merged else base_fingerprint(model, config.saved, stored=tensors),
     }
     config_dict = config.to_dict()
     config_dict["base_model_name_or_path"] = base_name
