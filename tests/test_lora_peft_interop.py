@@ -3,6 +3,7 @@
 import bz2
 import importlib.util
 import io
+import json
 from pathlib import Path
 
 import pandas as pd
@@ -563,3 +564,24 @@ def test_lora_on_a_scaled_embedding_matches_peft_and_its_merge(tmp_path):
     peft_model.save_pretrained(tmp_path / "peft", save_embedding_layers=False)
     loaded = lora.load_adapter(tiny_gemma(), tmp_path / "peft")
     assert (logits(loaded, {"input_ids": input_ids}) - expected).abs().max() <= 1e-5
+
+
+def test_an_orthogonally_initialised_peft_adapter_loads_in_lorakit(tmp_path):
+    """init_lora_weights "orthogonal" (or "eva") only says how training began; lorakit refused
+    the file. One made with PiSSA (which changes the base weights) is refused by name."""
+    input_ids = torch.randint(0, 97, (3, 16), generator=torch.Generator().manual_seed(1))
+    config = peft.LoraConfig(r=4, target_modules=["c_attn"], init_lora_weights="orthogonal")
+    peft_model = peft.get_peft_model(tiny_gpt2(), config).eval()
+    expected = logits(peft_model, {"input_ids": input_ids})
+    peft_model.save_pretrained(tmp_path / "peft")
+    loaded = lora.load_adapter(tiny_gpt2(), tmp_path / "peft")
+    assert (logits(loaded, {"input_ids": input_ids}) - expected).abs().max() <= 1e-5
+
+    config = json.loads((tmp_path / "peft" / lora.CONFIG_NAME).read_text())
+    (tmp_path / "peft" / lora.CONFIG_NAME).write_text(
+        json.dumps({**config, "init_lora_weights": "pissa"})
+    )
+    with pytest.raises(
+        lora.AdapterFileError, match="'pissa'.*change the base weights.*lora.engine=peft"
+    ):
+        lora.load_adapter(tiny_gpt2(), tmp_path / "peft")

@@ -32,6 +32,9 @@ UNSUPPORTED = (
     "monteclora_config", "kasa_config",
 )  # fmt: skip
 
+# PEFT initialisations that leave the base weights as they are: their files load as plain LoRA
+PLAIN_INITS = ("eva", "orthogonal", "mica")
+
 
 @dataclass
 class LoraConfig:
@@ -221,6 +224,15 @@ class LoraConfig:
         for key in ("rank_pattern", "alpha_pattern"):  # PEFT may write null
             if known.get(key) is None:
                 known.pop(key, None)
+        init = known.get("init_lora_weights")
+        if init in PLAIN_INITS:  # how training began; the file's tensors are all that matter now
+            known["init_lora_weights"] = True
+        elif isinstance(init, str) and init != "gaussian":
+            raise LoraError(
+                f"this adapter was made with PEFT's init_lora_weights={init!r}, which lorakit's "
+                "engine does not support (PiSSA, OLoRA, CorDA, LoftQ and LoRA-GA also change the "
+                "base weights); load it with PEFT (lora.engine=peft)"
+            )
         extra = {k: v for k, v in data.items() if k not in names}
         return cls(**known, extra=extra)
 
