@@ -585,3 +585,16 @@ def test_an_orthogonally_initialised_peft_adapter_loads_in_lorakit(tmp_path):
         lora.AdapterFileError, match="'pissa'.*change the base weights.*lora.engine=peft"
     ):
         lora.load_adapter(tiny_gpt2(), tmp_path / "peft")
+
+
+def test_lora_tensors_for_a_module_the_config_leaves_out_are_named(tmp_path):
+    """PEFT's ensure_weight_tying writes lm_head's LoRA tensors while its target_modules name
+    the tied embedding instead; lorakit said the file was "made for another model"."""
+    config = peft.LoraConfig(r=4, target_modules=["c_attn", "lm_head"], ensure_weight_tying=True)
+    peft.get_peft_model(tiny_gpt2(), config).save_pretrained(tmp_path)
+    model = tiny_gpt2()
+    with pytest.raises(
+        lora.AdapterShapeError, match="LoRA tensors for 'lm_head'.*lora.engine=peft"
+    ):
+        lora.load_adapter(model, tmp_path)
+    assert not list(lora.lora_layers(model))

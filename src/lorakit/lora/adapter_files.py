@@ -311,7 +311,16 @@ def _check_and_copy(model, adapter_name, directory, expected, tensors, extra_bas
         else:
             expected[key] = model_params[name]
     if unknown:
+        targets = configs(model)[adapter_name].target_modules
         _undo(model, adapter_name)
+        module = unknown[0].removeprefix(PREFIX).partition(".lora_")[0]
+        if ".lora_" in unknown[0] and module in dict(model.named_modules()):
+            # e.g. PEFT's ensure_weight_tying: LoRA on a tied lm_head that its config leaves out
+            raise AdapterShapeError(
+                f"adapter {directory} has LoRA tensors for {module!r}, a module of this model "
+                f"that its target_modules {targets!r} do not name, so lorakit cannot rebuild it; "
+                "load it with PEFT (lora.engine=peft)"
+            )
         raise AdapterShapeError(
             f"adapter {directory} has tensors this model lacks, first: {unknown[0]}; "
             "it was made for another model"
