@@ -180,6 +180,24 @@ def test_several_named_adapters():
         lora.set_adapter(model, "other")
 
 
+def test_set_adapter_on_a_merged_model_unmerges_first():
+    """The merged adapter stayed in the weights and added to the one set active (PEFT unmerges)."""
+    model = adapted()
+    first = out(model)
+    lora.add_adapter(
+        model, "other", lora.LoraConfig(r=2, target_modules=["key"], init_lora_weights=False)
+    )
+    lora.set_adapter(model, "other")
+    second = out(model)
+    lora.merge_adapter(model)
+    with pytest.warns(UserWarning, match="unmerging first"):
+        lora.set_adapter(model, "default")
+    assert (out(model) - first).abs().max() <= 1e-5
+    assert not any(layer.merged for _, layer in lora.lora_layers(model))
+    lora.set_adapter(model, "other")
+    assert (out(model) - second).abs().max() <= 1e-5
+
+
 def test_rslora_scaling():
     model = lora.inject(
         tiny_bert(), lora.LoraConfig(r=4, lora_alpha=8, use_rslora=True, target_modules=["query"])
@@ -223,6 +241,15 @@ def test_target_of_unsupported_type_is_named():
         ({"lora_dropout": -0.1}, "lora_dropout must be in [0, 1)"),
         ({"bias": "some"}, "bias must be"),
         ({"target_modules": []}, "target_modules is empty"),
+        ({"target_modules": 5}, "target_modules must be a list of module names"),
+        ({"exclude_modules": [1]}, "exclude_modules must be a list of module names"),
+        ({"modules_to_save": "classifier"}, "modules_to_save must be a list of module names"),
+        ({"layers_to_transform": "1"}, "layers_to_transform must be a layer index"),
+        ({"layers_pattern": "layers"}, "layers_pattern is set without layers_to_transform"),
+        (
+            {"target_modules": ".*query", "layers_to_transform": [0]},
+            "need target_modules as a list",
+        ),
     ],
 )
 def test_bad_config_values(kwargs, words):
@@ -255,6 +282,20 @@ def test_truncated_or_corrupted_weights(tmp_path):
     (tmp_path / lora.CONFIG_NAME).write_text('["r", 4]')
     with pytest.raises(lora.AdapterFileError, match="not a JSON object"):
         lora.load_adapter(tiny_bert(), tmp_path)
+
+
+@pytest.mark.parametrize(
+    ("field", "words"),
+    [({"r": "4"}, "r must be a positive integer"), ({"peft_type": "IA3"}, "only LoRA adapters")],
+)
+def test_a_bad_value_in_adapter_config_names_the_file(tmp_path, field, words):
+    """The error said what was wrong (r must be ...) but not that it came from this file."""
+    lora.save_adapter(adapted(), tmp_path)
+    config = json.loads((tmp_path / lora.CONFIG_NAME).read_text())
+    (tmp_path / lora.CONFIG_NAME).write_text(json.dumps({**config, **field}))
+    with pytest.raises(lora.AdapterFileError) as err:
+        lora.load_adapter(tiny_bert(), tmp_path)
+    assert str(tmp_path / lora.CONFIG_NAME) in str(err.value) and words in str(err.value)
 
 
 def test_shape_mismatch_names_the_tensor_and_both_shapes(tmp_path):
@@ -369,3 +410,64 @@ def test_for_module_takes_the_first_matching_pattern():
         .r
         == 8
     )
+
+
+def test_a_merged_adapter_saves_and_loads_with_its_outputs(tmp_path):
+    """save_adapter after merge_adapter failed ("unmerge the adapter before fingerprinting the
+    base"); PEFT saves a merged adapter as it is."""
+    model = adapted(modules_to_save=None)
+    expected = out(model)
+    lora.merge_adapter(model)
+    lora.save_adapter(model, tmp_path / "adapter")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", lora.FingerprintWarning)
+        loaded = lora.load_adapter(tiny_bert(), tmp_path / "adapter")
+    assert (out(loaded) - expected).abs().max() <= 1e-5
+
+
+def test_a_refused_modules_to_save_leaves_the_model_untouched():
+    """LoRA layers were injected before modules_to_save was checked, and stayed after its error."""
+    model = tiny_bert()
+    config = lora.LoraConfig(target_modules=["query"], modules_to_save=["clasifier"])
+    with pytest.raises(lora.TargetModulesError, match="'clasifier'.*matched no module"):
+        lora.inject(model, config)
+    assert not list(lora.lora_layers(model))
+
+
+@pytest.mark.parametrize("bias", ["all", "lora_only"])
+def test_an_adapter_loaded_for_training_trains_its_biases(tmp_path, bias):
+    """load_adapter(is_trainable=True) froze the biases that inject (and PEFT) train."""
+    trained = adapted(bias=bias)
+    lora.save_adapter(trained, tmp_path / "adapter")
+    loaded = lora.load_adapter(tiny_bert(), tmp_path / "adapter", is_trainable=True)
+
+    def trainable(model):
+        return {n for n, p in model.named_parameters() if p.requires_grad}
+
+    assert trainable(loaded) == trainable(trained)
+    assert any(n.endswith("bias") and "classifier" not in n for n in trainable(loaded))
+
+
+def test_a_module_saved_whole_still_shows_its_attributes():
+    """`get_input_embeddings().weight` (and num_embeddings, ...) raised AttributeError on the
+    ModulesToSaveWrapper; PEFT's wrapper forwards them to the active module."""
+    model = adapted(modules_to_save=["word_embeddings"], target_modules=["query"])
+    embeddings = model.get_input_embeddings()
+    assert isinstance(embeddings, lora.ModulesToSaveWrapper)
+    assert embeddings.weight is embeddings.modules_to_save["default"].weight
+    assert embeddings.num_embeddings == 120
+    with lora.disable_adapters(model):
+        assert embeddings.weight is embeddings.original_module.weight
+
+
+def test_the_fingerprint_is_the_adapters_own_whatever_other_adapters_save(tmp_path):
+    """It left out the modules every adapter on the model saves: an adapter saved beside one
+    that saves the classifier, or loaded beside one, warned of another base model."""
+    model = adapted()  # saves "classifier"
+    lora.add_adapter(model, "other", lora.LoraConfig(r=2, target_modules=["key"]))
+    lora.save_adapter(model, tmp_path / "other", adapter_name="other")
+    lora.save_adapter(adapted(modules_to_save=None), tmp_path / "plain")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", lora.FingerprintWarning)
+        lora.load_adapter(tiny_bert(), tmp_path / "other")
+        lora.load_adapter(adapted(), tmp_path / "plain", adapter_name="plain")

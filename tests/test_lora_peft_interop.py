@@ -3,6 +3,7 @@
 import bz2
 import importlib.util
 import io
+import json
 from pathlib import Path
 
 import pandas as pd
@@ -322,3 +323,278 @@ def test_a_misspelt_modules_to_save_beside_the_head_is_still_named():
     )
     with pytest.raises(lora.TargetModulesError, match="'poolr'.*matched no module"):
         lora.inject(tiny_roberta(), config)
+
+
+def tiny_distilbert() -> nn.Module:
+    """DistilBERT's head is `pre_classifier` then `classifier`."""
+    from transformers import DistilBertConfig, DistilBertForSequenceClassification
+
+    torch.manual_seed(0)
+    config = DistilBertConfig(
+        vocab_size=100, dim=32, n_layers=2, n_heads=4, hidden_dim=64,
+        max_position_embeddings=64, num_labels=3,
+    )  # fmt: skip
+    return DistilBertForSequenceClassification(config).eval()
+
+
+def test_a_distilbert_classification_adapter_saves_pre_classifier_as_peft_does(tmp_path):
+    """PEFT saves every module whose name ends with a modules_to_save entry, with no dot before
+    it: "classifier" saves DistilBERT's `pre_classifier` too. lorakit saved `classifier` alone,
+    and PEFT failed to load its file (KeyError 'base_model.model.pre_classifier.weight')."""
+    options = dict(r=4, lora_alpha=8, target_modules=["q_lin", "v_lin"], task_type="SEQ_CLS")
+    ours = lora.inject(tiny_distilbert(), lora.LoraConfig(**options))
+    theirs = peft.get_peft_model(tiny_distilbert(), peft.LoraConfig(**options))
+    assert trainable_names(ours) == trainable_names(theirs)
+    assert "pre_classifier.modules_to_save.weight" in trainable_names(ours)
+
+    with torch.no_grad():
+        for param in ours.parameters():
+            if param.requires_grad:
+                param.normal_(0, 0.5)
+    ids = torch.randint(3, 100, (3, 9))
+    expected = ours(input_ids=ids).logits
+    lora.save_adapter(ours, tmp_path / "ours")
+    loaded = peft.PeftModel.from_pretrained(tiny_distilbert(), tmp_path / "ours").eval()
+    assert (loaded(input_ids=ids).logits - expected).abs().max() <= 1e-5
+
+
+def test_a_target_that_modules_to_save_also_saves_is_refused():
+    """PEFT would put LoRA on `pre_classifier`, then fail to wrap it (TypeError)."""
+    config = lora.LoraConfig(target_modules=["q_lin", "pre_classifier"], task_type="SEQ_CLS")
+    with pytest.raises(lora.TargetModulesError, match="'pre_classifier' is also saved whole"):
+        lora.inject(tiny_distilbert(), config)
+
+
+def test_an_adapter_with_dropout_loads_for_inference_with_peft_logits(tmp_path):
+    """load_adapter added LoRA layers in training mode to an eval model, so lora_dropout ran at
+    inference and the logits were random; PEFT's from_pretrained turns the model to eval."""
+    input_ids = torch.randint(0, 97, (3, 16), generator=torch.Generator().manual_seed(1))
+    config = peft.LoraConfig(
+        r=4, target_modules=["c_attn"], lora_dropout=0.5, init_lora_weights=False
+    )
+    peft_model = peft.get_peft_model(tiny_gpt2(), config)
+    peft_model.save_pretrained(tmp_path / "peft")
+    expected = logits(
+        peft.PeftModel.from_pretrained(tiny_gpt2(), tmp_path / "peft"), {"input_ids": input_ids}
+    )
+    loaded = lora.load_adapter(tiny_gpt2(), tmp_path / "peft")
+    assert not loaded.training
+    assert (logits(loaded, {"input_ids": input_ids}) - expected).abs().max() <= 1e-5
+
+
+def test_peft_adapter_with_bias_all_and_a_nested_head_loads_in_lorakit(tmp_path):
+    """RoBERTa's head has layers of its own; PEFT's bias="all" file keeps its adapter's name in
+    their copies' biases (classifier.modules_to_save.default.dense.bias), which lorakit refused
+    as tensors this model lacks."""
+    config = peft.LoraConfig(
+        r=4, target_modules=["query", "value"], bias="all", task_type="SEQ_CLS"
+    )
+    peft_model = peft.get_peft_model(tiny_roberta(), config).eval()
+    with torch.no_grad():
+        for param in peft_model.parameters():
+            if param.requires_grad:
+                param.normal_(0, 0.5)  # as if trained
+    ids = torch.randint(3, 100, (3, 9))
+    expected = peft_model(input_ids=ids).logits
+    peft_model.save_pretrained(tmp_path / "peft")
+    loaded = lora.load_adapter(tiny_roberta(), tmp_path / "peft")
+    assert (loaded(input_ids=ids).logits - expected).abs().max() <= 1e-5
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_an_adapter_on_a_half_precision_base_gives_peft_logits(tmp_path, dtype):
+    """The fp32 LoRA weights met a bf16 / fp16 input and forward failed (expected m1 and m2 to
+    have the same dtype); PEFT computes the branch in the adapter's dtype, returns the base's."""
+    input_ids = torch.randint(0, 97, (3, 16), generator=torch.Generator().manual_seed(1))
+    config = peft.LoraConfig(r=4, target_modules=["c_attn", "wte"], init_lora_weights=False)
+    peft.get_peft_model(tiny_gpt2(), config).save_pretrained(
+        tmp_path / "peft", save_embedding_layers=False
+    )
+    theirs = peft.PeftModel.from_pretrained(tiny_gpt2().to(dtype), tmp_path / "peft").eval()
+    expected = logits(theirs, {"input_ids": input_ids})
+    ours = lora.load_adapter(tiny_gpt2().to(dtype), tmp_path / "peft")
+    got = logits(ours, {"input_ids": input_ids})
+    assert got.dtype == dtype
+    assert torch.equal(got, expected)
+
+
+@pytest.mark.parametrize(
+    "option", [{"lora_bias": True}, {"trainable_token_indices": [1, 2]}], ids=lambda o: [*o][0]
+)
+def test_a_peft_option_lorakit_lacks_is_named_when_loading(tmp_path, option):
+    """lorakit dropped these options and then refused the file as made "for another model"."""
+    config = peft.LoraConfig(r=4, target_modules=["c_attn"], **option)
+    peft.get_peft_model(tiny_gpt2(), config).save_pretrained(tmp_path / "peft")
+    name = [*option][0]
+    with pytest.raises(lora.LoraError, match=rf"PEFT's {name}=.*lora.engine=peft"):
+        lora.load_adapter(tiny_gpt2(), tmp_path / "peft")
+
+
+def test_layers_to_transform_matches_peft_both_ways(tmp_path):
+    """lorakit ignored PEFT's layers_to_transform / layers_pattern (and wrote them as null): a
+    PEFT file with them was refused as "made for another model", and LoRA went on every layer."""
+    input_ids = torch.randint(0, 97, (3, 16), generator=torch.Generator().manual_seed(1))
+    settings = dict(
+        r=4, target_modules=["c_attn", "c_fc"], init_lora_weights=False,
+        layers_to_transform=[1], layers_pattern="h",
+    )  # fmt: skip
+    ours = lora.inject(tiny_gpt2(), lora.LoraConfig(**settings))
+    assert [n for n, _ in lora.lora_layers(ours)] == [
+        "transformer.h.1.attn.c_attn",
+        "transformer.h.1.mlp.c_fc",
+    ]
+    expected = logits(ours, {"input_ids": input_ids})
+    lora.save_adapter(ours, tmp_path / "ours")
+    theirs = peft.PeftModel.from_pretrained(tiny_gpt2(), tmp_path / "ours").eval()
+    assert (logits(theirs, {"input_ids": input_ids}) - expected).abs().max() <= 1e-5
+
+    peft_model = peft.get_peft_model(tiny_gpt2(), peft.LoraConfig(**settings)).eval()
+    expected = logits(peft_model, {"input_ids": input_ids})
+    peft_model.save_pretrained(tmp_path / "peft")
+    loaded = lora.load_adapter(tiny_gpt2(), tmp_path / "peft")
+    assert (logits(loaded, {"input_ids": input_ids}) - expected).abs().max() <= 1e-5
+
+
+@pytest.mark.parametrize("task_type", ["SEQ_CLS", None])
+def test_an_all_linear_adapter_adapts_the_same_layers_in_peft(tmp_path, task_type):
+    """lorakit saved target_modules "all-linear", which PEFT resolves by its own rule: with
+    SEQ_CLS it put LoRA on DistilBERT's saved pre_classifier and failed (TypeError), without a
+    task it added LoRA to the classifier. lorakit now saves the names it adapted, as PEFT does."""
+    ours = lora.inject(
+        tiny_distilbert(),
+        lora.LoraConfig(
+            r=4, target_modules="all-linear", init_lora_weights=False, task_type=task_type
+        ),
+    )
+    with torch.no_grad():
+        for param in ours.parameters():
+            if param.requires_grad:
+                param.normal_(0, 0.5)
+    ids = torch.randint(3, 100, (3, 9))
+    expected = ours(input_ids=ids).logits
+    lora.save_adapter(ours, tmp_path / "ours")
+    theirs = peft.PeftModel.from_pretrained(tiny_distilbert(), tmp_path / "ours", is_trainable=True)
+    assert trainable_names(theirs) == trainable_names(ours)
+    assert (theirs.eval()(input_ids=ids).logits - expected).abs().max() <= 1e-5
+    back = lora.load_adapter(tiny_distilbert(), tmp_path / "ours")
+    assert (back(input_ids=ids).logits - expected).abs().max() <= 1e-5
+
+
+@pytest.mark.parametrize("targets", ["all-linear", r".*\.c_attn.*"])
+def test_a_second_adapter_goes_into_the_lora_layers_not_their_base_layer(tmp_path, targets):
+    """With "all-linear" or a regex, a second adapter also matched each LoRA layer's base_layer
+    and nested LoRA in it (tensors ...c_attn.base_layer.lora_A.weight, which PEFT cannot load)."""
+    input_ids = torch.randint(0, 97, (3, 16), generator=torch.Generator().manual_seed(1))
+    model = lora.inject(tiny_gpt2(), lora.LoraConfig(r=4, target_modules=["c_attn"]))
+    first = [n for n, _ in lora.lora_layers(model)]
+    config = lora.LoraConfig(r=2, target_modules=targets, init_lora_weights=False)
+    lora.add_adapter(model, "other", config)
+    assert not any(".base_layer" in n for n, _ in lora.lora_layers(model))
+    assert set(first) <= {n for n, layer in lora.lora_layers(model) if "other" in layer.r}
+    lora.set_adapter(model, "other")
+    expected = logits(model, {"input_ids": input_ids})
+    lora.save_adapter(model, tmp_path / "other", adapter_name="other")
+    theirs = peft.PeftModel.from_pretrained(tiny_gpt2(), tmp_path / "other").eval()
+    assert (logits(theirs, {"input_ids": input_ids}) - expected).abs().max() <= 1e-5
+
+
+def test_a_second_adapter_with_bias_all_loads_alone_in_lorakit(tmp_path):
+    """A second adapter's bias="all" file names the biases of layers the first adapter wrapped
+    as `query.base_layer.bias`; in a fresh model those are `query.bias`, and lorakit refused
+    the file as lacking them (PEFT loads it)."""
+    ids = torch.randint(3, 100, (3, 9))
+    peft_model = peft.get_peft_model(
+        tiny_roberta(), peft.LoraConfig(r=4, target_modules=["query"], task_type="SEQ_CLS")
+    )
+    second = peft.LoraConfig(
+        r=4, target_modules=["value"], bias="all", task_type="SEQ_CLS", init_lora_weights=False
+    )
+    peft_model.add_adapter("other", second)
+    peft_model.set_adapter("other")
+    with torch.no_grad():
+        for param in peft_model.parameters():
+            if param.requires_grad:
+                param.add_(0.1)  # as if trained
+    expected = peft_model.eval()(input_ids=ids).logits
+    peft_model.save_pretrained(tmp_path / "peft")
+    loaded = lora.load_adapter(tiny_roberta(), tmp_path / "peft" / "other")
+    assert (loaded(input_ids=ids).logits - expected).abs().max() <= 1e-5
+
+    ours = lora.inject(tiny_roberta(), lora.LoraConfig(r=4, target_modules=["query"]))
+    config = lora.LoraConfig(r=4, target_modules=["value"], bias="all", init_lora_weights=False)
+    lora.add_adapter(ours, "other", config)
+    lora.set_adapter(ours, "other")
+    with torch.no_grad():
+        for name, param in ours.named_parameters():
+            if name.endswith("bias"):
+                param.add_(0.1)
+    expected = ours(input_ids=ids).logits
+    lora.save_adapter(ours, tmp_path / "ours", adapter_name="other")
+    loaded = lora.load_adapter(tiny_roberta(), tmp_path / "ours")
+    assert (loaded(input_ids=ids).logits - expected).abs().max() <= 1e-5
+
+
+def tiny_gemma() -> nn.Module:
+    """Gemma's token embedding multiplies its lookup by embed_scale (sqrt of the width)."""
+    from transformers import GemmaConfig, GemmaForCausalLM
+
+    torch.manual_seed(0)
+    config = GemmaConfig(
+        vocab_size=97, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, head_dim=8,
+    )  # fmt: skip
+    return GemmaForCausalLM(config).eval()
+
+
+def test_lora_on_a_scaled_embedding_matches_peft_and_its_merge(tmp_path):
+    """The embedding's update was left unscaled: other logits than PEFT's (which scales it by
+    embed_scale), and merging (scaled with the weight) changed lorakit's own outputs."""
+    input_ids = torch.randint(0, 97, (3, 16), generator=torch.Generator().manual_seed(1))
+    settings = dict(r=4, target_modules=["embed_tokens"], init_lora_weights=False)
+    ours = lora.inject(tiny_gemma(), lora.LoraConfig(**settings))
+    expected = logits(ours, {"input_ids": input_ids})
+    lora.save_adapter(ours, tmp_path / "ours")
+    theirs = peft.PeftModel.from_pretrained(tiny_gemma(), tmp_path / "ours").eval()
+    assert (logits(theirs, {"input_ids": input_ids}) - expected).abs().max() <= 1e-5
+    lora.merge_adapter(ours)
+    assert (logits(ours, {"input_ids": input_ids}) - expected).abs().max() <= 1e-5
+
+    peft_model = peft.get_peft_model(tiny_gemma(), peft.LoraConfig(**settings)).eval()
+    expected = logits(peft_model, {"input_ids": input_ids})
+    peft_model.save_pretrained(tmp_path / "peft", save_embedding_layers=False)
+    loaded = lora.load_adapter(tiny_gemma(), tmp_path / "peft")
+    assert (logits(loaded, {"input_ids": input_ids}) - expected).abs().max() <= 1e-5
+
+
+def test_an_orthogonally_initialised_peft_adapter_loads_in_lorakit(tmp_path):
+    """init_lora_weights "orthogonal" (or "eva") only says how training began; lorakit refused
+    the file. One made with PiSSA (which changes the base weights) is refused by name."""
+    input_ids = torch.randint(0, 97, (3, 16), generator=torch.Generator().manual_seed(1))
+    config = peft.LoraConfig(r=4, target_modules=["c_attn"], init_lora_weights="orthogonal")
+    peft_model = peft.get_peft_model(tiny_gpt2(), config).eval()
+    expected = logits(peft_model, {"input_ids": input_ids})
+    peft_model.save_pretrained(tmp_path / "peft")
+    loaded = lora.load_adapter(tiny_gpt2(), tmp_path / "peft")
+    assert (logits(loaded, {"input_ids": input_ids}) - expected).abs().max() <= 1e-5
+
+    config = json.loads((tmp_path / "peft" / lora.CONFIG_NAME).read_text())
+    (tmp_path / "peft" / lora.CONFIG_NAME).write_text(
+        json.dumps({**config, "init_lora_weights": "pissa"})
+    )
+    with pytest.raises(
+        lora.AdapterFileError, match="'pissa'.*change the base weights.*lora.engine=peft"
+    ):
+        lora.load_adapter(tiny_gpt2(), tmp_path / "peft")
+
+
+def test_lora_tensors_for_a_module_the_config_leaves_out_are_named(tmp_path):
+    """PEFT's ensure_weight_tying writes lm_head's LoRA tensors while its target_modules name
+    the tied embedding instead; lorakit said the file was "made for another model"."""
+    config = peft.LoraConfig(r=4, target_modules=["c_attn", "lm_head"], ensure_weight_tying=True)
+    peft.get_peft_model(tiny_gpt2(), config).save_pretrained(tmp_path)
+    model = tiny_gpt2()
+    with pytest.raises(
+        lora.AdapterShapeError, match="LoRA tensors for 'lm_head'.*lora.engine=peft"
+    ):
+        lora.load_adapter(model, tmp_path)
+    assert not list(lora.lora_layers(model))

@@ -21,10 +21,17 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 
-from .config import LoraConfig
+from .config import ALL_LINEAR, LoraConfig
 from .errors import AdapterFileError, AdapterShapeError, LoraError
 from .layers import LoraLayer, ModulesToSaveWrapper
-from .model import add_adapter, configs, lora_layers, name_matches, set_adapter
+from .model import (
+    _mark_bias_trainable,
+    add_adapter,
+    configs,
+    lora_layers,
+    saved_matches,
+    set_adapter,
+)
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -86,21 +93,22 @@ def base_fingerprint(
     Adapters and `modules_to_save` (e.g. a freshly initialised head) are left out, so the same
     pretrained weights give the same fingerprint before and after `inject`; so are the base
     tensors an adapter file stores (`stored`: its tensor names, such as the biases it trained
-    under `bias="all"`), which the adapter brings with it.
+    under `bias="all"`), which the adapter brings with it. `modules_to_save` defaults to those
+    of the adapters on the model; an adapter's file records (and its loading checks) its own.
     """
     merged = [layer for _, layer in lora_layers(model) if layer.merged]
     if merged:
         raise LoraError("unmerge the adapter (unmerge_adapter) before fingerprinting the base")
-    saved = set(modules_to_save or [])
-    for config in configs(model).values():
-        saved |= set(config.modules_to_save or [])
+    if modules_to_save is None:
+        modules_to_save = [m for config in configs(model).values() for m in config.saved]
+    saved = set(modules_to_save)
     brought = {key.removeprefix(PREFIX).replace(".base_layer.", ".") for key in stored}
     digest = hashlib.blake2b(digest_size=16)
     for name, param in model.named_parameters():
         if "lora_" in name or ".modules_to_save." in name:
             continue
         base_name = name.replace(".base_layer.", ".").replace(".original_module.", ".")
-        if base_name in brought or name_matches(base_name.rsplit(".", 1)[0], sorted(saved)):
+        if base_name in brought or saved_matches(base_name.rsplit(".", 1)[0], sorted(saved)):
             continue
         tensor = param.detach().contiguous().cpu()
         digest.update(f"{base_name}|{tensor.dtype}|{tuple(tensor.shape)}".encode())
@@ -136,6 +144,7 @@ def save_adapter(
             f"no adapter named {adapter_name!r}; adapters here: {sorted(configs(model))}"
         )
     base_name = base_model_name_or_path or config.base_model_name_or_path
+    merged = any(layer.merged for _, layer in lora_layers(model))
     tensors = {
         k: v.detach().to("cpu").contiguous().clone()
         for k, v in adapter_state_dict(model, adapter_name).items()
@@ -144,10 +153,18 @@ def save_adapter(
         "format": "pt",
         "lorakit_version": _version(),
         "base_model": str(base_name or ""),
-        "base_fingerprint": base_fingerprint(model, stored=tensors),
+        # merged weights are not the base's: such a file records no fingerprint (none is checked)
+        "base_fingerprint": "" if merged else base_fingerprint(model, config.saved, stored=tensors),
     }
     config_dict = config.to_dict()
     config_dict["base_model_name_or_path"] = base_name
+    if config.target_modules == ALL_LINEAR:
+        # PEFT resolves "all-linear" by a rule of its own (LoRA on a classifier head lorakit
+        # leaves alone, or on DistilBERT's saved pre_classifier, where it fails) and saves the
+        # names it chose; lorakit saves its names too, so that both engines adapt the same layers
+        config_dict["target_modules"] = sorted(
+            name for name, layer in lora_layers(model) if adapter_name in layer.r
+        )
     config_dict["inference_mode"] = True
     # PEFT reads GPT-2's Conv1D weights as (in, out) only when told so
     config_dict["fan_in_fan_out"] = config.fan_in_fan_out or any(
@@ -197,6 +214,10 @@ def read_adapter(directory: str | os.PathLike) -> tuple[LoraConfig, dict[str, to
         ) from None
     except TypeError as e:
         raise AdapterFileError(f"{directory / CONFIG_NAME} has a bad field: {e}") from None
+    except AdapterFileError:
+        raise
+    except LoraError as e:  # a value LoraConfig refuses: name the file that holds it
+        raise AdapterFileError(f"{directory / CONFIG_NAME}: {e}") from None
     try:
         tensors = {}
         with safe_open(str(directory / WEIGHTS_NAME), framework="pt") as f:
@@ -217,7 +238,8 @@ def load_adapter(
     adapter_name: str = "default",
     is_trainable: bool = False,
 ) -> nn.Module:
-    """Loads an adapter saved by lorakit or PEFT into `model` (adding LoRA layers if needed)."""
+    """Loads an adapter saved by lorakit or PEFT into `model` (adding LoRA layers if needed);
+    for inference (in eval mode, as PEFT does) unless `is_trainable`."""
     config, tensors, metadata = read_adapter(directory)
     config.inference_mode = not is_trainable
     recorded = metadata.get("base_fingerprint")
@@ -239,14 +261,34 @@ def load_adapter(
         )
     add_adapter(model, adapter_name, config)
     expected = adapter_state_dict(model, adapter_name)
+    tensors = _as_named_here(tensors, expected)
     extra_base = {k: v for k, v in tensors.items() if k not in expected}
     _check_and_copy(model, adapter_name, directory, expected, tensors, extra_base)
     if fresh:
         for name, param in model.named_parameters():
             if "lora_" not in name and ".modules_to_save." not in name:
                 param.requires_grad = False
+    if is_trainable:
+        _mark_bias_trainable(model, config.bias)  # trained with the adapter, as in inject
     set_adapter(model, adapter_name)
+    if not is_trainable:
+        # new LoRA layers start in training mode, and their lora_dropout would be applied at
+        # inference; PEFT's from_pretrained turns the model to eval mode so too
+        model.eval()
     return model
+
+
+def _as_named_here(tensors: dict, expected: dict) -> dict:
+    """A base tensor's key has ".base_layer." where the saving model had a LoRA layer, whichever
+    adapter put it there (a second adapter's bias="all" file names the first one's biases so, in
+    PEFT and lorakit alike); such a tensor takes the key this model gives it."""
+    plain = {key.replace(".base_layer.", "."): key for key in expected}
+    named = {}
+    for key, tensor in tensors.items():
+        if key not in expected:
+            key = plain.get(key.replace(".base_layer.", "."), key)
+        named[key] = tensor
+    return named
 
 
 def _check_and_copy(model, adapter_name, directory, expected, tensors, extra_base) -> None:
@@ -262,16 +304,23 @@ def _check_and_copy(model, adapter_name, directory, expected, tensors, extra_bas
     model_params = dict(model.named_parameters(remove_duplicate=False))
     unknown = []
     for key in extra_base:
-        name = key.removeprefix(PREFIX)
-        # PEFT's bias="all" also writes a modules_to_save copy's bias, without the adapter's name
-        name = name.replace(".modules_to_save.", f".modules_to_save.{adapter_name}.")
+        name = _copy_name(key.removeprefix(PREFIX), adapter_name, model_params)
         name = name if name in model_params else name.replace(".weight", ".base_layer.weight")
         if name not in model_params:
             unknown.append(key)
         else:
             expected[key] = model_params[name]
     if unknown:
+        targets = configs(model)[adapter_name].target_modules
         _undo(model, adapter_name)
+        module = unknown[0].removeprefix(PREFIX).partition(".lora_")[0]
+        if ".lora_" in unknown[0] and module in dict(model.named_modules()):
+            # e.g. PEFT's ensure_weight_tying: LoRA on a tied lm_head that its config leaves out
+            raise AdapterShapeError(
+                f"adapter {directory} has LoRA tensors for {module!r}, a module of this model "
+                f"that its target_modules {targets!r} do not name, so lorakit cannot rebuild it; "
+                "load it with PEFT (lora.engine=peft)"
+            )
         raise AdapterShapeError(
             f"adapter {directory} has tensors this model lacks, first: {unknown[0]}; "
             "it was made for another model"
@@ -288,6 +337,20 @@ def _check_and_copy(model, adapter_name, directory, expected, tensors, extra_bas
     with torch.no_grad():
         for key, target in expected.items():
             target.copy_(tensors[key].to(target.dtype))
+
+
+def _copy_name(name: str, adapter_name: str, model_params: dict) -> str:
+    """PEFT's bias="all" also writes a modules_to_save copy's bias: without the adapter's name
+    for the saved module's own parameter ("classifier.modules_to_save.bias"), with the name PEFT
+    saved it under for a nested one ("classifier.modules_to_save.default.dense.bias")."""
+    if ".modules_to_save." not in name:
+        return name
+    head, _, rest = name.partition(".modules_to_save.")
+    for tail in (rest, rest.partition(".")[2]):
+        candidate = f"{head}.modules_to_save.{adapter_name}.{tail}"
+        if candidate in model_params:
+            return candidate
+    return name
 
 
 def _undo(model: nn.Module, adapter_name: str) -> None:

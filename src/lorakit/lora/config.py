@@ -25,6 +25,16 @@ TASK_HEADS = {
     "QUESTION_ANS": ("qa_outputs",),
 }
 
+# PEFT LoRA options that change the tensors or the forward pass and that lorakit does not have
+UNSUPPORTED = (
+    "lora_bias", "trainable_token_indices", "layer_replication", "target_parameters",
+    "alora_invocation_tokens", "use_qalora", "use_bdlora", "arrow_config", "velora_config",
+    "monteclora_config", "kasa_config",
+)  # fmt: skip
+
+# PEFT initialisations that leave the base weights as they are: their files load as plain LoRA
+PLAIN_INITS = ("eva", "orthogonal", "mica")
+
 
 @dataclass
 class LoraConfig:
@@ -38,7 +48,8 @@ class LoraConfig:
     target_modules: which modules get LoRA: a list of names (a module matches when its full name
         equals an entry or ends with "." + entry), a regex string (full match), or "all-linear".
     exclude_modules: same forms; never targeted.
-    modules_to_save: modules trained in full and saved with the adapter (e.g. a new head).
+    modules_to_save: modules trained in full and saved with the adapter (e.g. a new head); a
+        module matches when its full name ends with an entry (PEFT's rule, no dot needed).
         With task_type "SEQ_CLS" or "TOKEN_CLS" the head ("classifier" or "score") is always
         one of them, and with "QUESTION_ANS" "qa_outputs", as in PEFT (`TASK_HEADS`).
     bias: "none", "all" (every bias trainable) or "lora_only" (biases of LoRA layers).
@@ -48,6 +59,9 @@ class LoraConfig:
     init_lora_weights: True = Kaiming-uniform A and zero B, so training starts at the base
         model (section 4.1); "gaussian" = normal A with std 1/r; False = random B too (tests).
     fan_in_fan_out: the base stores weight as (in, out), as GPT-2's Conv1D does.
+    layers_to_transform, layers_pattern: only the layers with these indices (an int or a list)
+        get LoRA, with a list target_modules: the index is the number after `layers_pattern`
+        (e.g. "layers" in "model.layers.3.mlp"), or the first number in the name (PEFT's rule).
     """
 
     r: int = 8
@@ -62,6 +76,8 @@ class LoraConfig:
     alpha_pattern: dict[str, float] = field(default_factory=dict)
     init_lora_weights: bool | Literal["gaussian"] = True
     fan_in_fan_out: bool = False
+    layers_to_transform: list[int] | int | None = None
+    layers_pattern: list[str] | str | None = None
     task_type: str | None = None
     base_model_name_or_path: str | None = None
     inference_mode: bool = False
@@ -88,12 +104,32 @@ class LoraConfig:
             raise LoraError(
                 f"init_lora_weights must be True, False or 'gaussian', got {self.init_lora_weights!r}"
             )
+        self._check_names()
         self._check_patterns()
+        self._check_layers()
         if not self.target_modules:
             raise LoraError(
                 "target_modules is empty: name the modules to adapt, e.g. ['query', 'value'], "
                 "or 'all-linear' (`lorakit inspect MODEL` lists the names)"
             )
+
+    def _check_names(self) -> None:
+        for key, value, regex in (
+            ("target_modules", self.target_modules, True),
+            ("exclude_modules", self.exclude_modules, True),
+            (
+                "modules_to_save",
+                self.modules_to_save,
+                False,
+            ),  # PEFT reads a string letter by letter
+        ):
+            names = isinstance(value, list) and all(isinstance(n, str) for n in value)
+            if not (value is None or names or (regex and isinstance(value, str))):
+                raise LoraError(
+                    f"{key} must be a list of module names, e.g. ['classifier']"
+                    + (" (or a regex string)" if regex else "")
+                    + f", got {value!r}"
+                )
 
     def _check_patterns(self) -> None:
         for key, values, ok, example in (
@@ -109,6 +145,30 @@ class LoraConfig:
                     raise LoraError(f"{key}: {pattern!r} is not a regular expression") from None
                 if not ok(value):
                     raise LoraError(f"{key}: {pattern!r} -> {value!r} is not valid; e.g. {example}")
+
+    def _check_layers(self) -> None:
+        layers, pattern = self.layers_to_transform, self.layers_pattern
+        if not (layers is None or _is_index(layers) or (
+            isinstance(layers, list) and all(_is_index(i) for i in layers)
+        )):  # fmt: skip
+            raise LoraError(
+                f"layers_to_transform must be a layer index or a list of them, got {layers!r}"
+            )
+        if not (pattern is None or isinstance(pattern, str) or (
+            isinstance(pattern, list) and all(isinstance(p, str) for p in pattern)
+        )):  # fmt: skip
+            raise LoraError(
+                f"layers_pattern must be a name such as 'layers' or a list, got {pattern!r}"
+            )
+        if isinstance(self.target_modules, str) and (layers is not None or pattern is not None):
+            raise LoraError(
+                "layers_to_transform and layers_pattern need target_modules as a list of names, "
+                f"not the string {self.target_modules!r}"
+            )
+        if pattern and layers is None:
+            raise LoraError(
+                "layers_pattern is set without layers_to_transform; set both or neither"
+            )
 
     def for_module(self, module_name: str) -> LoraConfig:
         """This config with the r and lora_alpha that rank_pattern / alpha_pattern give
@@ -142,7 +202,7 @@ class LoraConfig:
         data = {
             f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "extra"
         }
-        data.update(peft_type="LORA", revision=None, layers_to_transform=None, layers_pattern=None)
+        data.update(peft_type="LORA", revision=None)
         data.update(use_dora=False)
         return {**self.extra, **data}
 
@@ -153,11 +213,26 @@ class LoraConfig:
             raise LoraError(f"only LoRA adapters are supported, this one is {data['peft_type']!r}")
         if data.get("use_dora"):
             raise LoraError("DoRA adapters (use_dora=true) are not supported by lorakit's engine")
+        for key in UNSUPPORTED:
+            if data.get(key):  # else lorakit would drop the tensors or the changes they bring
+                raise LoraError(
+                    f"this adapter uses PEFT's {key}={data[key]!r}, which lorakit's engine does "
+                    "not support; load it with PEFT (lora.engine=peft)"
+                )
         names = {f.name for f in dataclasses.fields(cls)} - {"extra"}
         known = {k: v for k, v in data.items() if k in names}
         for key in ("rank_pattern", "alpha_pattern"):  # PEFT may write null
             if known.get(key) is None:
                 known.pop(key, None)
+        init = known.get("init_lora_weights")
+        if init in PLAIN_INITS:  # how training began; the file's tensors are all that matter now
+            known["init_lora_weights"] = True
+        elif isinstance(init, str) and init != "gaussian":
+            raise LoraError(
+                f"this adapter was made with PEFT's init_lora_weights={init!r}, which lorakit's "
+                "engine does not support (PiSSA, OLoRA, CorDA, LoftQ and LoRA-GA also change the "
+                "base weights); load it with PEFT (lora.engine=peft)"
+            )
         extra = {k: v for k, v in data.items() if k not in names}
         return cls(**known, extra=extra)
 
@@ -169,6 +244,10 @@ def _pattern_key(patterns: dict, module_name: str) -> str | None:
         if re.match(rf"(.*\.)?({key})$", module_name):
             return key
     return None
+
+
+def _is_index(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
 
 
 def _is_rank(value) -> bool:

@@ -176,8 +176,18 @@ class Linear(LoraLayer):
         if name is None:
             return result
         A, B = self.lora_A[name].weight, self.lora_B[name].weight
+        x, dtype = _to_adapter_dtype(x, A), result.dtype
         down = F.linear(self.lora_dropout[name](x), A)  # (..., r): the cheap half
-        return add_scaled_product(result, down, B, self.scaling[name])
+        return add_scaled_product(result, down, B, self.scaling[name]).to(dtype)
+
+
+def _to_adapter_dtype(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """x in the adapter's dtype, as PEFT casts it: an fp32 adapter on a bf16 or fp16 base
+    (PEFT's files load so) computes in fp32, and the layer returns the base's dtype. Under
+    autocast the ops choose the dtype themselves, and x is left as it is."""
+    if torch.is_autocast_enabled(x.device.type):
+        return x
+    return x.to(weight.dtype)
 
 
 def add_scaled_product(result: torch.Tensor, down: torch.Tensor, B: torch.Tensor, scaling: float):
@@ -228,6 +238,17 @@ class Embedding(LoraLayer):
         for store in self._adapter_stores():
             store[adapter_name].data = store[adapter_name].data.to(device)
 
+    def _embed_scale(self) -> torch.Tensor | None:
+        """The factor a scaled embedding (Gemma's, BART's: `embed_scale`) multiplies its lookup
+        by; the update is scaled alike, as in PEFT, so merged and unmerged outputs agree."""
+        scale = getattr(self.base_layer, "embed_scale", None)
+        if isinstance(scale, (int, float)):
+            weight = self.base_layer.weight
+            return torch.tensor(scale, device=weight.device, dtype=weight.dtype)
+        if isinstance(scale, torch.Tensor) and scale.numel() == 1:
+            return scale
+        return None
+
     def get_delta_weight(self, adapter_name: str) -> torch.Tensor:
         A, B = self.lora_embedding_A[adapter_name], self.lora_embedding_B[adapter_name]
         return (B @ A).T * self.scaling[adapter_name]  # num_embeddings × embedding_dim
@@ -239,7 +260,13 @@ class Embedding(LoraLayer):
             return result
         base = self.base_layer
         after_A = F.embedding(x, self.lora_embedding_A[name].T, padding_idx=base.padding_idx)
-        return result + (after_A @ self.lora_embedding_B[name].T) * self.scaling[name]
+        update = (after_A @ self.lora_embedding_B[name].T) * self.scaling[name]
+        scale = self._embed_scale()
+        if scale is not None:
+            update = update * scale.to(update.dtype)
+        if torch.is_autocast_enabled(update.device.type):
+            return result + update
+        return (result + update).to(result.dtype)  # the base's dtype, as in Linear
 
 
 class ModulesToSaveWrapper(nn.Module):
@@ -274,6 +301,16 @@ class ModulesToSaveWrapper(nn.Module):
 
     def forward(self, *args, **kwargs):
         return self.active_module()(*args, **kwargs)
+
+    def __getattr__(self, name: str):
+        """The active module's attributes (`weight`, `num_embeddings`, ...), which code around
+        the model reads, e.g. `get_input_embeddings().weight`; PEFT's wrapper forwards them too."""
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            if name in ("original_module", "modules_to_save", "active_adapter", "disabled"):
+                raise  # not set yet (inside __init__): no recursion through active_module
+        return getattr(self.active_module(), name)
 
 
 def make_lora_layer(module: nn.Module, adapter_name: str, config: LoraConfig) -> LoraLayer | None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import difflib
 import re
+import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -18,6 +19,7 @@ from torch import nn
 from .config import ALL_LINEAR, TASK_HEADS, LoraConfig
 from .errors import LoraError, TargetModulesError
 from .layers import Conv1D, LoraLayer, ModulesToSaveWrapper, make_lora_layer, supported_types
+from .layers import Linear as LoraLinear
 
 CONFIGS_ATTR = "lorakit_configs"  # {adapter_name: LoraConfig} kept on the model
 HEAD_NAMES = ("lm_head", "classifier", "score")  # output heads that "all-linear" leaves alone
@@ -34,6 +36,12 @@ def name_matches(name: str, patterns: list[str] | str | None) -> bool:
     return any(name == p or name.endswith("." + p) for p in patterns)
 
 
+def saved_matches(name: str, modules_to_save: list[str] | None) -> bool:
+    """PEFT's rule for modules_to_save: a plain suffix of the name, with no dot before it, so
+    "classifier" also saves DistilBERT's "pre_classifier" (PEFT's `_set_trainable`)."""
+    return any(name.endswith(m) for m in modules_to_save or [])
+
+
 def _output_head_names(model: nn.Module) -> set[str]:
     heads: set[str] = set()
     get_out = getattr(model, "get_output_embeddings", None)
@@ -45,12 +53,26 @@ def _output_head_names(model: nn.Module) -> set[str]:
 
 
 def _targetable(model: nn.Module) -> list[tuple[str, nn.Module]]:
-    types = supported_types()
+    types = (*supported_types(), LoraLayer)
+    inside = _inside_lora_layers(model)
     return [
         (name, m)
         for name, m in model.named_modules()
-        if isinstance(m, types) and "lora_" not in name and ".modules_to_save." not in name
+        if isinstance(m, types)
+        and name not in inside
+        and "lora_" not in name
+        and ".modules_to_save." not in name
     ]
+
+
+def _inside_lora_layers(model: nn.Module) -> set[str]:
+    """The modules inside LoRA layers (base_layer, lora_A, ...): a further adapter goes into the
+    LoRA layer itself, as in PEFT, never into its base_layer (LoRA inside LoRA)."""
+    inside: set[str] = set()
+    for name, module in model.named_modules():
+        if isinstance(module, LoraLayer):
+            inside.update(f"{name}.{sub}" for sub, _ in module.named_modules() if sub)
+    return inside
 
 
 def find_targets(model: nn.Module, config: LoraConfig) -> list[str]:
@@ -58,15 +80,20 @@ def find_targets(model: nn.Module, config: LoraConfig) -> list[str]:
     candidates = _targetable(model)
     if config.target_modules == ALL_LINEAR:
         heads = _output_head_names(model) | {
-            n for n, _ in candidates if name_matches(n, config.modules_to_save)
+            n for n, _ in candidates if saved_matches(n, config.modules_to_save)
         }
-        linear = (nn.Linear,) + ((Conv1D,) if Conv1D is not None else ())
+        linear = (nn.Linear, LoraLinear) + ((Conv1D,) if Conv1D is not None else ())
         names = [n for n, m in candidates if isinstance(m, linear) and n not in heads]
     else:
-        names = [n for n, _ in model.named_modules() if name_matches(n, config.target_modules)]
-        unsupported = [n for n in names if n not in dict(candidates)]
-        wrapped = {n for n, m in model.named_modules() if isinstance(m, LoraLayer)}
-        unsupported = [n for n in unsupported if n not in wrapped and "lora_" not in n]
+        inside = _inside_lora_layers(model)
+        names = [
+            n
+            for n, _ in model.named_modules()
+            if name_matches(n, config.target_modules)
+            and (n in config.target_modules or _in_layers(n, config))
+            and n not in inside
+        ]
+        unsupported = [n for n in names if n not in dict(candidates) and "lora_" not in n]
         if unsupported:
             kind = type(model.get_submodule(unsupported[0])).__name__
             raise TargetModulesError(
@@ -74,9 +101,17 @@ def find_targets(model: nn.Module, config: LoraConfig) -> list[str]:
                 "Linear, Embedding and GPT-2's Conv1D. Name those layers instead "
                 f"(targetable here: {_describe(candidates)})"
             )
-        names = [n for n in names if n in dict(candidates) or n in wrapped]
+        names = [n for n in names if n in dict(candidates)]
     names = [n for n in names if not name_matches(n, config.exclude_modules)]
     kept = [n for n in names if not _within(n, config.saved)]
+    clash = next((n for n in kept if saved_matches(n, config.saved)), None)
+    if clash is not None:
+        # PEFT puts LoRA on it, then fails to wrap the LoRA layer (TypeError): no file can result
+        saved = next(m for m in config.saved if clash.endswith(m))
+        raise TargetModulesError(
+            f"target module {clash!r} is also saved whole: its name ends with {saved!r} from "
+            "modules_to_save (PEFT saves every module whose name ends so); drop one of the two"
+        )
     if names and not kept:
         raise TargetModulesError(
             f"target_modules {config.target_modules!r} matched only modules inside "
@@ -86,6 +121,26 @@ def find_targets(model: nn.Module, config: LoraConfig) -> list[str]:
     if not kept:
         raise TargetModulesError(_no_match_message(config.target_modules, candidates))
     return kept
+
+
+def _in_layers(name: str, config: LoraConfig) -> bool:
+    """Is `name` in one of config.layers_to_transform? PEFT's `check_target_module_exists`: the
+    index follows a layers_pattern entry, or else is the first number between dots; a name that
+    equals a target_modules entry is taken whatever its layer."""
+    wanted, patterns = config.layers_to_transform, config.layers_pattern
+    if wanted is None or wanted == []:
+        return True
+    if not patterns:
+        match = re.match(r".*?\.[^.]*\.(?P<idx>\d+)\.", name)
+    else:
+        for pattern in [patterns] if isinstance(patterns, str) else patterns:
+            match = re.match(rf"(?:^|.*?\.){pattern}\.(?P<idx>\d+)\.", name)
+            if match is not None:
+                break
+    if match is None:
+        return False
+    index = int(match.group("idx"))
+    return index == wanted if isinstance(wanted, int) else index in wanted
 
 
 def _within(name: str, saved: list[str]) -> bool:
@@ -151,7 +206,9 @@ def add_adapter(model: nn.Module, adapter_name: str, config: LoraConfig) -> nn.M
     if not isinstance(adapter_name, str) or not adapter_name or "." in adapter_name:
         raise LoraError(f"adapter names are non-empty strings without dots, got {adapter_name!r}")
     config = config.with_task_head()  # stored so: the saved adapter_config.json lists the head
-    for name in find_targets(model, config):
+    targets = find_targets(model, config)
+    modules_to_save_names(model, config)  # its errors come before the model is changed
+    for name in targets:
         module = model.get_submodule(name)
         module_config = config.for_module(name)  # its own r / lora_alpha, if a pattern says so
         if isinstance(module, LoraLayer):
@@ -183,7 +240,7 @@ def modules_to_save_names(model: nn.Module, config: LoraConfig) -> list[str]:
     names = [
         name
         for name, _ in model.named_modules()
-        if name_matches(name, config.saved)
+        if saved_matches(name, config.saved)
         and "lora_" not in name
         and ".modules_to_save." not in name
         and not name.endswith(".original_module")
@@ -203,7 +260,7 @@ def modules_to_save_names(model: nn.Module, config: LoraConfig) -> list[str]:
                 )
             )
     own = [m for m in config.saved if m not in TASK_HEADS.get(config.task_type or "", ())]
-    if own and not any(name_matches(n, own) for n in names):
+    if own and not any(saved_matches(n, own) for n in names):
         top = [n for n, _ in model.named_children()]
         raise TargetModulesError(
             f"modules_to_save {config.modules_to_save!r} matched no module; "
@@ -219,6 +276,10 @@ def set_adapter(model: nn.Module, adapter_name: str) -> None:
             f"no adapter named {adapter_name!r}; adapters here: {sorted(configs(model))}"
         )
     trainable = not configs(model)[adapter_name].inference_mode
+    if any(layer.merged for _, layer in lora_layers(model)):
+        # else the merged adapter stays in the weights and adds to the newly active one
+        warnings.warn("set_adapter on a merged model: unmerging first, as PEFT does", stacklevel=2)
+        unmerge_adapter(model)
     for _, layer in lora_layers(model):
         layer.active_adapter = adapter_name if adapter_name in layer.r else None
         for name, param in layer.named_parameters():

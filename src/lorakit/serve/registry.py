@@ -36,7 +36,7 @@ from lorakit.lora import (
     set_adapter,
 )
 from lorakit.lora.adapter_files import PREFIX
-from lorakit.lora.model import name_matches
+from lorakit.lora.model import saved_matches
 from lorakit.models.transformer import load_sequence_classifier
 
 from .errors import AdapterExistsError, AdapterLoadError, UnknownAdapterError
@@ -190,7 +190,7 @@ class AdapterRegistry:
         return [
             path
             for path, _ in self.model.named_modules()
-            if name_matches(path, modules_to_save)
+            if saved_matches(path, modules_to_save)
             and "lora_" not in path
             and ".modules_to_save." not in path
             and not path.endswith(".original_module")
