@@ -261,3 +261,19 @@ def test_warnings_point_at_the_callers_line_and_count_missing_labels(tmp_path):
         dsd = load_dataset(path)
     assert caught[0].filename == __file__
     assert sum(len(s) for s in dsd.values()) == 56
+
+
+def test_csv_integer_labels_written_as_floats_match_parquet(tmp_path):
+    """pandas writes a star column with a missing value as 1.0, 2.0, ... 10.0 in a CSV: the
+    classes are the same integers, in the same order, as the same frame saved as Parquet."""
+    stars = [float(i % 10 + 1) for i in range(100)]
+    stars[0] = None
+    frame = pd.DataFrame({"text": _reviews(100), "label": stars})
+    frame.to_csv(tmp_path / "stars.csv", index=False)
+    frame.to_parquet(tmp_path / "stars.parquet")
+    with pytest.warns(DataWarning, match="dropped 1 row"):
+        from_csv = load_dataset(tmp_path / "stars.csv")
+    with pytest.warns(DataWarning, match="dropped 1 row"):
+        from_parquet = load_dataset(tmp_path / "stars.parquet")
+    assert _names(from_csv) == [str(i) for i in range(1, 11)] == _names(from_parquet)
+    assert from_csv["test"]["label"] == from_parquet["test"]["label"]

@@ -21,7 +21,8 @@ from lorakit.data.errors import DataError, warn
 from lorakit.data.splits import SPLITS, carve_validation, split_of
 
 CARVE_FRACTION = 0.05  # validation taken from train when a source has only train and test
-_INTEGER = re.compile(r"[+-]?\d+")
+# "3.0" too: pandas writes an integer column with a missing value as floats
+_INTEGER = re.compile(r"[+-]?\d+(\.0*)?")
 SPLIT_ALIASES = {
     "train": "train",
     "validation": "validation",
@@ -59,7 +60,7 @@ def _as_integer(value: Any) -> int | None:
     if isinstance(value, float) and value.is_integer():
         return int(value)
     if isinstance(value, str) and _INTEGER.fullmatch(value.strip()):
-        return int(value)
+        return int(value.strip().partition(".")[0])
     if hasattr(value, "item"):  # a numpy scalar
         return _as_integer(value.item())
     return None
