@@ -277,3 +277,15 @@ def test_csv_integer_labels_written_as_floats_match_parquet(tmp_path):
         from_parquet = load_dataset(tmp_path / "stars.parquet")
     assert _names(from_csv) == [str(i) for i in range(1, 11)] == _names(from_parquet)
     assert from_csv["test"]["label"] == from_parquet["test"]["label"]
+
+
+@pytest.mark.parametrize("sep", [";", "\t", "|"])
+def test_csv_with_another_separator_is_read(tmp_path, sep):
+    """A spreadsheet's "CSV" in many locales uses semicolons; the header row tells which."""
+    path = tmp_path / "reviews.csv"
+    texts = [f"{t}, quite; long" for t in _reviews(60)]
+    frame = pd.DataFrame({"review": texts, "stars": ["good", "bad"] * 30})
+    frame.to_csv(path, index=False, sep=sep)
+    dsd = load_dataset(path, text_column="review", label_column="stars")
+    assert _names(dsd) == ["bad", "good"]
+    assert sorted(_all(dsd, "text")) == sorted(texts)

@@ -25,8 +25,17 @@ SPLIT_COLUMN = "split"
 COLUMN_FIX = "--set data.text_column=... data.label_column=... (or text_column=/label_column=)"
 
 
+def _separator(text: str, path: Path) -> str:
+    """Tab for a .tsv; else whichever of , ; tab | the first row has most of (a comma on a tie):
+    spreadsheets in many locales save "CSV" with semicolons."""
+    if path.suffix.lower() == ".tsv":
+        return "\t"
+    header = text.split("\n", 1)[0]
+    return max((",", ";", "\t", "|"), key=header.count)
+
+
 def _read_csv(text: str, path: Path, **options) -> pd.DataFrame:
-    sep = "\t" if path.suffix.lower() == ".tsv" else ","
+    sep = _separator(text, path)
     try:
         return pd.read_csv(io.StringIO(text), sep=sep, dtype=str, keep_default_na=False, **options)
     except Exception as error:  # pandas raises several types; none should reach the user raw
