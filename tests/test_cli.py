@@ -136,3 +136,17 @@ def test_damaged_summary_is_one_clean_message(run_dir, tmp_path, command, capsys
     err = capsys.readouterr().err
     assert "summary.json is damaged" in err and "Traceback" not in err
     assert not (tmp_path / "merged").exists()
+
+
+def test_set_takes_column_names_and_paths_as_written(tiny_bert_dir, tmp_path, capsys):
+    """A frame saved with its default integer column names has a header "0,1"; a path may hold
+    a comma. `--set` keeps such text as text instead of refusing an int or a list."""
+    path = tmp_path / "reviews, 2024.csv"
+    rows = [f"review {i}: a {'fine' if i % 2 else 'poor'} film,{i % 2}" for i in range(60)]
+    path.write_text("0,1\n" + "\n".join(rows) + "\n")
+    args = ["train", "sentiment", "--dry-run", "--set", f"data.path={path}",
+            "data.text_column=0", "data.label_column=1", f"model.name={tiny_bert_dir}"]  # fmt: skip
+    assert main(args) == 0, capsys.readouterr().err
+    out = capsys.readouterr().out
+    assert f"path = {json.dumps(str(path))}" in out
+    assert 'text_column = "0"' in out and 'label_column = "1"' in out
