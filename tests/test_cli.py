@@ -3,9 +3,11 @@
 import json
 import shutil
 
+import pandas as pd
 import pytest
 
 from lorakit.cli import main
+from lorakit.data import split_of
 
 TINY = [
     "pretrain.epochs=1", "pretrain.max_length=64", "data.max_train_samples=1500",
@@ -150,3 +152,45 @@ def test_set_takes_column_names_and_paths_as_written(tiny_bert_dir, tmp_path, ca
     out = capsys.readouterr().out
     assert f"path = {json.dumps(str(path))}" in out
     assert 'text_column = "0"' in out and 'label_column = "1"' in out
+
+
+STARS = ["good", "bad", "so so"]
+
+
+def _stars_csv(path, n: int, stars=STARS, start: int = 0):
+    rows = [(f"review {i}: a {stars[i % len(stars)]} film", stars[i % len(stars)])
+            for i in range(start, start + n)]  # fmt: skip
+    pd.DataFrame(rows, columns=["review", "stars"]).to_csv(path, index=False)
+    return path
+
+
+@pytest.fixture(scope="module")
+def csv_run(tiny_bert_dir, tmp_path_factory):
+    """A sentiment run on the tiny BERT from a user's CSV: named columns, string labels."""
+    folder = tmp_path_factory.mktemp("csv-run")
+    data = _stars_csv(folder / "my.csv", 120)
+    out = folder / "run"
+    args = ["train", "sentiment", "--out", str(out), "--set", f"data.path={data}",
+            "data.text_column=review", "data.label_column=stars",
+            f"model.name={tiny_bert_dir}", "train.epochs=1"]  # fmt: skip
+    assert main(args) == 0
+    return out
+
+
+def test_eval_on_other_data_of_one_class_or_few_rows(csv_run, tmp_path, capsys):
+    """Data only evaluated on needs neither two classes nor every split: a file of "good"
+    reviews, or one too small for a validation split, is evaluated on its test split."""
+    one_class = _stars_csv(tmp_path / "good.csv", 60, stars=["good"], start=1000)
+    assert main(["eval", str(csv_run), "--data", str(one_class)]) == 0, capsys.readouterr().err
+    result = json.loads(capsys.readouterr().out)
+    texts = pd.read_csv(one_class)["review"]
+    assert result["examples"] == sum(split_of(t) == "test" for t in texts) > 0
+    few = tmp_path / "few.csv"
+    texts = [f"review {i}: a good film" for i in range(2000, 2400)]
+    picked = [t for t in texts if split_of(t) == "test"][:6]
+    picked += [t for t in texts if split_of(t) == "train"][:6]
+    pd.DataFrame({"review": picked, "stars": ["good", "bad"] * 6}).to_csv(few, index=False)
+    assert main(["eval", str(csv_run), "--data", str(few)]) == 0, capsys.readouterr().err
+    assert json.loads(capsys.readouterr().out)["examples"] == 6
+    assert main(["eval", str(csv_run), "--data", str(few), "--split", "validation"]) == 2
+    assert "validation split of" in capsys.readouterr().err

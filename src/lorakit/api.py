@@ -216,9 +216,16 @@ def evaluate(run_dir: str | Path, data: str | None = None, split: str = "test") 
         data or config.data.source,
         text_column=config.data.text_column,
         label_column=config.data.label_column,
+        training=False,
     )
     if split not in dsd:
         raise ConfigError(f"split: {split!r} does not exist; choose one of {', '.join(dsd)}")
+    if len(dsd[split]) == 0:
+        sizes = ", ".join(f"{name}={len(part)}" for name, part in dsd.items())
+        raise ConfigError(
+            f"split: the {split} split of {data or config.data.source} is empty ({sizes}); "
+            "choose another --split, or give more rows or a 'split' column"
+        )
     predictor = pipeline_module(config).load_predictor(run_dir)
     dataset = dsd[split]
     names = dataset.features["label"].names

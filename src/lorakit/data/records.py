@@ -116,8 +116,13 @@ def _assign_splits(
     return splits
 
 
-def to_dataset_dict(records: Records, validation_fraction: float | None = None) -> DatasetDict:
-    """Check and split `records`; the result has columns `text` (str) and `label` (ClassLabel)."""
+def to_dataset_dict(
+    records: Records, validation_fraction: float | None = None, training: bool = True
+) -> DatasetDict:
+    """Check and split `records`; the result has columns `text` (str) and `label` (ClassLabel).
+
+    `training=False` (data to evaluate on): one class is enough and a split may be empty.
+    """
     if not records.texts:
         raise DataError(f"{records.source} has no rows: give a file with at least one example.")
     keep = _drop_unusable(records)
@@ -128,7 +133,7 @@ def to_dataset_dict(records: Records, validation_fraction: float | None = None) 
     else:
         labels, names = [int(label) for label in raw_labels], list(records.names)
     present = Counter(labels)
-    if len(present) < 2:
+    if training and len(present) < 2:
         only = names[next(iter(present))] if present else "none"
         raise DataError(
             f"{records.source}: every usable row has the same label ({only!r}); a classifier "
@@ -140,7 +145,7 @@ def to_dataset_dict(records: Records, validation_fraction: float | None = None) 
     parts = {}
     for split in SPLITS:
         rows = [i for i, s in enumerate(splits) if s == split]
-        if not rows:
+        if not rows and training:
             sizes = ", ".join(f"{s}={splits.count(s)}" for s in SPLITS)
             raise DataError(
                 f"{records.source}: the {split} split is empty ({sizes}). Give more rows "
