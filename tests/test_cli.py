@@ -90,7 +90,11 @@ def test_errors_are_one_clean_message(args, message, capsys):
 
 @pytest.mark.parametrize(
     ("setting", "message"),
-    [("data.path=no-such.csv", "No such file"), ("lora.target_modules=nothing", "matched no")],
+    [
+        ("data.path=no-such.csv", "No such file"),
+        ("lora.target_modules=nothing", "matched no"),
+        ("data.max_length=256", "data.max_length: 256 is more than the 128 tokens"),
+    ],
 )
 @pytest.mark.parametrize("existing", [False, True])
 def test_train_failing_in_setup_leaves_out_free(
