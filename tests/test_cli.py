@@ -198,3 +198,17 @@ def test_eval_on_other_data_of_one_class_or_few_rows(csv_run, tmp_path, capsys):
     assert json.loads(capsys.readouterr().out)["examples"] == 6
     assert main(["eval", str(csv_run), "--data", str(few), "--split", "validation"]) == 2
     assert "validation split of" in capsys.readouterr().err
+
+
+def test_eval_finds_relative_data_from_another_directory(tiny_bert_dir, tmp_path, monkeypatch):
+    """A run trained on `--set data.path=my.csv` records where the file is, not how the
+    working directory of the day spelled it: `lorakit eval RUN_DIR` works from anywhere."""
+    (tmp_path / "project").mkdir()
+    monkeypatch.chdir(tmp_path / "project")
+    _stars_csv(tmp_path / "project" / "my.csv", 60)
+    args = ["train", "sentiment", "--out", "run", "--set", "data.path=my.csv",
+            "data.text_column=review", "data.label_column=stars",
+            f"model.name={tiny_bert_dir}", "train.max_steps=1"]  # fmt: skip
+    assert main(args) == 0
+    monkeypatch.chdir(tmp_path)
+    assert main(["eval", "project/run"]) == 0

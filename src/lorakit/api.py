@@ -81,7 +81,7 @@ def train(
             )
         run_path, config, checkpoint = resume_point(resume)
     else:
-        config = resolve_config(recipe_or_config, overrides)
+        config = _absolute_data_path(resolve_config(recipe_or_config, overrides))
         run_path = Path(out or config.out or default_out(config.recipe))
     module = pipeline_module(config)
     if checkpoint is not None and "resume" not in inspect.signature(module.run).parameters:
@@ -108,6 +108,16 @@ def train(
     run_dir.update_environment(**facts)
     summary.setdefault("run_dir", str(run_path))
     return summary
+
+
+def _absolute_data_path(config: Config) -> Config:
+    """A relative ``data.path`` made absolute, so that the run's config.toml (which `lorakit
+    eval` and a repeat read) finds the data from any working directory."""
+    path = config.data.path and Path(config.data.path).expanduser()
+    if not path or not path.exists():
+        return config  # a missing path fails in the data loader, with the user's spelling
+    data = config.data.model_copy(update={"path": str(path.resolve())})
+    return config.model_copy(update={"data": data})
 
 
 def _discard_unstarted(run_path: Path, before: set[str] | None) -> None:
