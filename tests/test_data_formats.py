@@ -289,3 +289,15 @@ def test_csv_with_another_separator_is_read(tmp_path, sep):
     dsd = load_dataset(path, text_column="review", label_column="stars")
     assert _names(dsd) == ["bad", "good"]
     assert sorted(_all(dsd, "text")) == sorted(texts)
+
+
+def test_text_and_label_columns_swapped_is_an_error(tmp_path):
+    """Labels that each name a single row are texts: training would build a head with a class
+    per review and learn nothing. The error names both settings."""
+    path = tmp_path / "reviews.csv"
+    pd.DataFrame({"review": _reviews(300), "stars": [i % 4 + 1 for i in range(300)]}).to_csv(path)
+    with pytest.raises(DataError, match=r"300 of 300 rows .*'review 0: a calm.*swapped") as caught:
+        load_dataset(path, text_column="stars", label_column="review")
+    assert "data.label_column" in str(caught.value) and "data.text_column" in str(caught.value)
+    few = load_dataset(path, text_column="review", label_column="stars")
+    assert _names(few) == ["1", "2", "3", "4"]

@@ -139,6 +139,14 @@ def to_dataset_dict(
             f"{records.source}: every usable row has the same label ({only!r}); a classifier "
             "needs at least two classes. Check the label column (data.label_column)."
         )
+    alone = [label for label, count in present.items() if count == 1]
+    if training and len(alone) > len(labels) / 2:  # e.g. the text and label columns swapped
+        shown = ", ".join(repr(names[label][:40]) for label in alone[:3])
+        raise DataError(
+            f"{records.source}: {len(alone)} of {len(labels)} rows have a label that no other "
+            f"row has ({shown}, ...): that is not a column of classes. Check data.label_column "
+            "and data.text_column (swapped?)."
+        )
     given = None if records.splits is None else [records.splits[i] for i in keep]
     splits = _assign_splits(texts, given, records.source, validation_fraction)
     features = Features({"text": Value("string"), "label": ClassLabel(names=names)})
