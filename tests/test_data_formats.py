@@ -301,3 +301,17 @@ def test_text_and_label_columns_swapped_is_an_error(tmp_path):
     assert "data.label_column" in str(caught.value) and "data.text_column" in str(caught.value)
     few = load_dataset(path, text_column="review", label_column="stars")
     assert _names(few) == ["1", "2", "3", "4"]
+
+
+@pytest.mark.parametrize("layout", ["to_json", "indented", "lists"])
+def test_json_object_of_columns_as_pandas_writes_it(tmp_path, layout):
+    """`DataFrame.to_json("data.json")` writes one object of columns, not JSON lines."""
+    path = tmp_path / "data.json"
+    frame = pd.DataFrame({"review": _reviews(60), "stars": ["good", "bad", "meh"] * 20})
+    if layout == "lists":
+        path.write_text(json.dumps(frame.to_dict(orient="list")))
+    else:
+        frame.to_json(path, indent=2 if layout == "indented" else None)
+    dsd = load_dataset(path, text_column="review", label_column="stars")
+    assert _names(dsd) == ["bad", "good", "meh"]
+    assert sorted(_all(dsd, "text")) == sorted(_reviews(60))

@@ -44,7 +44,25 @@ def _read_csv(text: str, path: Path, **options) -> pd.DataFrame:
         ) from None
 
 
+def _json_columns(text: str) -> dict | None:
+    """The file as one JSON object of columns, as pandas' `to_json()` writes it (`{"text":
+    {"0": ...}, ...}` or `{"text": [...], ...}`); None for anything else (JSON lines)."""
+    try:
+        whole = json.loads(text)
+    except json.JSONDecodeError:
+        return None
+    if not isinstance(whole, dict) or not whole:
+        return None
+    return whole if all(isinstance(v, (dict, list)) for v in whole.values()) else None
+
+
 def _read_json_records(text: str, path: Path) -> pd.DataFrame:
+    columns = _json_columns(text) if text.lstrip().startswith("{") else None
+    if columns is not None:
+        try:
+            return pd.DataFrame(columns)
+        except ValueError as error:  # columns of different lengths
+            raise DataError(f"{path}: cannot read its JSON object as columns: {error}.") from None
     if text.lstrip().startswith("["):
         try:
             rows = json.loads(text)
