@@ -77,6 +77,7 @@ def test_recipes_lists_classic(capsys):
         (["eval"], "Missing argument 'run_dir'"),  # click's usage errors, as typer raises them
         (["train", "--bogus"], "No such option: --bogus"),
         (["serve", "--adapter", "nonsense"], "write NAME=DIR"),  # typer.Exit(2) in the command
+        (["train", "my.csv"], "lorakit train sentiment --set data.path=my.csv data.text_column="),
     ],
 )
 def test_errors_are_one_clean_message(args, message, capsys):

@@ -33,6 +33,16 @@ def resolve_config(
     """A recipe name (``classic``) or a config file (``my.toml``, ``RUN_DIR/config.toml``) with
     ``--set`` overrides applied, validated."""
     source = str(recipe_or_config or DEFAULT_RECIPE)
+    suffix = Path(source).suffix.lower()
+    if suffix not in ("", ".toml"):
+        from lorakit.data.files import FILE_SUFFIXES
+
+        if suffix in FILE_SUFFIXES:
+            raise ConfigError(
+                f"{source!r} is a data file, not a recipe or a .toml config; train a recipe on "
+                f"it: lorakit train {DEFAULT_RECIPE} --set data.path={source} "
+                "data.text_column=... data.label_column=..."
+            )
     looks_like_file = source.endswith(".toml") or "/" in source or Path(source).is_file()
     path = Path(source) if looks_like_file else recipe_path(source)
     config = load_config(path, overrides)
