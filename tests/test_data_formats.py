@@ -315,3 +315,14 @@ def test_json_object_of_columns_as_pandas_writes_it(tmp_path, layout):
     dsd = load_dataset(path, text_column="review", label_column="stars")
     assert _names(dsd) == ["bad", "good", "meh"]
     assert sorted(_all(dsd, "text")) == sorted(_reviews(60))
+
+
+def test_csv_typed_with_spaces_after_commas(tmp_path):
+    """`text, label` as people type it: the columns are text and label, and a quoted text after
+    a space keeps its commas."""
+    path = tmp_path / "typed.csv"
+    rows = [f'"{t}, truly", {"pos" if i % 2 else "neg"}' for i, t in enumerate(_reviews(60))]
+    path.write_text("text, label\n" + "\n".join(rows) + "\n")
+    dsd = load_dataset(path)
+    assert _names(dsd) == ["neg", "pos"]
+    assert sorted(_all(dsd, "text")) == sorted(f"{t}, truly" for t in _reviews(60))

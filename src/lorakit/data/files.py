@@ -36,8 +36,11 @@ def _separator(text: str, path: Path) -> str:
 
 def _read_csv(text: str, path: Path, **options) -> pd.DataFrame:
     sep = _separator(text, path)
-    try:
-        return pd.read_csv(io.StringIO(text), sep=sep, dtype=str, keep_default_na=False, **options)
+    try:  # skipinitialspace: `text, label` and `1, "a, quoted text"`, as people type them
+        return pd.read_csv(
+            io.StringIO(text), sep=sep, dtype=str, keep_default_na=False, skipinitialspace=True,
+            **options,
+        )  # fmt: skip
     except Exception as error:  # pandas raises several types; none should reach the user raw
         raise DataError(
             f"Cannot read {path} as CSV: {error}. Check quoting and separators."
