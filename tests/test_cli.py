@@ -213,3 +213,15 @@ def test_eval_finds_relative_data_from_another_directory(tiny_bert_dir, tmp_path
     assert main(args) == 0
     monkeypatch.chdir(tmp_path)
     assert main(["eval", "project/run"]) == 0
+
+
+def test_eval_on_data_with_other_columns_names_a_fix_eval_takes(csv_run, tmp_path, capsys):
+    """`lorakit eval` has no --set: the message asks for the run's column names."""
+    other = tmp_path / "other.csv"
+    pd.DataFrame(
+        {"text": ["a good film", "a bad film"] * 30, "label": ["good", "bad"] * 30}
+    ).to_csv(other, index=False)
+    assert main(["eval", str(csv_run), "--data", str(other)]) == 2
+    err = capsys.readouterr().err
+    assert "its columns are ['text', 'label']" in err and "--set" not in err
+    assert "the run reads the columns 'review' and 'stars'" in err

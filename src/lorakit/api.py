@@ -229,15 +229,20 @@ def predict(run_dir: str | Path, texts: Sequence[str]) -> list[dict[str, Any]]:
 
 def evaluate(run_dir: str | Path, data: str | None = None, split: str = "test") -> dict[str, Any]:
     """Accuracy and loss of a finished run on a split of its data (or of ``data``)."""
-    from lorakit.data import load_dataset
+    from lorakit.data import DataError, load_dataset
+    from lorakit.data.files import COLUMN_FIX
 
     run_dir, config = _run_config(run_dir)
-    dsd = load_dataset(
-        data or config.data.source,
-        text_column=config.data.text_column,
-        label_column=config.data.label_column,
-        training=False,
-    )
+    text, label = config.data.text_column, config.data.label_column
+    try:
+        dsd = load_dataset(
+            data or config.data.source, text_column=text, label_column=label, training=False
+        )
+    except DataError as error:  # eval takes no --set: the other file must use the run's columns
+        if data is None or COLUMN_FIX not in str(error):
+            raise
+        fix = f"the run reads the columns {text!r} and {label!r}: rename the file's columns"
+        raise DataError(str(error).replace(COLUMN_FIX, fix)) from None
     if split not in dsd:
         raise ConfigError(f"split: {split!r} does not exist; choose one of {', '.join(dsd)}")
     if len(dsd[split]) == 0:
