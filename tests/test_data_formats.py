@@ -326,3 +326,19 @@ def test_csv_typed_with_spaces_after_commas(tmp_path):
     dsd = load_dataset(path)
     assert _names(dsd) == ["neg", "pos"]
     assert sorted(_all(dsd, "text")) == sorted(f"{t}, truly" for t in _reviews(60))
+
+
+def test_pandas_missing_values_in_nullable_columns_are_dropped(tmp_path):
+    """A nullable Int64 label or a string text column holds pd.NA, not None or NaN: such rows
+    are dropped and counted, not a class named "<NA>" or a text "<NA>"."""
+    path = tmp_path / "data.parquet"
+    texts = pd.array([t if i % 10 else None for i, t in enumerate(_reviews(120))], dtype="string")
+    labels = pd.array([i % 3 if i % 10 != 5 else None for i in range(120)], dtype="Int64")
+    pd.DataFrame({"text": texts, "label": labels}).to_parquet(path)
+    with pytest.warns(DataWarning) as caught:
+        dsd = load_dataset(path)
+    messages = " ".join(str(w.message) for w in caught)
+    assert "dropped 12 row(s) whose text is empty" in messages
+    assert "dropped 12 row(s) with no label" in messages
+    assert _names(dsd) == ["0", "1", "2"]
+    assert "<NA>" not in _all(dsd, "text")

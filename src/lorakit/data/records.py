@@ -8,13 +8,13 @@ refuse a single class, assign hash splits, and refuse an empty split.
 
 from __future__ import annotations
 
-import math
 import re
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
+import pandas as pd
 from datasets import ClassLabel, Dataset, DatasetDict, Features, Value
 
 from lorakit.data.errors import DataError, warn
@@ -45,11 +45,10 @@ class Records:
 
 
 def _missing(value: Any) -> bool:
-    if value is None:
-        return True
-    if isinstance(value, float) and math.isnan(value):
-        return True
-    return isinstance(value, str) and not value.strip()
+    """None, NaN, pandas' NA and NaT (nullable Int64 / string / datetime columns), or blank."""
+    if isinstance(value, str):
+        return not value.strip()
+    return pd.api.types.is_scalar(value) and bool(pd.isna(value))
 
 
 def _as_integer(value: Any) -> int | None:
