@@ -342,3 +342,13 @@ def test_pandas_missing_values_in_nullable_columns_are_dropped(tmp_path):
     assert "dropped 12 row(s) with no label" in messages
     assert _names(dsd) == ["0", "1", "2"]
     assert "<NA>" not in _all(dsd, "text")
+
+
+def test_headerless_ag_news_with_semicolons_in_a_title_is_still_comma_separated(tmp_path):
+    path = tmp_path / "ag.csv"
+    rows = _ag_rows(80)
+    rows[0][1] = "Stocks; bonds; gold; oil up"  # the first row is data: pandas leaves it unquoted
+    pd.DataFrame(rows).to_csv(path, index=False, header=False)
+    dsd = load_dataset(path)
+    assert _names(dsd) == ["World", "Sports", "Business", "Sci/Tech"]
+    assert f"Stocks; bonds; gold; oil up {WORDS[0]} news story 0" in _all(dsd, "text")

@@ -26,12 +26,14 @@ COLUMN_FIX = "--set data.text_column=... data.label_column=... (or text_column=/
 
 
 def _separator(text: str, path: Path) -> str:
-    """Tab for a .tsv; else whichever of , ; tab | the first row has most of (a comma on a tie):
-    spreadsheets in many locales save "CSV" with semicolons."""
+    """Tab for a .tsv; a comma when the first row has one; else whichever of ; tab | it has most
+    of: spreadsheets in many locales save "CSV" with semicolons."""
+    header = text.split("\n", 1)[0]
     if path.suffix.lower() == ".tsv":
         return "\t"
-    header = text.split("\n", 1)[0]
-    return max((",", ";", "\t", "|"), key=header.count)
+    if "," in header or not any(sep in header for sep in ";\t|"):
+        return ","
+    return max(";\t|", key=header.count)
 
 
 def _read_csv(text: str, path: Path, **options) -> pd.DataFrame:
