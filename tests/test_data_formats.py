@@ -352,3 +352,19 @@ def test_headerless_ag_news_with_semicolons_in_a_title_is_still_comma_separated(
     dsd = load_dataset(path)
     assert _names(dsd) == ["World", "Sports", "Business", "Sci/Tech"]
     assert f"Stocks; bonds; gold; oil up {WORDS[0]} news story 0" in _all(dsd, "text")
+
+
+@pytest.mark.parametrize("encoding", ["utf-16", "utf-16-be"])
+def test_utf16_file_with_a_bom_is_read(tmp_path, encoding):
+    """Excel's "Unicode Text" and Windows PowerShell's `>` write UTF-16 with a BOM."""
+    path = tmp_path / "reviews.tsv"
+    texts = [f"{t} – très bien" for t in _reviews(60)]
+    frame = pd.DataFrame({"review": texts, "stars": ["good", "bad"] * 30})
+    body = frame.to_csv(index=False, sep="\t")
+    path.write_bytes(
+        body.encode(encoding) if encoding == "utf-16" else b"\xfe\xff" + body.encode(encoding)
+    )
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # nothing replaced
+        dsd = load_dataset(path, text_column="review", label_column="stars")
+    assert sorted(_all(dsd, "text")) == sorted(texts)
