@@ -368,3 +368,16 @@ def test_utf16_file_with_a_bom_is_read(tmp_path, encoding):
         warnings.simplefilter("error")  # nothing replaced
         dsd = load_dataset(path, text_column="review", label_column="stars")
     assert sorted(_all(dsd, "text")) == sorted(texts)
+
+
+def test_jsonl_texts_may_hold_unicode_line_separators(tmp_path):
+    """JSON strings may hold U+2028, U+2029 and U+0085 unescaped (ensure_ascii=False); they are
+    not line ends of a .jsonl file. Windows line ends are."""
+    path = tmp_path / "data.jsonl"
+    texts = [f"{t}\u2028second line\x85more\u2029" for t in _reviews(60)]
+    rows = [
+        json.dumps({"text": t, "label": i % 2}, ensure_ascii=False) for i, t in enumerate(texts)
+    ]
+    path.write_bytes("\r\n".join(rows).encode())
+    dsd = load_dataset(path)
+    assert sorted(_all(dsd, "text")) == sorted(t.strip() for t in texts)

@@ -75,7 +75,9 @@ def _read_json_records(text: str, path: Path) -> pd.DataFrame:
             raise DataError(f"{path} is not valid JSON: {error}.") from None
     else:
         rows = []
-        for number, line in enumerate(text.splitlines(), start=1):
+        # lines end at "\n" only: splitlines() also breaks at U+2028 and U+0085, which JSON
+        # strings may hold unescaped (json.dumps(..., ensure_ascii=False))
+        for number, line in enumerate(text.split("\n"), start=1):
             if line.strip():
                 try:
                     rows.append(json.loads(line))
