@@ -225,3 +225,15 @@ def test_eval_on_data_with_other_columns_names_a_fix_eval_takes(csv_run, tmp_pat
     err = capsys.readouterr().err
     assert "its columns are ['text', 'label']" in err and "--set" not in err
     assert "the run reads the columns 'review' and 'stars'" in err
+
+
+def test_predict_file_gives_one_prediction_per_line(csv_run, tmp_path, capsys):
+    """Text may hold U+2028 or U+0085 (cp1252's ellipsis read as Latin-1); only \\n, \\r\\n
+    and \\r end a line of --file."""
+    texts = ["great fun\u2028really", "awful\x85 film", "a calm film\x0cindeed", "ok"]
+    path = tmp_path / "texts.txt"
+    path.write_bytes(f"{texts[0]}\n{texts[1]}\r\n{texts[2]}\r{texts[3]}\n".encode())
+    assert main(["predict", str(csv_run), "--file", str(path), "--json"]) == 0
+    rows = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert [row["text"] for row in rows] == texts
+    assert {row["label"] for row in rows} <= set(STARS)
