@@ -381,3 +381,17 @@ def test_jsonl_texts_may_hold_unicode_line_separators(tmp_path):
     path.write_bytes("\r\n".join(rows).encode())
     dsd = load_dataset(path)
     assert sorted(_all(dsd, "text")) == sorted(t.strip() for t in texts)
+
+
+@pytest.mark.parametrize("suffix", [".jsonl", ".parquet"])
+def test_multi_label_rows_are_refused(tmp_path, suffix):
+    """A list of labels per row (multi-label data) is not a class named "['joy', 'love']"."""
+    path = tmp_path / f"emotions{suffix}"
+    labels = [["joy"], ["anger"], ["joy", "love"]] * 20
+    frame = pd.DataFrame({"text": _reviews(60), "label": labels})
+    if suffix == ".parquet":
+        frame.to_parquet(path)  # read back as numpy arrays
+    else:
+        frame.to_json(path, orient="records", lines=True)
+    with pytest.raises(DataError, match=r"row 1 has a label that is a list .*data\.label_column"):
+        load_dataset(path)

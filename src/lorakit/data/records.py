@@ -125,6 +125,14 @@ def to_dataset_dict(
     if not records.texts:
         raise DataError(f"{records.source} has no rows: give a file with at least one example.")
     keep = _drop_unusable(records)
+    for kind, values in (("text", records.texts), ("label", records.labels)):
+        row = next((i for i in keep if pd.api.types.is_list_like(values[i])), None)
+        if row is not None:  # multi-label data would train on classes like "['joy', 'love']"
+            raise DataError(
+                f"{records.source}: row {row + 1} has a {kind} that is a list or an object "
+                f"({values[row]!r:.60}); each row needs a single {kind}, as a string or a "
+                f"number. Check data.{kind}_column."
+            )
     texts = [str(records.texts[i]).strip() for i in keep]
     raw_labels = [records.labels[i] for i in keep]
     if records.names is None:
