@@ -395,3 +395,16 @@ def test_multi_label_rows_are_refused(tmp_path, suffix):
         frame.to_json(path, orient="records", lines=True)
     with pytest.raises(DataError, match=r"row 1 has a label that is a list .*data\.label_column"):
         load_dataset(path)
+
+
+def test_split_column_of_other_values_is_named_in_a_short_message(tmp_path):
+    """A column that happens to be called "split" (fold ids, free text) gets a one-line error
+    naming a few of its values, not all of them."""
+    path = tmp_path / "data.csv"
+    frame = pd.DataFrame(
+        {"text": _reviews(300), "label": [0, 1] * 150, "split": [f"fold-{i}" for i in range(300)]}
+    )
+    frame.to_csv(path, index=False)
+    with pytest.raises(DataError, match=r"'fold-0', .* and 295 more; use train") as caught:
+        load_dataset(path)
+    assert len(str(caught.value)) < 300

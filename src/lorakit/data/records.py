@@ -101,8 +101,9 @@ def _assign_splits(
         return [split_of(text, validation_fraction=fraction) for text in texts]
     unknown = sorted({str(s) for s in given if str(s).strip().lower() not in SPLIT_ALIASES})
     if unknown:
+        shown = f"{unknown[:5]} and {len(unknown) - 5} more" if len(unknown) > 5 else unknown
         raise DataError(
-            f"{source}: the 'split' column has value(s) {unknown}; use train, validation or "
+            f"{source}: the 'split' column has value(s) {shown}; use train, validation or "
             "test (or drop the column to split by hash)."
         )
     splits = [SPLIT_ALIASES[str(s).strip().lower()] for s in given]
