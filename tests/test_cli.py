@@ -237,3 +237,15 @@ def test_predict_file_gives_one_prediction_per_line(csv_run, tmp_path, capsys):
     rows = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
     assert [row["text"] for row in rows] == texts
     assert {row["label"] for row in rows} <= set(STARS)
+
+
+def test_eval_on_data_with_unknown_labels_is_a_short_message(csv_run, tmp_path, capsys):
+    """Labels the run never saw are named, a few of them: a label column of free text would
+    otherwise print every row."""
+    other = tmp_path / "other.csv"
+    pd.DataFrame({"review": [f"text {i}" for i in range(200)],
+                  "stars": [f"note {i}" for i in range(200)]}).to_csv(other, index=False)  # fmt: skip
+    assert main(["eval", str(csv_run), "--data", str(other)]) == 2
+    error = next(line for line in capsys.readouterr().err.splitlines() if "error:" in line)
+    assert "and 195 more are not among the model's labels ['bad', 'good', 'so so']" in error
+    assert len(error) < 300

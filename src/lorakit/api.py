@@ -256,8 +256,9 @@ def evaluate(run_dir: str | Path, data: str | None = None, split: str = "test") 
     names = dataset.features["label"].names
     unknown = sorted(set(names) - set(predictor.labels))
     if unknown:
+        shown = f"{unknown[:5]} and {len(unknown) - 5} more" if len(unknown) > 5 else unknown
         raise ConfigError(
-            f"data: labels {unknown} are not among the model's labels {predictor.labels}"
+            f"data: labels {shown} are not among the model's labels {predictor.labels}"
         )
     truth = np.array([predictor.labels.index(names[i]) for i in dataset["label"]])
     probabilities = predictor.predict_proba(dataset["text"])
