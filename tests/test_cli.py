@@ -3,9 +3,11 @@
 import json
 import shutil
 
+import pandas as pd
 import pytest
 
 from lorakit.cli import main
+from lorakit.data import split_of
 
 TINY = [
     "pretrain.epochs=1", "pretrain.max_length=64", "data.max_train_samples=1500",
@@ -75,6 +77,7 @@ def test_recipes_lists_classic(capsys):
         (["eval"], "Missing argument 'run_dir'"),  # click's usage errors, as typer raises them
         (["train", "--bogus"], "No such option: --bogus"),
         (["serve", "--adapter", "nonsense"], "write NAME=DIR"),  # typer.Exit(2) in the command
+        (["train", "my.csv"], "lorakit train sentiment --set data.path=my.csv data.text_column="),
     ],
 )
 def test_errors_are_one_clean_message(args, message, capsys):
@@ -88,7 +91,11 @@ def test_errors_are_one_clean_message(args, message, capsys):
 
 @pytest.mark.parametrize(
     ("setting", "message"),
-    [("data.path=no-such.csv", "No such file"), ("lora.target_modules=nothing", "matched no")],
+    [
+        ("data.path=no-such.csv", "No such file"),
+        ("lora.target_modules=nothing", "matched no"),
+        ("data.max_length=256", "data.max_length: 256 is more than the 128 tokens"),
+    ],
 )
 @pytest.mark.parametrize("existing", [False, True])
 def test_train_failing_in_setup_leaves_out_free(
@@ -136,3 +143,109 @@ def test_damaged_summary_is_one_clean_message(run_dir, tmp_path, command, capsys
     err = capsys.readouterr().err
     assert "summary.json is damaged" in err and "Traceback" not in err
     assert not (tmp_path / "merged").exists()
+
+
+def test_set_takes_column_names_and_paths_as_written(tiny_bert_dir, tmp_path, capsys):
+    """A frame saved with its default integer column names has a header "0,1"; a path may hold
+    a comma. `--set` keeps such text as text instead of refusing an int or a list."""
+    path = tmp_path / "reviews, 2024.csv"
+    rows = [f"review {i}: a {'fine' if i % 2 else 'poor'} film,{i % 2}" for i in range(60)]
+    path.write_text("0,1\n" + "\n".join(rows) + "\n")
+    args = ["train", "sentiment", "--dry-run", "--set", f"data.path={path}",
+            "data.text_column=0", "data.label_column=1", f"model.name={tiny_bert_dir}"]  # fmt: skip
+    assert main(args) == 0, capsys.readouterr().err
+    out = capsys.readouterr().out
+    assert f"path = {json.dumps(str(path))}" in out
+    assert 'text_column = "0"' in out and 'label_column = "1"' in out
+
+
+STARS = ["good", "bad", "so so"]
+
+
+def _stars_csv(path, n: int, stars=STARS, start: int = 0):
+    rows = [(f"review {i}: a {stars[i % len(stars)]} film", stars[i % len(stars)])
+            for i in range(start, start + n)]  # fmt: skip
+    pd.DataFrame(rows, columns=["review", "stars"]).to_csv(path, index=False)
+    return path
+
+
+@pytest.fixture(scope="module")
+def csv_run(tiny_bert_dir, tmp_path_factory):
+    """A sentiment run on the tiny BERT from a user's CSV: named columns, string labels."""
+    folder = tmp_path_factory.mktemp("csv-run")
+    data = _stars_csv(folder / "my.csv", 120)
+    out = folder / "run"
+    args = ["train", "sentiment", "--out", str(out), "--set", f"data.path={data}",
+            "data.text_column=review", "data.label_column=stars",
+            f"model.name={tiny_bert_dir}", "train.epochs=1"]  # fmt: skip
+    assert main(args) == 0
+    return out
+
+
+def test_eval_on_other_data_of_one_class_or_few_rows(csv_run, tmp_path, capsys):
+    """Data only evaluated on needs neither two classes nor every split: a file of "good"
+    reviews, or one too small for a validation split, is evaluated on its test split."""
+    one_class = _stars_csv(tmp_path / "good.csv", 60, stars=["good"], start=1000)
+    assert main(["eval", str(csv_run), "--data", str(one_class)]) == 0, capsys.readouterr().err
+    result = json.loads(capsys.readouterr().out)
+    texts = pd.read_csv(one_class)["review"]
+    assert result["examples"] == sum(split_of(t) == "test" for t in texts) > 0
+    few = tmp_path / "few.csv"
+    texts = [f"review {i}: a good film" for i in range(2000, 2400)]
+    picked = [t for t in texts if split_of(t) == "test"][:6]
+    picked += [t for t in texts if split_of(t) == "train"][:6]
+    pd.DataFrame({"review": picked, "stars": ["good", "bad"] * 6}).to_csv(few, index=False)
+    assert main(["eval", str(csv_run), "--data", str(few)]) == 0, capsys.readouterr().err
+    assert json.loads(capsys.readouterr().out)["examples"] == 6
+    assert main(["eval", str(csv_run), "--data", str(few), "--split", "validation"]) == 2
+    assert "validation split of" in capsys.readouterr().err
+
+
+def test_eval_finds_relative_data_from_another_directory(tiny_bert_dir, tmp_path, monkeypatch):
+    """A run trained on `--set data.path=my.csv` records where the file is, not how the
+    working directory of the day spelled it: `lorakit eval RUN_DIR` works from anywhere."""
+    (tmp_path / "project").mkdir()
+    monkeypatch.chdir(tmp_path / "project")
+    _stars_csv(tmp_path / "project" / "my.csv", 60)
+    args = ["train", "sentiment", "--out", "run", "--set", "data.path=my.csv",
+            "data.text_column=review", "data.label_column=stars",
+            f"model.name={tiny_bert_dir}", "train.max_steps=1"]  # fmt: skip
+    assert main(args) == 0
+    monkeypatch.chdir(tmp_path)
+    assert main(["eval", "project/run"]) == 0
+
+
+def test_eval_on_data_with_other_columns_names_a_fix_eval_takes(csv_run, tmp_path, capsys):
+    """`lorakit eval` has no --set: the message asks for the run's column names."""
+    other = tmp_path / "other.csv"
+    pd.DataFrame(
+        {"text": ["a good film", "a bad film"] * 30, "label": ["good", "bad"] * 30}
+    ).to_csv(other, index=False)
+    assert main(["eval", str(csv_run), "--data", str(other)]) == 2
+    err = capsys.readouterr().err
+    assert "its columns are ['text', 'label']" in err and "--set" not in err
+    assert "the run reads the columns 'review' and 'stars'" in err
+
+
+def test_predict_file_gives_one_prediction_per_line(csv_run, tmp_path, capsys):
+    """Text may hold U+2028 or U+0085 (cp1252's ellipsis read as Latin-1); only \\n, \\r\\n
+    and \\r end a line of --file."""
+    texts = ["great fun\u2028really", "awful\x85 film", "a calm film\x0cindeed", "ok"]
+    path = tmp_path / "texts.txt"
+    path.write_bytes(f"{texts[0]}\n{texts[1]}\r\n{texts[2]}\r{texts[3]}\n".encode())
+    assert main(["predict", str(csv_run), "--file", str(path), "--json"]) == 0
+    rows = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert [row["text"] for row in rows] == texts
+    assert {row["label"] for row in rows} <= set(STARS)
+
+
+def test_eval_on_data_with_unknown_labels_is_a_short_message(csv_run, tmp_path, capsys):
+    """Labels the run never saw are named, a few of them: a label column of free text would
+    otherwise print every row."""
+    other = tmp_path / "other.csv"
+    pd.DataFrame({"review": [f"text {i}" for i in range(200)],
+                  "stars": [f"note {i}" for i in range(200)]}).to_csv(other, index=False)  # fmt: skip
+    assert main(["eval", str(csv_run), "--data", str(other)]) == 2
+    error = next(line for line in capsys.readouterr().err.splitlines() if "error:" in line)
+    assert "and 195 more are not among the model's labels ['bad', 'good', 'so so']" in error
+    assert len(error) < 300

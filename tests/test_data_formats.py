@@ -261,3 +261,150 @@ def test_warnings_point_at_the_callers_line_and_count_missing_labels(tmp_path):
         dsd = load_dataset(path)
     assert caught[0].filename == __file__
     assert sum(len(s) for s in dsd.values()) == 56
+
+
+def test_csv_integer_labels_written_as_floats_match_parquet(tmp_path):
+    """pandas writes a star column with a missing value as 1.0, 2.0, ... 10.0 in a CSV: the
+    classes are the same integers, in the same order, as the same frame saved as Parquet."""
+    stars = [float(i % 10 + 1) for i in range(100)]
+    stars[0] = None
+    frame = pd.DataFrame({"text": _reviews(100), "label": stars})
+    frame.to_csv(tmp_path / "stars.csv", index=False)
+    frame.to_parquet(tmp_path / "stars.parquet")
+    with pytest.warns(DataWarning, match="dropped 1 row"):
+        from_csv = load_dataset(tmp_path / "stars.csv")
+    with pytest.warns(DataWarning, match="dropped 1 row"):
+        from_parquet = load_dataset(tmp_path / "stars.parquet")
+    assert _names(from_csv) == [str(i) for i in range(1, 11)] == _names(from_parquet)
+    assert from_csv["test"]["label"] == from_parquet["test"]["label"]
+
+
+@pytest.mark.parametrize("sep", [";", "\t", "|"])
+def test_csv_with_another_separator_is_read(tmp_path, sep):
+    """A spreadsheet's "CSV" in many locales uses semicolons; the header row tells which."""
+    path = tmp_path / "reviews.csv"
+    texts = [f"{t}, quite; long" for t in _reviews(60)]
+    frame = pd.DataFrame({"review": texts, "stars": ["good", "bad"] * 30})
+    frame.to_csv(path, index=False, sep=sep)
+    dsd = load_dataset(path, text_column="review", label_column="stars")
+    assert _names(dsd) == ["bad", "good"]
+    assert sorted(_all(dsd, "text")) == sorted(texts)
+
+
+def test_text_and_label_columns_swapped_is_an_error(tmp_path):
+    """Labels that each name a single row are texts: training would build a head with a class
+    per review and learn nothing. The error names both settings."""
+    path = tmp_path / "reviews.csv"
+    pd.DataFrame({"review": _reviews(300), "stars": [i % 4 + 1 for i in range(300)]}).to_csv(path)
+    with pytest.raises(DataError, match=r"300 of 300 rows .*'review 0: a calm.*swapped") as caught:
+        load_dataset(path, text_column="stars", label_column="review")
+    assert "data.label_column" in str(caught.value) and "data.text_column" in str(caught.value)
+    few = load_dataset(path, text_column="review", label_column="stars")
+    assert _names(few) == ["1", "2", "3", "4"]
+
+
+@pytest.mark.parametrize("layout", ["to_json", "indented", "lists"])
+def test_json_object_of_columns_as_pandas_writes_it(tmp_path, layout):
+    """`DataFrame.to_json("data.json")` writes one object of columns, not JSON lines."""
+    path = tmp_path / "data.json"
+    frame = pd.DataFrame({"review": _reviews(60), "stars": ["good", "bad", "meh"] * 20})
+    if layout == "lists":
+        path.write_text(json.dumps(frame.to_dict(orient="list")))
+    else:
+        frame.to_json(path, indent=2 if layout == "indented" else None)
+    dsd = load_dataset(path, text_column="review", label_column="stars")
+    assert _names(dsd) == ["bad", "good", "meh"]
+    assert sorted(_all(dsd, "text")) == sorted(_reviews(60))
+
+
+def test_csv_typed_with_spaces_after_commas(tmp_path):
+    """`text, label` as people type it: the columns are text and label, and a quoted text after
+    a space keeps its commas."""
+    path = tmp_path / "typed.csv"
+    rows = [f'"{t}, truly", {"pos" if i % 2 else "neg"}' for i, t in enumerate(_reviews(60))]
+    path.write_text("text, label\n" + "\n".join(rows) + "\n")
+    dsd = load_dataset(path)
+    assert _names(dsd) == ["neg", "pos"]
+    assert sorted(_all(dsd, "text")) == sorted(f"{t}, truly" for t in _reviews(60))
+
+
+def test_pandas_missing_values_in_nullable_columns_are_dropped(tmp_path):
+    """A nullable Int64 label or a string text column holds pd.NA, not None or NaN: such rows
+    are dropped and counted, not a class named "<NA>" or a text "<NA>"."""
+    path = tmp_path / "data.parquet"
+    texts = pd.array([t if i % 10 else None for i, t in enumerate(_reviews(120))], dtype="string")
+    labels = pd.array([i % 3 if i % 10 != 5 else None for i in range(120)], dtype="Int64")
+    pd.DataFrame({"text": texts, "label": labels}).to_parquet(path)
+    with pytest.warns(DataWarning) as caught:
+        dsd = load_dataset(path)
+    messages = " ".join(str(w.message) for w in caught)
+    assert "dropped 12 row(s) whose text is empty" in messages
+    assert "dropped 12 row(s) with no label" in messages
+    assert _names(dsd) == ["0", "1", "2"]
+    assert "<NA>" not in _all(dsd, "text")
+
+
+def test_headerless_ag_news_with_semicolons_in_a_title_is_still_comma_separated(tmp_path):
+    path = tmp_path / "ag.csv"
+    rows = _ag_rows(80)
+    rows[0][1] = "Stocks; bonds; gold; oil up"  # the first row is data: pandas leaves it unquoted
+    pd.DataFrame(rows).to_csv(path, index=False, header=False)
+    dsd = load_dataset(path)
+    assert _names(dsd) == ["World", "Sports", "Business", "Sci/Tech"]
+    assert f"Stocks; bonds; gold; oil up {WORDS[0]} news story 0" in _all(dsd, "text")
+
+
+@pytest.mark.parametrize("encoding", ["utf-16", "utf-16-be"])
+def test_utf16_file_with_a_bom_is_read(tmp_path, encoding):
+    """Excel's "Unicode Text" and Windows PowerShell's `>` write UTF-16 with a BOM."""
+    path = tmp_path / "reviews.tsv"
+    texts = [f"{t} – très bien" for t in _reviews(60)]
+    frame = pd.DataFrame({"review": texts, "stars": ["good", "bad"] * 30})
+    body = frame.to_csv(index=False, sep="\t")
+    path.write_bytes(
+        body.encode(encoding) if encoding == "utf-16" else b"\xfe\xff" + body.encode(encoding)
+    )
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # nothing replaced
+        dsd = load_dataset(path, text_column="review", label_column="stars")
+    assert sorted(_all(dsd, "text")) == sorted(texts)
+
+
+def test_jsonl_texts_may_hold_unicode_line_separators(tmp_path):
+    """JSON strings may hold U+2028, U+2029 and U+0085 unescaped (ensure_ascii=False); they are
+    not line ends of a .jsonl file. Windows line ends are."""
+    path = tmp_path / "data.jsonl"
+    texts = [f"{t}\u2028second line\x85more\u2029" for t in _reviews(60)]
+    rows = [
+        json.dumps({"text": t, "label": i % 2}, ensure_ascii=False) for i, t in enumerate(texts)
+    ]
+    path.write_bytes("\r\n".join(rows).encode())
+    dsd = load_dataset(path)
+    assert sorted(_all(dsd, "text")) == sorted(t.strip() for t in texts)
+
+
+@pytest.mark.parametrize("suffix", [".jsonl", ".parquet"])
+def test_multi_label_rows_are_refused(tmp_path, suffix):
+    """A list of labels per row (multi-label data) is not a class named "['joy', 'love']"."""
+    path = tmp_path / f"emotions{suffix}"
+    labels = [["joy"], ["anger"], ["joy", "love"]] * 20
+    frame = pd.DataFrame({"text": _reviews(60), "label": labels})
+    if suffix == ".parquet":
+        frame.to_parquet(path)  # read back as numpy arrays
+    else:
+        frame.to_json(path, orient="records", lines=True)
+    with pytest.raises(DataError, match=r"row 1 has a label that is a list .*data\.label_column"):
+        load_dataset(path)
+
+
+def test_split_column_of_other_values_is_named_in_a_short_message(tmp_path):
+    """A column that happens to be called "split" (fold ids, free text) gets a one-line error
+    naming a few of its values, not all of them."""
+    path = tmp_path / "data.csv"
+    frame = pd.DataFrame(
+        {"text": _reviews(300), "label": [0, 1] * 150, "split": [f"fold-{i}" for i in range(300)]}
+    )
+    frame.to_csv(path, index=False)
+    with pytest.raises(DataError, match=r"'fold-0', .* and 295 more; use train") as caught:
+        load_dataset(path)
+    assert len(str(caught.value)) < 300

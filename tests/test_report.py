@@ -535,3 +535,13 @@ def test_sweep_whose_runs_all_failed_has_a_report(tmp_path: Path) -> None:
     assert plot_sweep(tmp_path) == []
     page = write_report(tmp_path).read_text()
     assert "0 of 2 runs succeeded" in page and page.count('class="failed"') == 2
+
+
+def test_confusion_matrix_of_labels_with_dollar_signs(tmp_path: Path) -> None:
+    """A user's labels are text: Yelp's price ranges "$", "$$", "$$$" are not mathtext."""
+    labels = ["$", "$$", "$$$", "a_b^c {x}"]
+    summary = {"labels": labels, "confusion_matrix": [[1, 0, 0, 0], [0, 2, 0, 0], [0, 0, 3, 1],
+                                                      [0, 0, 0, 4]]}  # fmt: skip
+    (tmp_path / "summary.json").write_text(json.dumps(summary))
+    path = plot_confusion_matrix(tmp_path)
+    assert path is not None and path.stat().st_size > 0

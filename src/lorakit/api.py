@@ -35,6 +35,16 @@ def resolve_config(
     """A recipe name (``classic``) or a config file (``my.toml``, ``RUN_DIR/config.toml``) with
     ``--set`` overrides applied, validated."""
     source = str(recipe_or_config or DEFAULT_RECIPE)
+    suffix = Path(source).suffix.lower()
+    if suffix not in ("", ".toml"):
+        from lorakit.data.files import FILE_SUFFIXES
+
+        if suffix in FILE_SUFFIXES:
+            raise ConfigError(
+                f"{source!r} is a data file, not a recipe or a .toml config; train a recipe on "
+                f"it: lorakit train {DEFAULT_RECIPE} --set data.path={source} "
+                "data.text_column=... data.label_column=..."
+            )
     looks_like_file = source.endswith(".toml") or "/" in source or Path(source).is_file()
     path = Path(source) if looks_like_file else recipe_path(source)
     config = load_config(path, overrides)
@@ -84,7 +94,7 @@ def train(
             )
         run_path, config, checkpoint = resume_point(resume)
     else:
-        config = resolve_config(recipe_or_config, overrides)
+        config = _absolute_data_path(resolve_config(recipe_or_config, overrides))
         run_path = Path(out or config.out or default_out(config.recipe))
     module = pipeline_module(config)
     if checkpoint is not None and "resume" not in inspect.signature(module.run).parameters:
@@ -118,6 +128,16 @@ def train(
     run_dir.update_environment(**facts)
     summary.setdefault("run_dir", str(run_path))
     return summary
+
+
+def _absolute_data_path(config: Config) -> Config:
+    """A relative ``data.path`` made absolute, so that the run's config.toml (which `lorakit
+    eval` and a repeat read) finds the data from any working directory."""
+    path = config.data.path and Path(config.data.path).expanduser()
+    if not path or not path.exists():
+        return config  # a missing path fails in the data loader, with the user's spelling
+    data = config.data.model_copy(update={"path": str(path.resolve())})
+    return config.model_copy(update={"data": data})
 
 
 def _discard_unstarted(run_path: Path, before: set[str] | None) -> None:
@@ -222,23 +242,36 @@ def predict(run_dir: str | Path, texts: Sequence[str]) -> list[dict[str, Any]]:
 
 def evaluate(run_dir: str | Path, data: str | None = None, split: str = "test") -> dict[str, Any]:
     """Accuracy and loss of a finished run on a split of its data (or of ``data``)."""
-    from lorakit.data import load_dataset
+    from lorakit.data import DataError, load_dataset
+    from lorakit.data.files import COLUMN_FIX
 
     run_dir, config = _run_config(run_dir)
-    dsd = load_dataset(
-        data or config.data.source,
-        text_column=config.data.text_column,
-        label_column=config.data.label_column,
-    )
+    text, label = config.data.text_column, config.data.label_column
+    try:
+        dsd = load_dataset(
+            data or config.data.source, text_column=text, label_column=label, training=False
+        )
+    except DataError as error:  # eval takes no --set: the other file must use the run's columns
+        if data is None or COLUMN_FIX not in str(error):
+            raise
+        fix = f"the run reads the columns {text!r} and {label!r}: rename the file's columns"
+        raise DataError(str(error).replace(COLUMN_FIX, fix)) from None
     if split not in dsd:
         raise ConfigError(f"split: {split!r} does not exist; choose one of {', '.join(dsd)}")
+    if len(dsd[split]) == 0:
+        sizes = ", ".join(f"{name}={len(part)}" for name, part in dsd.items())
+        raise ConfigError(
+            f"split: the {split} split of {data or config.data.source} is empty ({sizes}); "
+            "choose another --split, or give more rows or a 'split' column"
+        )
     predictor = pipeline_module(config).load_predictor(run_dir)
     dataset = dsd[split]
     names = dataset.features["label"].names
     unknown = sorted(set(names) - set(predictor.labels))
     if unknown:
+        shown = f"{unknown[:5]} and {len(unknown) - 5} more" if len(unknown) > 5 else unknown
         raise ConfigError(
-            f"data: labels {unknown} are not among the model's labels {predictor.labels}"
+            f"data: labels {shown} are not among the model's labels {predictor.labels}"
         )
     truth = np.array([predictor.labels.index(names[i]) for i in dataset["label"]])
     probabilities = predictor.predict_proba(dataset["text"])

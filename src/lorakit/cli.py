@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import sys
 from pathlib import Path
 from typing import Annotated
@@ -102,7 +103,8 @@ def predict(
             raise api.ConfigError(f"--file: {str(file)!r} does not exist")
         text, replaced = decode(read_bytes(file))  # as data files are read: BOM dropped
         warn_replaced(str(file), replaced)
-        texts += [line for line in text.splitlines() if line.strip()]
+        # a line ends at \n (or \r\n, \r), not at U+2028 or U+0085 as splitlines() has it
+        texts += [line for line in re.split(r"\r\n?|\n", text) if line.strip()]
     if not texts:
         raise api.ConfigError("predict: give texts as arguments or --file FILE (one text per line)")
     for text, result in zip(texts, api.predict(run_dir, texts), strict=True):

@@ -253,8 +253,22 @@ def parse_value(text: str) -> Any:
     return text
 
 
+def _text_keys(model: type[BaseModel], prefix: str = "") -> set[str]:
+    """Dotted keys whose value can only be text (a path, a column name, a model name)."""
+    keys = set()
+    for name, field in model.model_fields.items():
+        for sub in _section_types(field.annotation):
+            keys |= _text_keys(sub, f"{prefix}{name}.")
+        if set(getattr(field.annotation, "__args__", (field.annotation,))) <= {str, type(None)}:
+            keys.add(prefix + name)
+    return keys
+
+
 def apply_overrides(data: dict[str, Any], overrides: Iterable[str]) -> list[str]:
-    """Set each ``key.sub=value`` in ``data`` (in place); return one problem line per bad item."""
+    """Set each ``key.sub=value`` in ``data`` (in place); return one problem line per bad item.
+    A text-only key takes the value as written (``data.label_column=1``, ``data.path=a,b.csv``)
+    unless it is a quoted TOML string."""
+    text_keys = _text_keys(Config)
     problems = []
     for item in overrides:
         key, sep, raw = item.partition("=")
@@ -271,7 +285,8 @@ def apply_overrides(data: dict[str, Any], overrides: Iterable[str]) -> list[str]
                 break
             node = child
         else:
-            node[leaf] = parse_value(raw.strip())
+            value = parse_value(raw.strip())
+            node[leaf] = raw.strip() if key in text_keys and not isinstance(value, str) else value
     return problems
 
 

@@ -25,17 +25,49 @@ SPLIT_COLUMN = "split"
 COLUMN_FIX = "--set data.text_column=... data.label_column=... (or text_column=/label_column=)"
 
 
+def _separator(text: str, path: Path) -> str:
+    """Tab for a .tsv; a comma when the first row has one; else whichever of ; tab | it has most
+    of: spreadsheets in many locales save "CSV" with semicolons."""
+    header = text.split("\n", 1)[0]
+    if path.suffix.lower() == ".tsv":
+        return "\t"
+    if "," in header or not any(sep in header for sep in ";\t|"):
+        return ","
+    return max(";\t|", key=header.count)
+
+
 def _read_csv(text: str, path: Path, **options) -> pd.DataFrame:
-    sep = "\t" if path.suffix.lower() == ".tsv" else ","
-    try:
-        return pd.read_csv(io.StringIO(text), sep=sep, dtype=str, keep_default_na=False, **options)
+    sep = _separator(text, path)
+    try:  # skipinitialspace: `text, label` and `1, "a, quoted text"`, as people type them
+        return pd.read_csv(
+            io.StringIO(text), sep=sep, dtype=str, keep_default_na=False, skipinitialspace=True,
+            **options,
+        )  # fmt: skip
     except Exception as error:  # pandas raises several types; none should reach the user raw
         raise DataError(
             f"Cannot read {path} as CSV: {error}. Check quoting and separators."
         ) from None
 
 
+def _json_columns(text: str) -> dict | None:
+    """The file as one JSON object of columns, as pandas' `to_json()` writes it (`{"text":
+    {"0": ...}, ...}` or `{"text": [...], ...}`); None for anything else (JSON lines)."""
+    try:
+        whole = json.loads(text)
+    except json.JSONDecodeError:
+        return None
+    if not isinstance(whole, dict) or not whole:
+        return None
+    return whole if all(isinstance(v, (dict, list)) for v in whole.values()) else None
+
+
 def _read_json_records(text: str, path: Path) -> pd.DataFrame:
+    columns = _json_columns(text) if text.lstrip().startswith("{") else None
+    if columns is not None:
+        try:
+            return pd.DataFrame(columns)
+        except ValueError as error:  # columns of different lengths
+            raise DataError(f"{path}: cannot read its JSON object as columns: {error}.") from None
     if text.lstrip().startswith("["):
         try:
             rows = json.loads(text)
@@ -43,7 +75,9 @@ def _read_json_records(text: str, path: Path) -> pd.DataFrame:
             raise DataError(f"{path} is not valid JSON: {error}.") from None
     else:
         rows = []
-        for number, line in enumerate(text.splitlines(), start=1):
+        # lines end at "\n" only: splitlines() also breaks at U+2028 and U+0085, which JSON
+        # strings may hold unescaped (json.dumps(..., ensure_ascii=False))
+        for number, line in enumerate(text.split("\n"), start=1):
             if line.strip():
                 try:
                     rows.append(json.loads(line))

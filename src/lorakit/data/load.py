@@ -57,6 +57,7 @@ def load_dataset(
     text_column: str = "text",
     label_column: str = "label",
     validation_fraction: float | None = None,
+    training: bool = True,
 ) -> DatasetDict:
     """Load a classification dataset as `train` / `validation` / `test` splits.
 
@@ -65,6 +66,7 @@ def load_dataset(
     `rotten_tomatoes`; needs a network), or a path to a file or folder (see `ACCEPTED`).
     `text_column` / `label_column` name the columns of a generic file. `validation_fraction`
     overrides the validation share: 0.1 for hash splits, 0.05 when carved from a given train split.
+    `training=False` loads data only to evaluate on: one class is enough and a split may be empty.
     Raises `DataError` (with the fix in its message) for anything it cannot load.
     """
     if validation_fraction is not None and not 0.0 < validation_fraction < 0.9:
@@ -73,13 +75,13 @@ def load_dataset(
         )
     name = str(name_or_path)
     if name in BUILTIN:
-        return to_dataset_dict(BUILTIN[name](), validation_fraction)
+        return to_dataset_dict(BUILTIN[name](), validation_fraction, training)
     if name in HUB_DATASETS and not Path(name).exists():
         return load_hub(name, validation_fraction)
     path = Path(name).expanduser()
     if path.exists():
         records = _load_path(path, text_column, label_column)
-        return to_dataset_dict(records, validation_fraction)
+        return to_dataset_dict(records, validation_fraction, training)
     if _looks_like_path(name):
         raise DataError(
             f"No such file or folder: {path}. Check the path; lorakit reads {ACCEPTED}."

@@ -8,20 +8,21 @@ refuse a single class, assign hash splits, and refuse an empty split.
 
 from __future__ import annotations
 
-import math
 import re
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
+import pandas as pd
 from datasets import ClassLabel, Dataset, DatasetDict, Features, Value
 
 from lorakit.data.errors import DataError, warn
 from lorakit.data.splits import SPLITS, carve_validation, split_of
 
 CARVE_FRACTION = 0.05  # validation taken from train when a source has only train and test
-_INTEGER = re.compile(r"[+-]?\d+")
+# "3.0" too: pandas writes an integer column with a missing value as floats
+_INTEGER = re.compile(r"[+-]?\d+(\.0*)?")
 SPLIT_ALIASES = {
     "train": "train",
     "validation": "validation",
@@ -44,11 +45,10 @@ class Records:
 
 
 def _missing(value: Any) -> bool:
-    if value is None:
-        return True
-    if isinstance(value, float) and math.isnan(value):
-        return True
-    return isinstance(value, str) and not value.strip()
+    """None, NaN, pandas' NA and NaT (nullable Int64 / string / datetime columns), or blank."""
+    if isinstance(value, str):
+        return not value.strip()
+    return pd.api.types.is_scalar(value) and bool(pd.isna(value))
 
 
 def _as_integer(value: Any) -> int | None:
@@ -59,7 +59,7 @@ def _as_integer(value: Any) -> int | None:
     if isinstance(value, float) and value.is_integer():
         return int(value)
     if isinstance(value, str) and _INTEGER.fullmatch(value.strip()):
-        return int(value)
+        return int(value.strip().partition(".")[0])
     if hasattr(value, "item"):  # a numpy scalar
         return _as_integer(value.item())
     return None
@@ -101,8 +101,9 @@ def _assign_splits(
         return [split_of(text, validation_fraction=fraction) for text in texts]
     unknown = sorted({str(s) for s in given if str(s).strip().lower() not in SPLIT_ALIASES})
     if unknown:
+        shown = f"{unknown[:5]} and {len(unknown) - 5} more" if len(unknown) > 5 else unknown
         raise DataError(
-            f"{source}: the 'split' column has value(s) {unknown}; use train, validation or "
+            f"{source}: the 'split' column has value(s) {shown}; use train, validation or "
             "test (or drop the column to split by hash)."
         )
     splits = [SPLIT_ALIASES[str(s).strip().lower()] for s in given]
@@ -115,11 +116,24 @@ def _assign_splits(
     return splits
 
 
-def to_dataset_dict(records: Records, validation_fraction: float | None = None) -> DatasetDict:
-    """Check and split `records`; the result has columns `text` (str) and `label` (ClassLabel)."""
+def to_dataset_dict(
+    records: Records, validation_fraction: float | None = None, training: bool = True
+) -> DatasetDict:
+    """Check and split `records`; the result has columns `text` (str) and `label` (ClassLabel).
+
+    `training=False` (data to evaluate on): one class is enough and a split may be empty.
+    """
     if not records.texts:
         raise DataError(f"{records.source} has no rows: give a file with at least one example.")
     keep = _drop_unusable(records)
+    for kind, values in (("text", records.texts), ("label", records.labels)):
+        row = next((i for i in keep if pd.api.types.is_list_like(values[i])), None)
+        if row is not None:  # multi-label data would train on classes like "['joy', 'love']"
+            raise DataError(
+                f"{records.source}: row {row + 1} has a {kind} that is a list or an object "
+                f"({values[row]!r:.60}); each row needs a single {kind}, as a string or a "
+                f"number. Check data.{kind}_column."
+            )
     texts = [str(records.texts[i]).strip() for i in keep]
     raw_labels = [records.labels[i] for i in keep]
     if records.names is None:
@@ -127,11 +141,19 @@ def to_dataset_dict(records: Records, validation_fraction: float | None = None) 
     else:
         labels, names = [int(label) for label in raw_labels], list(records.names)
     present = Counter(labels)
-    if len(present) < 2:
+    if training and len(present) < 2:
         only = names[next(iter(present))] if present else "none"
         raise DataError(
             f"{records.source}: every usable row has the same label ({only!r}); a classifier "
             "needs at least two classes. Check the label column (data.label_column)."
+        )
+    alone = [label for label, count in present.items() if count == 1]
+    if training and len(alone) > len(labels) / 2:  # e.g. the text and label columns swapped
+        shown = ", ".join(repr(names[label][:40]) for label in alone[:3])
+        raise DataError(
+            f"{records.source}: {len(alone)} of {len(labels)} rows have a label that no other "
+            f"row has ({shown}, ...): that is not a column of classes. Check data.label_column "
+            "and data.text_column (swapped?)."
         )
     given = None if records.splits is None else [records.splits[i] for i in keep]
     splits = _assign_splits(texts, given, records.source, validation_fraction)
@@ -139,7 +161,7 @@ def to_dataset_dict(records: Records, validation_fraction: float | None = None) 
     parts = {}
     for split in SPLITS:
         rows = [i for i, s in enumerate(splits) if s == split]
-        if not rows:
+        if not rows and training:
             sizes = ", ".join(f"{s}={splits.count(s)}" for s in SPLITS)
             raise DataError(
                 f"{records.source}: the {split} split is empty ({sizes}). Give more rows "

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import codecs
 from pathlib import Path
 
 from lorakit.data.errors import DataError, warn
@@ -13,7 +14,12 @@ def decode(raw: bytes, fallback: str | None = None) -> tuple[str, int]:
     """The text and how many invalid UTF-8 sequences were replaced (a BOM is dropped).
 
     With `fallback` (e.g. "cp1252"), bytes that are not valid UTF-8 are read in that encoding.
+    Bytes that start with a UTF-16 BOM (Excel's "Unicode Text", Windows PowerShell's `>`) are
+    read as UTF-16.
     """
+    if raw.startswith((codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE)):
+        text = raw.decode("utf-16", errors="replace")
+        return text, text.count("\ufffd")
     if fallback is not None:
         try:
             return raw.decode("utf-8-sig"), 0

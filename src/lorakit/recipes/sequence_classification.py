@@ -48,6 +48,14 @@ def load_base(config: Config, labels: list[str]):
     ``model.dropout`` applied when set: the start of the LoRA run and of full fine-tuning
     (``benchmarks/full_finetune_sentiment.py``)."""
     model, tokenizer, resolved = load_sequence_classifier(config.model.name, labels, config.seed)
+    # a longer input fails deep in the model's position embeddings (the tokenizer's
+    # model_max_length is no limit: sentence-transformers set it below the model's)
+    limit = getattr(model.config, "max_position_embeddings", None)
+    if limit and config.data.max_length > limit:
+        raise ConfigError(
+            f"data.max_length: {config.data.max_length} is more than the {limit} tokens "
+            f"{resolved} takes; set data.max_length={limit} or less"
+        )
     if config.model.dropout is not None:
         set_model_dropout(model, config.model.dropout)
     return model, tokenizer, resolved

@@ -199,10 +199,12 @@ def plot_confusion_matrix(run_dir: str | os.PathLike[str]) -> Path | None:
                 color="white" if dark else "#1a1a1a",
             )
     rotate = size > 3
+    # a user's labels are plain text: "$$" (a price range) is not mathtext
     axes.set_xticks(
-        range(size), labels, rotation=35 if rotate else 0, ha="right" if rotate else "center"
-    )
-    axes.set_yticks(range(size), labels)
+        range(size), labels, rotation=35 if rotate else 0, ha="right" if rotate else "center",
+        parse_math=False,
+    )  # fmt: skip
+    axes.set_yticks(range(size), labels, parse_math=False)
     axes.set_xlabel("predicted")
     axes.set_ylabel("true")
     total = sum(sum(row) for row in counts)
