@@ -96,13 +96,13 @@ def test_wandb_gets_the_same_figures_when_asked(tmp_path, tiny_bert_dir, reviews
         def finish(self):
             calls["finished"] += 1
 
-    def init(**kwargs):
+    def init(config, **kwargs):
         calls["init"].append(kwargs)
+        calls["config"].append(config)
         return Run()
 
     fake = types.ModuleType("wandb")
     fake.init = init
-    fake.config = types.SimpleNamespace(update=lambda values, **_: calls["config"].append(values))
     monkeypatch.setitem(sys.modules, "wandb", fake)
     monkeypatch.setenv("WANDB_PROJECT", "reviews")
 

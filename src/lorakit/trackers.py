@@ -3,8 +3,7 @@ when the config asks for it (``train.log_to``).
 
 Every event a run logs (``RunDir.log``) also goes to each tracker, so lorakit's loop and the HF
 ``Trainer`` bridge report the same figures under the same names: ``train/loss``, ``train/lr``,
-``validation/accuracy``, ``epoch/val_loss``, ``test/accuracy``, ... at the event's step. The
-trackers themselves are accelerate's (``accelerate.tracking``).
+``validation/accuracy``, ``epoch/val_loss``, ``test/accuracy``, ... at the event's step.
 """
 
 from __future__ import annotations
@@ -53,34 +52,39 @@ def figures(record: dict[str, Any]) -> tuple[int | None, dict[str, float]]:
 
 
 class Trackers:
-    """The started trackers of one run; ``event`` sends them a record, ``finish`` closes them."""
+    """The started trackers of one run; ``event`` sends them a record, ``finish`` closes them.
+
+    torch's ``SummaryWriter`` and ``wandb`` are used directly: accelerate's tracker classes ask
+    accelerate which process they are in, which set up its process state before the training
+    loop did, so a data-parallel run trained unsharded in the main process.
+    """
 
     def __init__(
         self, names: list[str], run_path: Path, config: Config, resumed_at: int | None = None
     ):
         """``resumed_at``: the step of the checkpoint a resumed run starts from; TensorBoard
         drops what the stopped run logged after it, as metrics.jsonl does."""
-        from accelerate.tracking import TensorBoardTracker, WandBTracker
-
-        self.started: list[Any] = []
+        self.writer = self.wandb_run = None
         self.last_step = resumed_at or 0
         try:
-            for name in names:
-                if name == "tensorboard":
-                    purge = {} if resumed_at is None else {"purge_step": resumed_at + 1}
-                    tracker = TensorBoardTracker(".", run_path / "tensorboard", **purge)
-                    tracker.start()
-                    if resumed_at is None:
-                        tracker.log({"config": to_toml(config)}, step=0)
-                    print(
-                        f"TensorBoard: tensorboard --logdir {run_path / 'tensorboard'}", flush=True
-                    )
-                else:
-                    project = os.environ.get("WANDB_PROJECT", "lorakit")
-                    tracker = WandBTracker(project, name=run_path.name, dir=str(run_path))
-                    tracker.start()
-                    tracker.store_init_configuration(config.model_dump(mode="json"))
-                self.started.append(tracker)
+            if "tensorboard" in names:
+                from torch.utils.tensorboard import SummaryWriter
+
+                folder = run_path / "tensorboard"
+                purge = None if resumed_at is None else resumed_at + 1
+                self.writer = SummaryWriter(str(folder), purge_step=purge)
+                if resumed_at is None:
+                    self.writer.add_text("config", to_toml(config), 0)
+                print(f"TensorBoard: tensorboard --logdir {folder}", flush=True)
+            if "wandb" in names:
+                import wandb
+
+                self.wandb_run = wandb.init(
+                    project=os.environ.get("WANDB_PROJECT", "lorakit"),
+                    name=run_path.name,
+                    dir=str(run_path),
+                    config=config.model_dump(mode="json"),
+                )
         except BaseException:
             self.finish()
             raise
@@ -90,11 +94,18 @@ class Trackers:
         # wandb drops a step below one it has seen; the test figures (logged at the best
         # step) are drawn at the end of training instead
         step = self.last_step = max(step or 0, self.last_step)
-        if values:
-            for tracker in self.started:
-                tracker.log(values, step=step)
+        if not values:
+            return
+        if self.writer is not None:
+            for key, value in values.items():
+                self.writer.add_scalar(key, value, step)
+            self.writer.flush()
+        if self.wandb_run is not None:
+            self.wandb_run.log(values, step=step)
 
     def finish(self) -> None:
-        for tracker in self.started:
-            tracker.finish()
-        self.started = []
+        if self.writer is not None:
+            self.writer.close()
+        if self.wandb_run is not None:
+            self.wandb_run.finish()
+        self.writer = self.wandb_run = None
