@@ -243,6 +243,7 @@ def predict(run_dir: str | Path, texts: Sequence[str]) -> list[dict[str, Any]]:
 def evaluate(run_dir: str | Path, data: str | None = None, split: str = "test") -> dict[str, Any]:
     """Accuracy and loss of a finished run on a split of its data (or of ``data``)."""
     from lorakit.data import DataError, load_dataset
+    from lorakit.data.errors import first_few
     from lorakit.data.files import COLUMN_FIX
 
     run_dir, config = _run_config(run_dir)
@@ -269,9 +270,8 @@ def evaluate(run_dir: str | Path, data: str | None = None, split: str = "test") 
     names = dataset.features["label"].names
     unknown = sorted(set(names) - set(predictor.labels))
     if unknown:
-        shown = f"{unknown[:5]} and {len(unknown) - 5} more" if len(unknown) > 5 else unknown
         raise ConfigError(
-            f"data: labels {shown} are not among the model's labels {predictor.labels}"
+            f"data: labels {first_few(unknown)} are not among the model's labels {predictor.labels}"
         )
     truth = np.array([predictor.labels.index(names[i]) for i in dataset["label"]])
     probabilities = predictor.predict_proba(dataset["text"])

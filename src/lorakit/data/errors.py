@@ -29,3 +29,10 @@ def warn(message: str) -> None:
     while frame is not None and os.path.abspath(frame.f_code.co_filename).startswith(package):
         level, frame = level + 1, frame.f_back
     warnings.warn(message, DataWarning, stacklevel=level)
+
+
+def first_few(values: list, shown: int = 5) -> str:
+    """`values` for a message: all of them, or the first few and how many more."""
+    if len(values) > shown:
+        return f"{values[:shown]} and {len(values) - shown} more"
+    return str(values)

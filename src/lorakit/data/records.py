@@ -17,7 +17,7 @@ from typing import Any
 import pandas as pd
 from datasets import ClassLabel, Dataset, DatasetDict, Features, Value
 
-from lorakit.data.errors import DataError, warn
+from lorakit.data.errors import DataError, first_few, warn
 from lorakit.data.splits import SPLITS, carve_validation, split_of
 
 CARVE_FRACTION = 0.05  # validation taken from train when a source has only train and test
@@ -101,10 +101,9 @@ def _assign_splits(
         return [split_of(text, validation_fraction=fraction) for text in texts]
     unknown = sorted({str(s) for s in given if str(s).strip().lower() not in SPLIT_ALIASES})
     if unknown:
-        shown = f"{unknown[:5]} and {len(unknown) - 5} more" if len(unknown) > 5 else unknown
         raise DataError(
-            f"{source}: the 'split' column has value(s) {shown}; use train, validation or "
-            "test (or drop the column to split by hash)."
+            f"{source}: the 'split' column has value(s) {first_few(unknown)}; use train, "
+            "validation or test (or drop the column to split by hash)."
         )
     splits = [SPLIT_ALIASES[str(s).strip().lower()] for s in given]
     if "validation" not in splits:

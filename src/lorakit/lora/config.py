@@ -117,11 +117,7 @@ class LoraConfig:
         for key, value, regex in (
             ("target_modules", self.target_modules, True),
             ("exclude_modules", self.exclude_modules, True),
-            (
-                "modules_to_save",
-                self.modules_to_save,
-                False,
-            ),  # PEFT reads a string letter by letter
+            ("modules_to_save", self.modules_to_save, False),  # PEFT reads a string by letters
         ):
             names = isinstance(value, list) and all(isinstance(n, str) for n in value)
             if not (value is None or names or (regex and isinstance(value, str))):

@@ -52,9 +52,8 @@ def _output_head_names(model: nn.Module) -> set[str]:
     return heads
 
 
-def _targetable(model: nn.Module) -> list[tuple[str, nn.Module]]:
+def _targetable(model: nn.Module, inside: set[str]) -> list[tuple[str, nn.Module]]:
     types = (*supported_types(), LoraLayer)
-    inside = _inside_lora_layers(model)
     return [
         (name, m)
         for name, m in model.named_modules()
@@ -77,7 +76,9 @@ def _inside_lora_layers(model: nn.Module) -> set[str]:
 
 def find_targets(model: nn.Module, config: LoraConfig) -> list[str]:
     """Names of the modules `config` puts LoRA on; a clear error when there are none."""
-    candidates = _targetable(model)
+    inside = _inside_lora_layers(model)
+    candidates = _targetable(model, inside)
+    targetable = dict(candidates)
     if config.target_modules == ALL_LINEAR:
         heads = _output_head_names(model) | {
             n for n, _ in candidates if saved_matches(n, config.modules_to_save)
@@ -85,7 +86,6 @@ def find_targets(model: nn.Module, config: LoraConfig) -> list[str]:
         linear = (nn.Linear, LoraLinear) + ((Conv1D,) if Conv1D is not None else ())
         names = [n for n, m in candidates if isinstance(m, linear) and n not in heads]
     else:
-        inside = _inside_lora_layers(model)
         names = [
             n
             for n, _ in model.named_modules()
@@ -93,7 +93,7 @@ def find_targets(model: nn.Module, config: LoraConfig) -> list[str]:
             and (n in config.target_modules or _in_layers(n, config))
             and n not in inside
         ]
-        unsupported = [n for n in names if n not in dict(candidates) and "lora_" not in n]
+        unsupported = [n for n in names if n not in targetable and "lora_" not in n]
         if unsupported:
             kind = type(model.get_submodule(unsupported[0])).__name__
             raise TargetModulesError(
@@ -101,7 +101,7 @@ def find_targets(model: nn.Module, config: LoraConfig) -> list[str]:
                 "Linear, Embedding and GPT-2's Conv1D. Name those layers instead "
                 f"(targetable here: {_describe(candidates)})"
             )
-        names = [n for n in names if n in dict(candidates)]
+        names = [n for n in names if n in targetable]
     names = [n for n in names if not name_matches(n, config.exclude_modules)]
     kept = [n for n in names if not _within(n, config.saved)]
     clash = next((n for n in kept if saved_matches(n, config.saved)), None)
@@ -207,7 +207,7 @@ def add_adapter(model: nn.Module, adapter_name: str, config: LoraConfig) -> nn.M
         raise LoraError(f"adapter names are non-empty strings without dots, got {adapter_name!r}")
     config = config.with_task_head()  # stored so: the saved adapter_config.json lists the head
     targets = find_targets(model, config)
-    modules_to_save_names(model, config)  # its errors come before the model is changed
+    saved = modules_to_save_names(model, config)  # its errors come before the model changes
     for name in targets:
         module = model.get_submodule(name)
         module_config = config.for_module(name)  # its own r / lora_alpha, if a pattern says so
@@ -215,7 +215,7 @@ def add_adapter(model: nn.Module, adapter_name: str, config: LoraConfig) -> nn.M
             module.update_layer(adapter_name, module_config)
         else:
             _set_submodule(model, name, make_lora_layer(module, adapter_name, module_config))
-    _add_modules_to_save(model, adapter_name, config)
+    _add_modules_to_save(model, adapter_name, saved)
     if not hasattr(model, CONFIGS_ATTR):
         # a plain attribute: invisible to state_dict and to the model's own save methods
         object.__setattr__(model, CONFIGS_ATTR, {})
@@ -223,8 +223,8 @@ def add_adapter(model: nn.Module, adapter_name: str, config: LoraConfig) -> nn.M
     return model
 
 
-def _add_modules_to_save(model: nn.Module, adapter_name: str, config: LoraConfig) -> None:
-    for name in modules_to_save_names(model, config):
+def _add_modules_to_save(model: nn.Module, adapter_name: str, names: list[str]) -> None:
+    for name in names:
         module = model.get_submodule(name)
         if isinstance(module, ModulesToSaveWrapper):
             module.update(adapter_name)

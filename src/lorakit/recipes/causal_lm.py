@@ -3,8 +3,9 @@
 1. Load the base model (`model.name`: "tiny-gpt2", a folder or a hub id) and measure its test
    perplexity.
 2. Build the data: `causal.mode = "lm"` packs the review text into blocks of
-   `causal.block_size` (`causal.packing = false`: one padded row per text); `"instruction"` makes prompt/response rows whose loss counts only the
-   response (the built-in rotten-tomatoes verdicts, or a .jsonl/.csv file in `data.path`).
+   `causal.block_size` (`causal.packing = false`: one padded row per text); `"instruction"`
+   makes prompt/response rows whose loss counts only the response (the built-in
+   rotten-tomatoes verdicts, or a .jsonl/.csv file in `data.path`).
 3. Add LoRA (engine `lorakit` or `peft`), train with lorakit's loop, keep the adapter of the best
    validation perplexity.
 4. Test; save the adapter; reload it into a fresh base with both engines and compare logits.

@@ -32,11 +32,11 @@ from lorakit.lora import (
     ModulesToSaveWrapper,
     delete_adapter,
     load_adapter,
+    modules_to_save_names,
     read_adapter,
     set_adapter,
 )
 from lorakit.lora.adapter_files import PREFIX
-from lorakit.lora.model import saved_matches
 from lorakit.models.transformer import load_sequence_classifier
 
 from .errors import AdapterExistsError, AdapterLoadError, UnknownAdapterError
@@ -157,7 +157,7 @@ class AdapterRegistry:
                     f"an adapter named {name!r} is already loaded; DELETE /v1/adapters/{name} "
                     "first or pick another name"
                 )
-            notes = self._load_into_model(name, source.adapter_dir, config.modules_to_save, tensors)
+            notes = self._load_into_model(name, source.adapter_dir, config, tensors)
             try:
                 num_labels = self._forward(name, ["probe"], self.max_length).shape[1]
                 labels = labels or source.labels or [f"LABEL_{i}" for i in range(num_labels)]
@@ -174,8 +174,12 @@ class AdapterRegistry:
             self.adapters[name] = info
         return info
 
-    def _load_into_model(self, name, adapter_dir, modules_to_save, tensors) -> list[str]:
-        originals = self._shape_heads(modules_to_save, tensors)
+    def _load_into_model(self, name, adapter_dir, config, tensors) -> list[str]:
+        try:  # the modules load_adapter will save whole: the same rule, the same errors
+            heads = modules_to_save_names(self.model, config)
+        except LoraError as e:
+            raise AdapterLoadError(str(e)) from None
+        originals = self._shape_heads(heads, tensors)
         try:
             with warnings.catch_warnings(record=True) as caught:
                 warnings.simplefilter("always", FingerprintWarning)
@@ -186,20 +190,10 @@ class AdapterRegistry:
             self._restore_heads(originals)
         return [str(w.message) for w in caught if issubclass(w.category, FingerprintWarning)]
 
-    def _head_paths(self, modules_to_save: list[str]) -> list[str]:
-        return [
-            path
-            for path, _ in self.model.named_modules()
-            if saved_matches(path, modules_to_save)
-            and "lora_" not in path
-            and ".modules_to_save." not in path
-            and not path.endswith(".original_module")
-        ]
-
-    def _shape_heads(self, modules_to_save, tensors) -> dict[str, nn.Module]:
+    def _shape_heads(self, heads: list[str], tensors) -> dict[str, nn.Module]:
         """Gives each head the adapter's output sizes; returns the originals to put back."""
         originals = {}
-        for path in self._head_paths(modules_to_save):
+        for path in heads:
             module = self.model.get_submodule(path)
             wrapped = isinstance(module, ModulesToSaveWrapper)
             original = module.original_module if wrapped else module
