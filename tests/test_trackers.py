@@ -116,3 +116,25 @@ def test_wandb_gets_the_same_figures_when_asked(tmp_path, tiny_bert_dir, reviews
     assert steps == sorted(steps)  # wandb drops a step below one it has seen
     sent = [v["train/loss"] for _, v in calls["log"] if "train/loss" in v]
     assert sent == [r["loss"] for r in metrics(run) if r["event"] == "train"]
+
+
+def test_a_run_failing_in_setup_closes_its_trackers_before_its_folder_goes(
+    tmp_path, tiny_bert_dir, monkeypatch
+):
+    """The folder of a run that failed in setup is removed; TensorBoard's writer was closed only
+    after that, and its thread then failed to write into the removed folder (now and then)."""
+    from lorakit import trackers
+    from lorakit.data import DataError
+
+    run, seen = tmp_path / "run", []
+    finish = trackers.Trackers.finish
+
+    def finish_and_look(self):
+        seen.append((run / "tensorboard").is_dir())
+        finish(self)
+
+    monkeypatch.setattr(trackers.Trackers, "finish", finish_and_look)
+    with pytest.raises(DataError, match="No such file"):
+        train(run, tiny_bert_dir, tmp_path / "no-such.csv")
+    assert seen == [True]  # closed while its folder was still there
+    assert not run.exists()  # and the unstarted run left nothing behind

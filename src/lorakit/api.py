@@ -113,15 +113,15 @@ def train(
     try:
         resumed_at = None if checkpoint is None else checkpoint_step(checkpoint)
         run_dir.trackers = trackers.Trackers(tracker_names, run_path, config, resumed_at)
-        summary = module.run(config, run_dir, **extra)
+        try:
+            summary = module.run(config, run_dir, **extra)
+        finally:  # closed before a failed setup's folder is removed: the writer still writes
+            run_dir.trackers.finish()
+            run_dir.trackers = None
     except BaseException:
         if checkpoint is None:
             _discard_unstarted(run_path, before)
         raise
-    finally:
-        if run_dir.trackers is not None:
-            run_dir.trackers.finish()
-            run_dir.trackers = None
     facts = {"processes": distributed.world_size()}
     if checkpoint is not None:
         facts.update(started=previous.get("started"), resumed_from=checkpoint.name)
