@@ -160,9 +160,9 @@ def describe_adapter(folder: str | Path) -> dict[str, Any]:
     """An adapter folder's config, base model, fingerprint, version, tensors and size."""
     folder = Path(folder)
     config, tensors, metadata = lora.read_adapter(folder)
-    lora_modules = sorted({k.split(".lora_")[0].removeprefix("base_model.model.")
-                           for k in tensors if ".lora_" in k})  # fmt: skip
-    lora_params = sum(t.numel() for k, t in tensors.items() if ".lora_" in k)
+    modules = {k: m for k in tensors if (m := lora.lora_tensor_module(k)) is not None}
+    lora_modules = sorted(set(modules.values()))
+    lora_params = sum(tensors[k].numel() for k in modules)
     return {
         "folder": str(folder),
         "r": config.r,

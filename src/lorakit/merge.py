@@ -183,7 +183,7 @@ def merge(run_dir: str | Path, out_dir: str | Path, force: bool = False) -> Path
             "texts_from": texts_from,
             "max_abs_diff": diff,
             "tolerance": TOLERANCE,
-            "lorakit_version": _version(),
+            "lorakit_version": lora.lorakit_version(),
             "created": datetime.now(UTC).isoformat(timespec="seconds"),
         }
         (tmp / "merge.json").write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
@@ -205,12 +205,3 @@ def _move_into_place(tmp: Path, out_dir: Path) -> None:
     os.replace(tmp, out_dir)
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
-
-
-def _version() -> str:
-    from importlib.metadata import version
-
-    try:
-        return version("lorakit")
-    except Exception:
-        return "unknown"

@@ -24,14 +24,20 @@ from torch import nn
 from .config import ALL_LINEAR, LoraConfig
 from .errors import AdapterFileError, AdapterShapeError, LoraError
 from .layers import LoraLayer, ModulesToSaveWrapper
+from .merging import unload
 from .model import (
-    _mark_bias_trainable,
+    adapter_config,
+    adapter_parameters,
     add_adapter,
     configs,
+    delete_adapter,
+    freeze_base,
     lora_layers,
-    saved_matches,
+    mark_bias_trainable,
     set_adapter,
+    wrappers,
 )
+from .targeting import saved_matches
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -42,7 +48,8 @@ class FingerprintWarning(UserWarning):
     """The adapter was trained on a base model with other weights."""
 
 
-def _version() -> str:
+def lorakit_version() -> str:
+    """The installed lorakit's version, as adapter and merged-model files record it."""
     try:
         from importlib.metadata import version
 
@@ -54,19 +61,14 @@ def _version() -> str:
 # ---------------------------------------------------------------- names
 def adapter_state_dict(model: nn.Module, adapter_name: str = "default") -> dict[str, torch.Tensor]:
     """The adapter's tensors under PEFT's file names (live tensors, not copies)."""
-    if adapter_name not in configs(model):
-        raise LoraError(
-            f"no adapter named {adapter_name!r}; adapters here: {sorted(configs(model))}"
-        )
-    config = configs(model)[adapter_name]
+    config = adapter_config(model, adapter_name)
     tensors: dict[str, torch.Tensor] = {}
     for path, module in model.named_modules():
         if isinstance(module, LoraLayer) and adapter_name in module.r:
-            for key, param in module.named_parameters(recurse=True):
-                parts = key.split(".")
-                if parts[0].startswith("lora_") and parts[1] == adapter_name:
-                    del parts[1]
-                    tensors[PREFIX + path + "." + ".".join(parts)] = param
+            for key, param in module.adapter_params(adapter_name).items():
+                parts = key.split(".")  # "lora_A", the adapter's name, "weight"
+                del parts[1]  # PEFT's files leave the adapter's name out
+                tensors[PREFIX + path + "." + ".".join(parts)] = param
             bias = getattr(module.base_layer, "bias", None)
             if config.bias == "lora_only" and bias is not None:
                 tensors[f"{PREFIX}{path}.base_layer.bias"] = bias
@@ -74,14 +76,19 @@ def adapter_state_dict(model: nn.Module, adapter_name: str = "default") -> dict[
             for key, tensor in module.modules_to_save[adapter_name].state_dict().items():
                 tensors[f"{PREFIX}{path}.{key}"] = tensor
     if config.bias == "all":
+        wrapped = tuple(f"{name}." for name, _ in wrappers(model))  # their biases are above
         for key, param in model.named_parameters():
-            if (
-                key.endswith("bias")
-                and "modules_to_save" not in key
-                and "original_module" not in key
-            ):
+            if key.endswith("bias") and not key.startswith(wrapped):
                 tensors[PREFIX + key] = param
     return tensors
+
+
+def lora_tensor_module(key: str) -> str | None:
+    """The module a LoRA tensor of an adapter file belongs to
+    ("base_model.model.encoder.query.lora_A.weight" -> "encoder.query"); None for a tensor of
+    a module saved whole or of a base bias."""
+    module, found, _ = key.removeprefix(PREFIX).partition(".lora_")
+    return module if found else None
 
 
 # ---------------------------------------------------------------- fingerprint
@@ -103,9 +110,10 @@ def base_fingerprint(
         modules_to_save = [m for config in configs(model).values() for m in config.saved]
     saved = set(modules_to_save)
     brought = {key.removeprefix(PREFIX).replace(".base_layer.", ".") for key in stored}
+    adapters = {id(p) for p in adapter_parameters(model).values()}
     digest = hashlib.blake2b(digest_size=16)
     for name, param in model.named_parameters():
-        if "lora_" in name or ".modules_to_save." in name:
+        if id(param) in adapters:
             continue
         base_name = name.replace(".base_layer.", ".").replace(".original_module.", ".")
         if base_name in brought or saved_matches(base_name.rsplit(".", 1)[0], sorted(saved)):
@@ -138,11 +146,7 @@ def save_adapter(
 ) -> Path:
     """Writes the adapter alone (a few KB to MB), loadable by lorakit and by PEFT."""
     directory = Path(directory)
-    config = configs(model).get(adapter_name)
-    if config is None:
-        raise LoraError(
-            f"no adapter named {adapter_name!r}; adapters here: {sorted(configs(model))}"
-        )
+    config = adapter_config(model, adapter_name)
     base_name = base_model_name_or_path or config.base_model_name_or_path
     merged = any(layer.merged for _, layer in lora_layers(model))
     tensors = {
@@ -151,7 +155,7 @@ def save_adapter(
     }
     metadata = {
         "format": "pt",
-        "lorakit_version": _version(),
+        "lorakit_version": lorakit_version(),
         "base_model": str(base_name or ""),
         # merged weights are not the base's: such a file records no fingerprint (none is checked)
         "base_fingerprint": "" if merged else base_fingerprint(model, config.saved, stored=tensors),
@@ -265,11 +269,9 @@ def load_adapter(
     extra_base = {k: v for k, v in tensors.items() if k not in expected}
     _check_and_copy(model, adapter_name, directory, expected, tensors, extra_base)
     if fresh:
-        for name, param in model.named_parameters():
-            if "lora_" not in name and ".modules_to_save." not in name:
-                param.requires_grad = False
+        freeze_base(model)
     if is_trainable:
-        _mark_bias_trainable(model, config.bias)  # trained with the adapter, as in inject
+        mark_bias_trainable(model, config.bias)  # trained with the adapter, as in inject
     set_adapter(model, adapter_name)
     if not is_trainable:
         # new LoRA layers start in training mode, and their lora_dropout would be applied at
@@ -313,8 +315,8 @@ def _check_and_copy(model, adapter_name, directory, expected, tensors, extra_bas
     if unknown:
         targets = configs(model)[adapter_name].target_modules
         _undo(model, adapter_name)
-        module = unknown[0].removeprefix(PREFIX).partition(".lora_")[0]
-        if ".lora_" in unknown[0] and module in dict(model.named_modules()):
+        module = lora_tensor_module(unknown[0])
+        if module is not None and module in dict(model.named_modules()):
             # e.g. PEFT's ensure_weight_tying: LoRA on a tied lm_head that its config leaves out
             raise AdapterShapeError(
                 f"adapter {directory} has LoRA tensors for {module!r}, a module of this model "
@@ -354,8 +356,6 @@ def _copy_name(name: str, adapter_name: str, model_params: dict) -> str:
 
 
 def _undo(model: nn.Module, adapter_name: str) -> None:
-    from .model import delete_adapter, unload
-
     if len(configs(model)) == 1:
         unload(model)
     else:

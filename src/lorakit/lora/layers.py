@@ -33,6 +33,9 @@ except ImportError:  # transformers is optional for the engine
 class LoraLayer(nn.Module):
     """What every LoRA layer shares: the adapters it holds and which one is active."""
 
+    # the attributes that hold each adapter's A and B, keyed by adapter name (PEFT's name)
+    adapter_layer_names: tuple[str, ...] = ()
+
     def __init__(self, base_layer: nn.Module) -> None:
         super().__init__()
         self.base_layer = base_layer
@@ -58,6 +61,12 @@ class LoraLayer(nn.Module):
 
     def adapter_names(self) -> list[str]:
         return list(self.r)
+
+    def adapter_params(self, adapter_name: str | None = None) -> dict[str, nn.Parameter]:
+        """The adapter's A and B by their names in this layer ("lora_A.default.weight"); of
+        every adapter when `adapter_name` is None. The layer declares which of its parameters
+        belong to adapters (torchtune's `adapter_params`): nothing picks them out by name."""
+        return _params_by_adapter(self, self.adapter_layer_names, adapter_name)
 
     def update_layer(self, adapter_name: str, config: LoraConfig) -> None:
         self.r[adapter_name] = config.r
@@ -118,10 +127,10 @@ class LoraLayer(nn.Module):
             if adapter_name in store:
                 store[adapter_name].to(device)
 
-    # implemented by each layer type
     def _adapter_stores(self) -> list[nn.ModuleDict | nn.ParameterDict]:
-        raise NotImplementedError
+        return [getattr(self, name) for name in self.adapter_layer_names]
 
+    # implemented by each layer type
     def _create_weights(self, adapter_name: str, r: int) -> None:
         raise NotImplementedError
 
@@ -135,6 +144,8 @@ class LoraLayer(nn.Module):
 class Linear(LoraLayer):
     """LoRA for `nn.Linear` (weight out × in) and GPT-2's `Conv1D` (weight in × out)."""
 
+    adapter_layer_names = ("lora_A", "lora_B")
+
     def __init__(self, base_layer: nn.Module, adapter_name: str, config: LoraConfig) -> None:
         super().__init__(base_layer)
         self.fan_in_fan_out = Conv1D is not None and isinstance(base_layer, Conv1D)
@@ -145,9 +156,6 @@ class Linear(LoraLayer):
         self.lora_A = nn.ModuleDict()
         self.lora_B = nn.ModuleDict()
         self.update_layer(adapter_name, config)
-
-    def _adapter_stores(self):
-        return [self.lora_A, self.lora_B]
 
     def _create_weights(self, adapter_name, r):
         dtype = torch.float32 if not self.base_layer.weight.is_floating_point() else None
@@ -211,15 +219,14 @@ def add_scaled_product(result: torch.Tensor, down: torch.Tensor, B: torch.Tensor
 class Embedding(LoraLayer):
     """LoRA for `nn.Embedding`: a lookup in A, then a product with B (PEFT's layout)."""
 
+    adapter_layer_names = ("lora_embedding_A", "lora_embedding_B")
+
     def __init__(self, base_layer: nn.Embedding, adapter_name: str, config: LoraConfig) -> None:
         super().__init__(base_layer)
         self.num_embeddings, self.embedding_dim = base_layer.weight.shape
         self.lora_embedding_A = nn.ParameterDict()  # r × num_embeddings
         self.lora_embedding_B = nn.ParameterDict()  # embedding_dim × r
         self.update_layer(adapter_name, config)
-
-    def _adapter_stores(self):
-        return [self.lora_embedding_A, self.lora_embedding_B]
 
     def _create_weights(self, adapter_name, r):
         self.lora_embedding_A[adapter_name] = nn.Parameter(torch.empty(r, self.num_embeddings))
@@ -288,6 +295,11 @@ class ModulesToSaveWrapper(nn.Module):
     def adapter_names(self) -> list[str]:
         return list(self.modules_to_save)
 
+    def adapter_params(self, adapter_name: str | None = None) -> dict[str, nn.Parameter]:
+        """The trained copies' parameters ("modules_to_save.default.weight"); the original's
+        are the base's (see `LoraLayer.adapter_params`)."""
+        return _params_by_adapter(self, ("modules_to_save",), adapter_name)
+
     def delete_adapter(self, adapter_name: str) -> None:
         if adapter_name in self.modules_to_save:
             del self.modules_to_save[adapter_name]
@@ -311,6 +323,19 @@ class ModulesToSaveWrapper(nn.Module):
             if name in ("original_module", "modules_to_save", "active_adapter", "disabled"):
                 raise  # not set yet (inside __init__): no recursion through active_module
         return getattr(self.active_module(), name)
+
+
+def _params_by_adapter(
+    layer: nn.Module, stores: tuple[str, ...], adapter_name: str | None
+) -> dict[str, nn.Parameter]:
+    """The parameters in `layer`'s dicts keyed by adapter name (`stores`), named
+    "<store>.<adapter>[.<parameter>]": those of `adapter_name`, or of every adapter."""
+    params = {}
+    for store in stores:
+        for name, param in getattr(layer, store).named_parameters(prefix=store):
+            if adapter_name is None or name.split(".")[1] == adapter_name:
+                params[name] = param
+    return params
 
 
 def make_lora_layer(module: nn.Module, adapter_name: str, config: LoraConfig) -> LoraLayer | None:
