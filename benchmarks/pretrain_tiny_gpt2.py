@@ -16,7 +16,8 @@ import time
 
 import torch
 
-from lorakit.models.tiny_gpt2 import TinyGPT2Settings, ensure_tiny_gpt2, tiny_gpt2_config
+from lorakit.models.tiny_gpt2 import TinyGPT2Settings, tiny_gpt2_config
+from lorakit.recipes.pretrain_tiny_gpt2 import ensure_tiny_gpt2
 
 
 def seconds_per_step(bf16: bool, settings: TinyGPT2Settings, repeats: int = 3) -> float:

@@ -27,8 +27,8 @@ from pathlib import Path
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from lorakit.train.fast_dropout import fast_dropout
-from lorakit.train.frozen_base import bf16_frozen_base, set_model_dropout
+from lorakit.nn.fast_dropout import fast_dropout
+from lorakit.nn.frozen_base import bf16_frozen_base, set_model_dropout
 
 sys.path.insert(0, str(Path(__file__).parent))
 from common import (  # noqa: E402
@@ -60,9 +60,9 @@ class Trainer:
     """A model and its AdamW, stepping under the variant's precision.
 
     lorakit takes lorakit's training path: dropout masks from the fast generator
-    (``lorakit.train.fast_dropout``; "torch-dropout" leaves PyTorch's), and under bf16
+    (``lorakit.nn.fast_dropout``; "torch-dropout" leaves PyTorch's), and under bf16
     (``train.bf16``) autocast with the frozen weights held in bf16 and matmul attention
-    (``lorakit.train.frozen_base``); PEFT and full fine-tuning get plain bf16 autocast.
+    (``lorakit.nn.frozen_base``); PEFT and full fine-tuning get plain bf16 autocast.
     "dropout0" sets the frozen model's own dropout to 0 (``model.dropout = 0``); LoRA's is 0
     in every variant."""
 

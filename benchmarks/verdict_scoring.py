@@ -30,6 +30,7 @@ from lorakit.data.causal import (  # noqa: E402
     rotten_tomatoes_verdicts,
 )
 from lorakit.models.causal_lm import ChoiceScorer, load_causal_lm  # noqa: E402
+from lorakit.recipes.pretrain_tiny_gpt2 import ensure_base_model  # noqa: E402
 
 
 @torch.no_grad()
@@ -63,7 +64,7 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=64)
     args = parser.parse_args()
 
-    model, tokenizer = load_causal_lm("tiny-gpt2")
+    model, tokenizer = load_causal_lm(ensure_base_model("tiny-gpt2"))
     model.eval()
     max_length = int(model.config.n_positions)
     pairs = rotten_tomatoes_verdicts(load_dataset("rotten-tomatoes"))["validation"]

@@ -12,15 +12,10 @@ from lorakit.data import load_dataset
 from lorakit.data.causal import pack_texts, padded_lm_dataset
 from lorakit.generate import generate
 from lorakit.models import ModelError
-from lorakit.models.causal_lm import (
-    choice_log_likelihoods,
-    generated_choices,
-    load_causal_lm,
-    perplexity,
-    verdict_accuracy,
-)
+from lorakit.models.causal_lm import choice_log_likelihoods, generated_choices, load_causal_lm
 from lorakit.models.tiny_gpt2 import tiny_gpt2_config, train_bpe_tokenizer
 from lorakit.network import OfflineError
+from lorakit.train.metrics import perplexity, verdict_accuracy
 
 
 @pytest.fixture(scope="module")

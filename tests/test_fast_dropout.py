@@ -8,9 +8,9 @@ from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import create_bidirectional_mask, create_causal_mask
 
 import lorakit.lora as lora
-import lorakit.train.fast_dropout as fd
-from lorakit.train.fast_dropout import dropout, fast_dropout, matmul_attention
-from lorakit.train.frozen_base import set_model_dropout
+import lorakit.nn.fast_dropout as fd
+from lorakit.nn.fast_dropout import dropout, fast_dropout, matmul_attention
+from lorakit.nn.frozen_base import set_model_dropout
 
 
 @pytest.mark.parametrize("p", [0.1, 0.5, 0.9])

@@ -7,7 +7,7 @@ from torch import nn
 from transformers import AutoModelForSequenceClassification
 
 import lorakit.lora as lora
-from lorakit.train.frozen_base import bf16_frozen_base, set_model_dropout
+from lorakit.nn.frozen_base import bf16_frozen_base, set_model_dropout
 
 
 def with_adapter(folder, engine: str) -> nn.Module:

@@ -7,19 +7,24 @@ import torch
 from datasets import DatasetDict
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-import lorakit.data
 from lorakit.data import load_dataset
 from lorakit.data.causal import pack_texts
-from lorakit.models import tiny_gpt2
-from lorakit.models.causal_lm import perplexity
+from lorakit.models import ModelError
+from lorakit.models.causal_lm import load_causal_lm
 from lorakit.models.tiny_gpt2 import (
     ENDOFTEXT,
     TinyGPT2Settings,
+    cached_tiny_gpt2,
     default_tiny_gpt2_path,
-    ensure_tiny_gpt2,
-    pretrain_tiny_gpt2,
     train_bpe_tokenizer,
 )
+from lorakit.recipes import pretrain_tiny_gpt2 as recipe
+from lorakit.recipes.pretrain_tiny_gpt2 import (
+    ensure_base_model,
+    ensure_tiny_gpt2,
+    pretrain_tiny_gpt2,
+)
+from lorakit.train.metrics import perplexity
 
 SMALL = dict(vocab_size=1000, n_layer=2, n_embd=64, n_head=4, n_positions=64)
 
@@ -92,7 +97,7 @@ def test_ensure_pretrains_once_then_reuses(monkeypatch, tmp_path, bbc):
     monkeypatch.setenv("LORAKIT_CACHE", str(tmp_path))
     # the real corpus, cut to a few hundred articles to keep the test short
     small = DatasetDict({split: bbc[split].select(range(100)) for split in bbc})
-    monkeypatch.setattr(lorakit.data, "load_dataset", lambda name: small)
+    monkeypatch.setattr(recipe, "load_dataset", lambda name: small)
     settings = TinyGPT2Settings(
         steps=3, batch_size=4, seq_len=64, vocab_size=500, n_layer=1, n_embd=32, n_head=2
     )
@@ -104,8 +109,9 @@ def test_ensure_pretrains_once_then_reuses(monkeypatch, tmp_path, bbc):
     def must_not_train(*args, **kwargs):
         raise AssertionError("pretrained again although the cache was complete")
 
-    monkeypatch.setattr(tiny_gpt2, "pretrain_tiny_gpt2", must_not_train)
+    monkeypatch.setattr(recipe, "pretrain_tiny_gpt2", must_not_train)
     assert ensure_tiny_gpt2(settings=settings) == folder
+    assert cached_tiny_gpt2(settings) == folder
 
 
 def test_interrupted_pretraining_leaves_nothing(monkeypatch, tmp_path):
@@ -113,7 +119,20 @@ def test_interrupted_pretraining_leaves_nothing(monkeypatch, tmp_path):
         (out_dir / "config.json").write_text("{}")
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(tiny_gpt2, "pretrain_tiny_gpt2", interrupted)
+    monkeypatch.setattr(recipe, "pretrain_tiny_gpt2", interrupted)
     with pytest.raises(KeyboardInterrupt):
         ensure_tiny_gpt2(tmp_path / "model", progress=None)
     assert list(tmp_path.iterdir()) == []
+
+
+def test_loading_tiny_gpt2_never_trains(monkeypatch, tmp_path):
+    monkeypatch.setenv("LORAKIT_CACHE", str(tmp_path))
+
+    def must_not_train(*args, **kwargs):
+        raise AssertionError("loading a model started pretraining")
+
+    monkeypatch.setattr(recipe, "pretrain_tiny_gpt2", must_not_train)
+    with pytest.raises(ModelError, match="lorakit train pretrain-tiny-gpt2"):
+        load_causal_lm("tiny-gpt2")
+    assert list(tmp_path.iterdir()) == []
+    assert ensure_base_model("some/folder") == "some/folder"  # other names: nothing to prepare

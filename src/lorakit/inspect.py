@@ -131,7 +131,7 @@ def load_model_for_inspection(target: str) -> tuple[nn.Module, str]:
     if path.is_dir() and is_classic(path):
         return load_classic(path)[0], str(path)
     if target == "tiny-gpt2":
-        from lorakit.models.tiny_gpt2 import ensure_tiny_gpt2
+        from lorakit.recipes.pretrain_tiny_gpt2 import ensure_tiny_gpt2
 
         target = str(ensure_tiny_gpt2())
     from transformers import AutoConfig, AutoModel

@@ -113,8 +113,9 @@ def _merge_transformers(run_dir: Path, config: Config, summary, texts, tmp: Path
     causal = summary.get("task") == "causal-lm"
     if causal:
         from lorakit.models.causal_lm import load_causal_lm
+        from lorakit.recipes.pretrain_tiny_gpt2 import ensure_base_model
 
-        model, tokenizer = load_causal_lm(summary["base_model"])
+        model, tokenizer = load_causal_lm(ensure_base_model(summary["base_model"]))
         auto_class = AutoModelForCausalLM
     else:
         from lorakit.models.transformer import load_sequence_classifier

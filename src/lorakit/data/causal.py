@@ -33,7 +33,7 @@ class InstructionFileError(DataError):
     """An instruction file that cannot be read as prompt/response pairs."""
 
 
-def _token_ids(tokenizer: PreTrainedTokenizerBase, texts: Sequence[str]) -> list[list[int]]:
+def token_ids(tokenizer: PreTrainedTokenizerBase, texts: Sequence[str]) -> list[list[int]]:
     """Token ids of each text, no special tokens and no length warning (we cut them ourselves)."""
     backend = getattr(tokenizer, "backend_tokenizer", None)
     if backend is not None:
@@ -41,7 +41,8 @@ def _token_ids(tokenizer: PreTrainedTokenizerBase, texts: Sequence[str]) -> list
     return [tokenizer.encode(t, add_special_tokens=False) for t in texts]
 
 
-def _eos_id(tokenizer: PreTrainedTokenizerBase) -> int:
+def eos_id(tokenizer: PreTrainedTokenizerBase) -> int:
+    """The tokenizer's eos id, which also starts every sequence built here (GPT-2's bos)."""
     if tokenizer.eos_token_id is None:
         raise ValueError(
             "the tokenizer has no eos token; set tokenizer.eos_token before building data"
@@ -49,8 +50,9 @@ def _eos_id(tokenizer: PreTrainedTokenizerBase) -> int:
     return int(tokenizer.eos_token_id)
 
 
-def _pad_id(tokenizer: PreTrainedTokenizerBase) -> int:
-    return int(tokenizer.pad_token_id if tokenizer.pad_token_id is not None else _eos_id(tokenizer))
+def pad_id(tokenizer: PreTrainedTokenizerBase) -> int:
+    """The tokenizer's pad id, else its eos id."""
+    return int(tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos_id(tokenizer))
 
 
 def pack_texts(
@@ -62,9 +64,9 @@ def pack_texts(
     """
     if block_size < 2:
         raise ValueError(f"block_size must be at least 2, got {block_size}")
-    eos = _eos_id(tokenizer)
+    eos = eos_id(tokenizer)
     stream = np.fromiter(
-        (i for ids in _token_ids(tokenizer, texts) for i in (*ids, eos)), dtype=np.int64
+        (i for ids in token_ids(tokenizer, texts) for i in (*ids, eos)), dtype=np.int64
     )
     n_blocks = len(stream) // block_size
     if n_blocks == 0:
@@ -78,10 +80,10 @@ def pack_texts(
     ).with_format("torch")
 
 
-def _padded(rows: list[tuple[list[int], list[int]]], pad_id: int) -> datasets.Dataset:
+def _padded(rows: list[tuple[list[int], list[int]]], pad: int) -> datasets.Dataset:
     """Right-pad (input_ids, labels) rows to the longest one; padding is masked and ignored."""
     width = max(len(ids) for ids, _ in rows)
-    input_ids = np.full((len(rows), width), pad_id, dtype=np.int64)
+    input_ids = np.full((len(rows), width), pad, dtype=np.int64)
     labels = np.full((len(rows), width), IGNORE_INDEX, dtype=np.int64)
     mask = np.zeros((len(rows), width), dtype=np.int64)
     for i, (ids, labs) in enumerate(rows):
@@ -102,12 +104,12 @@ def padded_lm_dataset(
     """
     if not texts:
         raise ValueError("padded_lm_dataset needs at least one text")
-    eos = _eos_id(tokenizer)
+    eos = eos_id(tokenizer)
     rows = []
-    for ids in _token_ids(tokenizer, texts):
+    for ids in token_ids(tokenizer, texts):
         seq = [eos, *ids, eos][:max_length]
         rows.append((seq, seq))
-    return _padded(rows, _pad_id(tokenizer))
+    return _padded(rows, pad_id(tokenizer))
 
 
 def instruction_dataset(
@@ -125,16 +127,16 @@ def instruction_dataset(
         raise ValueError(f"{len(prompts)} prompts but {len(responses)} responses")
     if not prompts:
         raise ValueError("instruction_dataset needs at least one prompt/response pair")
-    eos = _eos_id(tokenizer)
+    eos = eos_id(tokenizer)
     rows = []
     for p_ids, r_ids in zip(
-        _token_ids(tokenizer, prompts), _token_ids(tokenizer, responses), strict=True
+        token_ids(tokenizer, prompts), token_ids(tokenizer, responses), strict=True
     ):
         answer = [*r_ids, eos][: max_length - 1]
         room = max_length - 1 - len(answer)
         context = [eos, *(p_ids[len(p_ids) - room :] if room > 0 else [])]
         rows.append(([*context, *answer], [IGNORE_INDEX] * len(context) + answer))
-    return _padded(rows, _pad_id(tokenizer))
+    return _padded(rows, pad_id(tokenizer))
 
 
 def load_instruction_file(

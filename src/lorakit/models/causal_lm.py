@@ -1,21 +1,21 @@
 """Causal language models: loading (local folder, hub id or lorakit's tiny GPT-2) and scoring.
 
-`perplexity` is the exponential of the mean loss per target token. `verdict_accuracy` scores a
-closed set of answers ("fresh" / "rotten") two ways: by the answers' log-likelihood after the
-prompt (the default: one batched forward pass per answer, no sampling, the output head run only
-at the answer's positions; `ChoiceScorer`) or by greedy generation.
+A closed set of answers ("fresh" / "rotten") after a prompt is scored two ways: by the answers'
+log-likelihood (one batched forward pass per answer, no sampling, the output head run only at the
+answer's positions; `ChoiceScorer`) or by greedy generation (`generated_choices`). The figures
+made from them, perplexity and verdict accuracy, are `lorakit.train.metrics`'.
+
+Loading never trains: `"tiny-gpt2"` is read from its cache, which the `pretrain-tiny-gpt2` recipe
+fills (`lorakit.recipes.pretrain_tiny_gpt2.ensure_tiny_gpt2`).
 """
 
 from __future__ import annotations
 
-import math
 import os
 from collections.abc import Sequence
 from pathlib import Path
 
-import datasets
 import torch
-import torch.nn.functional as F
 from transformers import (
     AutoModelForCausalLM,
     AutoTokenizer,
@@ -23,21 +23,17 @@ from transformers import (
     PreTrainedTokenizerBase,
 )
 
-from lorakit.data.causal import _eos_id, _pad_id, _token_ids
+from lorakit.data.causal import eos_id, pad_id, token_ids
 from lorakit.models import ModelError, loading_folder
+from lorakit.models.tiny_gpt2 import TINY_GPT2, cached_tiny_gpt2
 from lorakit.network import OfflineError, hub_reachable
-
-TINY_GPT2 = "tiny-gpt2"
-IGNORE_INDEX = -100
 
 
 def _resolve(name_or_path: str | Path) -> tuple[str, bool]:
     """(what to pass to from_pretrained, whether it may need the hub)."""
     name = str(name_or_path)
     if name == TINY_GPT2:
-        from lorakit.models.tiny_gpt2 import ensure_tiny_gpt2
-
-        return str(ensure_tiny_gpt2()), False
+        return str(cached_tiny_gpt2()), False
     path = Path(name).expanduser()
     if path.exists():
         if not (path / "config.json").is_file():
@@ -51,7 +47,7 @@ def _resolve(name_or_path: str | Path) -> tuple[str, bool]:
 def load_causal_lm(
     name_or_path: str | Path, *, dtype: torch.dtype | None = None
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
-    """Model and tokenizer from a local folder, a hub id, or `"tiny-gpt2"` (pretrained offline).
+    """Model and tokenizer from a local folder, a hub id, or `"tiny-gpt2"` (from its cache).
 
     A hub id without a network is looked up in the local Hugging Face cache; when it is not
     there, an `OfflineError` names the offline alternative instead of waiting on the network.
@@ -75,44 +71,6 @@ def load_causal_lm(
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     return model, tokenizer
-
-
-def _batches(dataset: datasets.Dataset, batch_size: int):
-    formatted = dataset.with_format("torch")
-    for start in range(0, formatted.num_rows, batch_size):
-        yield formatted[start : start + batch_size]
-
-
-def _token_log_probs(model: PreTrainedModel, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
-    """Log-probability of each next token (batch, len-1) and the mask of positions that count."""
-    device = model.device
-    input_ids = batch["input_ids"].to(device)
-    mask = batch.get("attention_mask")
-    logits = model(
-        input_ids=input_ids, attention_mask=None if mask is None else mask.to(device)
-    ).logits.float()
-    targets = batch["labels"][:, 1:].to(device)
-    counted = targets != IGNORE_INDEX
-    log_probs = -F.cross_entropy(
-        logits[:, :-1].transpose(1, 2), targets.clamp(min=0), reduction="none"
-    )
-    return log_probs * counted, counted
-
-
-@torch.no_grad()
-def perplexity(model: PreTrainedModel, dataset: datasets.Dataset, batch_size: int = 16) -> float:
-    """exp(mean negative log-likelihood per target token) over a dataset with input_ids/labels."""
-    was_training = model.training
-    model.eval()
-    total_nll, total_tokens = 0.0, 0
-    for batch in _batches(dataset, batch_size):
-        log_probs, counted = _token_log_probs(model, batch)
-        total_nll -= log_probs.sum().item()
-        total_tokens += int(counted.sum())
-    model.train(was_training)
-    if total_tokens == 0:
-        raise ValueError("the dataset has no target tokens (every label is -100)")
-    return math.exp(total_nll / total_tokens)
 
 
 def _max_length(model: PreTrainedModel) -> int:
@@ -142,11 +100,11 @@ class ChoiceScorer:
     ):
         if not prompts or not choices:
             raise ValueError("ChoiceScorer needs at least one prompt and one choice")
-        self.choice_ids = _token_ids(tokenizer, choices)
+        self.choice_ids = token_ids(tokenizer, choices)
         if any(not ids for ids in self.choice_ids):
             raise ValueError(f"every choice must have at least one token, got {list(choices)!r}")
-        self.prompt_ids = _token_ids(tokenizer, prompts)
-        self.eos, self.pad = _eos_id(tokenizer), _pad_id(tokenizer)
+        self.prompt_ids = token_ids(tokenizer, prompts)
+        self.eos, self.pad = eos_id(tokenizer), pad_id(tokenizer)
         self.max_length, self.batch_size = max_length, batch_size
         self.order = sorted(range(len(prompts)), key=lambda i: len(self.prompt_ids[i]))
 
@@ -237,32 +195,3 @@ def generated_choices(
         tokenizer.padding_side = side
         model.train(was_training)
     return picked
-
-
-def verdict_accuracy(
-    model: PreTrainedModel,
-    tokenizer: PreTrainedTokenizerBase,
-    prompts: Sequence[str],
-    labels: Sequence[int],
-    choices: Sequence[str] = (" fresh", " rotten"),
-    *,
-    method: str = "loglik",
-    batch_size: int = 32,
-) -> float:
-    """Share of prompts whose answer is `choices[label]`.
-
-    `method="loglik"` picks the likeliest choice; `method="generate"` decodes greedily and counts
-    an answer that starts with none of the choices as wrong.
-    """
-    if len(prompts) != len(labels):
-        raise ValueError(f"{len(prompts)} prompts but {len(labels)} labels")
-    if not prompts:
-        raise ValueError("verdict_accuracy needs at least one prompt")
-    if method == "loglik":
-        predicted = choice_log_likelihoods(model, tokenizer, prompts, choices, batch_size).argmax(1)
-        predicted = predicted.tolist()
-    elif method == "generate":
-        predicted = generated_choices(model, tokenizer, prompts, choices, batch_size)
-    else:
-        raise ValueError(f"method must be 'loglik' or 'generate', got {method!r}")
-    return sum(int(p == y) for p, y in zip(predicted, labels, strict=True)) / len(labels)

@@ -96,13 +96,6 @@ def load_task_data(config: Config):
     return dsd
 
 
-def confusion_matrix(labels: list[int], predictions: list[int], classes: int) -> list[list[int]]:
-    """Counts: rows are true labels, columns predicted ones (summary.json's layout)."""
-    matrix = np.zeros((classes, classes), dtype=int)
-    np.add.at(matrix, (labels, predictions), 1)
-    return matrix.tolist()
-
-
 def run_summary(
     config: Config,
     result,

@@ -36,19 +36,16 @@ from lorakit.data.causal import (
     padded_lm_dataset,
     rotten_tomatoes_verdicts,
 )
-from lorakit.models.causal_lm import (
-    ChoiceScorer,
-    load_causal_lm,
-    perplexity,
-    verdict_accuracy,
-)
+from lorakit.models.causal_lm import ChoiceScorer, load_causal_lm
 from lorakit.models.transformer import weights_bytes
+from lorakit.nn.frozen_base import set_model_dropout
 from lorakit.recipes import run_summary, write_reports
+from lorakit.recipes.pretrain_tiny_gpt2 import ensure_base_model
 from lorakit.rundir import RunDir
 from lorakit.train import engines
 from lorakit.train.best import BestWeights
-from lorakit.train.frozen_base import set_model_dropout
 from lorakit.train.loop import train_loop
+from lorakit.train.metrics import evaluate_causal, perplexity, verdict_accuracy
 
 SPLITS = ("train", "validation", "test")
 INSTRUCTION_FILE_TYPES = (".jsonl", ".csv")
@@ -153,30 +150,6 @@ def _positions(model) -> int:
 
 
 # ---------------------------------------------------------------- evaluation
-@torch.no_grad()
-def evaluate_causal(model, loader, accelerator=None) -> dict[str, float]:
-    """Mean loss per target token and its perplexity, over every process's shard."""
-    was_training = model.training
-    model.eval()
-    device = next(model.parameters()).device
-    nll = torch.zeros(2, dtype=torch.float64, device=device)  # (summed loss, target tokens)
-    for batch in loader:
-        batch = {k: v.to(device) for k, v in batch.items()}
-        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-        targets = batch["labels"][:, 1:]
-        losses = torch.nn.functional.cross_entropy(
-            logits[:, :-1].float().transpose(1, 2), targets, ignore_index=-100, reduction="sum"
-        )
-        nll += torch.stack([losses.double(), (targets != -100).sum().double()])
-    if accelerator is not None and accelerator.num_processes > 1:
-        nll = accelerator.reduce(nll, "sum")
-    model.train(was_training)
-    if nll[1] == 0:
-        raise ValueError("evaluation split has no target tokens")
-    loss = float(nll[0] / nll[1])
-    return {"loss": loss, "perplexity": math.exp(loss)}
-
-
 def _has_verdicts(pairs: datasets.Dataset | None) -> bool:
     """Whether prompt/response pairs are verdicts (a `choice` column) that can be scored."""
     return pairs is not None and "choice" in pairs.column_names
@@ -228,7 +201,7 @@ def _loaders(splits: dict[str, datasets.Dataset], config: Config) -> dict[str, D
 def _model_to_train(config: Config):
     """(model, tokenizer) of ``model.name``, with ``model.dropout`` applied when set: the start
     of both the LoRA run and the full fine-tuning beside it."""
-    model, tokenizer = load_causal_lm(config.model.name)
+    model, tokenizer = load_causal_lm(ensure_base_model(config.model.name))
     if config.model.dropout is not None:
         set_model_dropout(model, config.model.dropout)
     return model, tokenizer
@@ -396,7 +369,7 @@ def load_generator(run_dir: str | Path):
     """(model, tokenizer): the run's base model with its adapter, ready for generation."""
     run_dir = Path(run_dir)
     summary = json.loads((run_dir / "summary.json").read_text(encoding="utf-8"))
-    model, tokenizer = load_causal_lm(summary["base_model"])
+    model, tokenizer = load_causal_lm(ensure_base_model(summary["base_model"]))
     return lora.load_adapter(model, run_dir / "adapter").eval(), tokenizer
 
 
@@ -409,7 +382,7 @@ def load_predictor(run_dir: Path):
 
 def dry_run(config: Config) -> str:
     """The trainable-parameter report, without training (loads the real model)."""
-    model, _ = load_causal_lm(config.model.name)
+    model, _ = load_causal_lm(ensure_base_model(config.model.name))
     model = engines.apply_lora(model, config.lora, base_name=model.name_or_path)
     trainable, total = engines.parameter_counts(model)
     targets = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules()

@@ -33,11 +33,12 @@ from lorakit.models.classic import (
     load_classic,
     save_classic,
 )
-from lorakit.recipes import confusion_matrix, load_task_data, run_summary, write_reports
+from lorakit.recipes import load_task_data, run_summary, write_reports
 from lorakit.rundir import RunDir
 from lorakit.train import engines
 from lorakit.train.best import BestWeights
 from lorakit.train.loop import evaluate, train_loop
+from lorakit.train.metrics import confusion_matrix
 
 # The seed's setup: rank 2 on fc1 (alpha picked on the validation split from 2, 8, 16).
 SEED_SETUP = {"r": 2, "lora_alpha": 8, "target_modules": ["fc1"]}

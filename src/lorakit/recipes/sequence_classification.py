@@ -25,12 +25,13 @@ from lorakit.config import Config, ConfigError, load_config
 from lorakit.data import dataset_fingerprint
 from lorakit.data.tokenize import classification_loaders, tokenize_splits
 from lorakit.models.transformer import load_sequence_classifier, weights_bytes
-from lorakit.recipes import confusion_matrix, load_task_data, run_summary, write_reports
+from lorakit.nn.frozen_base import set_model_dropout
+from lorakit.recipes import load_task_data, run_summary, write_reports
 from lorakit.rundir import RunDir
 from lorakit.train import engines
 from lorakit.train.best import BestWeights
-from lorakit.train.frozen_base import set_model_dropout
 from lorakit.train.loop import evaluate, train_loop
+from lorakit.train.metrics import confusion_matrix
 
 DEFAULT_MODULES_TO_SAVE = ["classifier", "score"]  # the head, whatever the model calls it
 

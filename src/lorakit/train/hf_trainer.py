@@ -18,16 +18,17 @@ import torch
 from transformers import Trainer, TrainerCallback, TrainingArguments
 
 from lorakit.config import TrainConfig
+from lorakit.nn.fast_dropout import fast_dropout
 from lorakit.rundir import RunDir
 
-from .fast_dropout import fast_dropout
 from .loop import SaveBest, TrainResult, parameter_groups
+from .metrics import accuracy
 
 
 def _accuracy(prediction) -> dict[str, float]:
     logits, labels = prediction.predictions, prediction.label_ids
     logits = logits[0] if isinstance(logits, tuple) else logits
-    return {"accuracy": float((np.argmax(logits, axis=-1) == labels).mean())}
+    return {"accuracy": accuracy(np.argmax(logits, axis=-1), labels)}
 
 
 class _RunDirCallback(TrainerCallback):

@@ -38,10 +38,10 @@ from tqdm.auto import tqdm
 from transformers import get_linear_schedule_with_warmup
 
 from lorakit.config import ConfigError, TrainConfig
+from lorakit.nn.fast_dropout import fast_dropout
+from lorakit.nn.frozen_base import bf16_frozen_base
 from lorakit.rundir import RunDir
 from lorakit.train import checkpoint as ckpt
-from lorakit.train.fast_dropout import fast_dropout
-from lorakit.train.frozen_base import bf16_frozen_base
 
 SaveBest = Callable[[torch.nn.Module, int], None]
 # (model, eval_loader, accelerator) -> figures; the float ones are logged, `metric` among them

@@ -52,7 +52,7 @@ def bf16_frozen_base(model: nn.Module) -> Iterator[None]:
         if param.dtype == torch.float32:
             originals[param] = param.data
             param.data = param.data.to(torch.bfloat16)
-    kernels = {m: m.config._attn_implementation for m in _pretrained_models(model)}
+    kernels = {m: m.config._attn_implementation for m in pretrained_models(model)}
     for module in kernels:
         module.set_attn_implementation("eager")
     try:
@@ -82,7 +82,7 @@ def _frozen_alone(model: nn.Module) -> list[nn.Parameter]:
     return [p for p in frozen if p not in kept]
 
 
-def _pretrained_models(model: nn.Module) -> list[nn.Module]:
+def pretrained_models(model: nn.Module) -> list[nn.Module]:
     """The outermost transformers models inside ``model`` (a PEFT wrapper holds one)."""
     found: list[nn.Module] = []
     inside: set[int] = set()  # ids of modules within one already found
@@ -96,4 +96,4 @@ def _pretrained_models(model: nn.Module) -> list[nn.Module]:
 
 
 def _configs(model: nn.Module) -> list[object]:
-    return [m.config for m in _pretrained_models(model)]
+    return [m.config for m in pretrained_models(model)]

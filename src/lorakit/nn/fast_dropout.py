@@ -32,6 +32,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from lorakit.nn.frozen_base import pretrained_models
+
 ATTENTION = "lorakit"
 _RESOLUTION = 1 << 16  # keep decisions are made on 16 random bits
 
@@ -148,10 +150,8 @@ def _forward_of(module: nn.Dropout):
 def _use_lorakit_attention(model: nn.Module) -> dict[nn.Module, str]:
     """Switch models on the CPU with PyTorch's SDPA or eager attention to lorakit's; return
     {model: old}. (On a GPU PyTorch's fused attention already draws its dropout fast.)"""
-    from .frozen_base import _pretrained_models
-
     switched = {}
-    for module in _pretrained_models(model):
+    for module in pretrained_models(model):
         kernel = module.config._attn_implementation
         on_cpu = all(p.device.type == "cpu" for p in module.parameters())
         if kernel in ("sdpa", "eager") and on_cpu:

@@ -1,0 +1,122 @@
+"""The figures a run reports: perplexity, accuracy, verdict accuracy and the confusion matrix.
+
+Every recipe takes its numbers from here, so a figure means the same in each summary.json:
+
+- ``perplexity``: exp of the mean loss per target token (labels of -100 do not count), the loss
+  summed over every token of the data before dividing, so batching and padding do not change it.
+  ``evaluate_causal`` gives loss and perplexity over a loader, for the training loop.
+- ``accuracy``: the share of predictions equal to their label; ``verdict_accuracy`` the share of
+  prompts whose likeliest (or greedily generated) answer is the right one of a closed set.
+- ``confusion_matrix``: counts, rows true labels and columns predictions.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Sequence
+
+import datasets
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+from lorakit.data.causal import IGNORE_INDEX
+from lorakit.models.causal_lm import choice_log_likelihoods, generated_choices
+
+
+# ---------------------------------------------------------------- causal LMs: loss, perplexity
+@torch.no_grad()
+def causal_lm_loss(model: nn.Module, batches: Iterable[dict], accelerator=None) -> float:
+    """Mean loss per target token over batches with input_ids/labels (and attention_mask),
+    summed over every process's shard when ``accelerator`` runs several."""
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    nll = torch.zeros(2, dtype=torch.float64, device=device)  # (summed loss, target tokens)
+    for batch in batches:
+        mask = batch.get("attention_mask")
+        logits = model(
+            input_ids=batch["input_ids"].to(device),
+            attention_mask=None if mask is None else mask.to(device),
+        ).logits
+        targets = batch["labels"][:, 1:].to(device)
+        losses = F.cross_entropy(
+            logits[:, :-1].float().transpose(1, 2),
+            targets,
+            ignore_index=IGNORE_INDEX,
+            reduction="sum",
+        )
+        nll += torch.stack([losses.double(), (targets != IGNORE_INDEX).sum().double()])
+    if accelerator is not None and accelerator.num_processes > 1:
+        nll = accelerator.reduce(nll, "sum")
+    model.train(was_training)
+    if nll[1] == 0:
+        raise ValueError("the evaluation data has no target tokens (every label is -100)")
+    return float(nll[0] / nll[1])
+
+
+def _batches(dataset: datasets.Dataset, batch_size: int):
+    formatted = dataset.with_format("torch")
+    for start in range(0, formatted.num_rows, batch_size):
+        yield formatted[start : start + batch_size]
+
+
+def perplexity(model: nn.Module, dataset: datasets.Dataset, batch_size: int = 16) -> float:
+    """exp(mean negative log-likelihood per target token) over a dataset with input_ids/labels."""
+    return math.exp(causal_lm_loss(model, _batches(dataset, batch_size)))
+
+
+def evaluate_causal(model: nn.Module, loader, accelerator=None) -> dict[str, float]:
+    """The training loop's evaluation of a causal LM: mean loss per target token and its
+    perplexity, over every process's shard."""
+    loss = causal_lm_loss(model, loader, accelerator)
+    return {"loss": loss, "perplexity": math.exp(loss)}
+
+
+# ---------------------------------------------------------------- classification
+def accuracy(predictions: Sequence[int] | np.ndarray, labels: Sequence[int] | np.ndarray) -> float:
+    """The share of predictions equal to their label."""
+    predictions, labels = np.asarray(predictions), np.asarray(labels)
+    if predictions.shape != labels.shape:
+        raise ValueError(f"{len(predictions)} predictions but {len(labels)} labels")
+    if labels.size == 0:
+        raise ValueError("accuracy needs at least one label")
+    return float((predictions == labels).mean())
+
+
+def confusion_matrix(labels: list[int], predictions: list[int], classes: int) -> list[list[int]]:
+    """Counts: rows are true labels, columns predicted ones (summary.json's layout)."""
+    matrix = np.zeros((classes, classes), dtype=int)
+    np.add.at(matrix, (labels, predictions), 1)
+    return matrix.tolist()
+
+
+def verdict_accuracy(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    prompts: Sequence[str],
+    labels: Sequence[int],
+    choices: Sequence[str] = (" fresh", " rotten"),
+    *,
+    method: str = "loglik",
+    batch_size: int = 32,
+) -> float:
+    """Share of prompts whose answer is `choices[label]`.
+
+    `method="loglik"` picks the likeliest choice; `method="generate"` decodes greedily and counts
+    an answer that starts with none of the choices as wrong.
+    """
+    if len(prompts) != len(labels):
+        raise ValueError(f"{len(prompts)} prompts but {len(labels)} labels")
+    if not prompts:
+        raise ValueError("verdict_accuracy needs at least one prompt")
+    if method == "loglik":
+        scores = choice_log_likelihoods(model, tokenizer, prompts, choices, batch_size)
+        predicted = scores.argmax(1).tolist()
+    elif method == "generate":
+        predicted = generated_choices(model, tokenizer, prompts, choices, batch_size)
+    else:
+        raise ValueError(f"method must be 'loglik' or 'generate', got {method!r}")
+    return accuracy(predicted, labels)
