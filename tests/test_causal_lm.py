@@ -6,7 +6,6 @@ import time
 
 import pytest
 import torch
-from transformers import GPT2LMHeadModel
 
 from lorakit.data import load_dataset
 from lorakit.data.causal import pack_texts, padded_lm_dataset
@@ -19,8 +18,8 @@ from lorakit.models.causal_lm import (
     perplexity,
     verdict_accuracy,
 )
-from lorakit.models.tiny_gpt2 import tiny_gpt2_config, train_bpe_tokenizer
 from lorakit.network import OfflineError
+from tiny_models import save_tiny_causal_lm
 
 
 @pytest.fixture(scope="module")
@@ -31,12 +30,8 @@ def reviews():
 @pytest.fixture(scope="module")
 def saved_model(tmp_path_factory, reviews):
     texts = load_dataset("bbc-news")["train"]["text"][:200]
-    tokenizer = train_bpe_tokenizer(texts, vocab_size=600, model_max_length=128)
-    torch.manual_seed(0)
-    model = GPT2LMHeadModel(tiny_gpt2_config(len(tokenizer), 2, 32, 2, 128)).eval()
     folder = tmp_path_factory.mktemp("gpt2")
-    model.save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
+    model, tokenizer = save_tiny_causal_lm(folder, texts, vocab_size=600, width=32)
     return folder, model, tokenizer
 
 
