@@ -156,7 +156,7 @@ def profile_table(variant: str, rows: int = 20) -> str:
 # ---------------------------------------------------------------- the loss-curve check
 def loss_curves(steps: int = 20) -> dict[str, list[float]]:
     """lorakit (on its fp32 training path) and PEFT from the same weights and seed, dropout 0
-    (the model's and LoRA's, as the issue asks: the two draw different masks), lr high enough
+    (the model's and LoRA's: with dropout on, the two engines draw different masks), lr high enough
     to move."""
     batches = review_batches(steps, BATCH, SEQ_LEN)
     models = {}

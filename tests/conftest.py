@@ -1,6 +1,6 @@
 import pytest
 
-from tiny_models import save_tiny_bert
+from tiny_models import NEGATIVE, NEUTRAL, POSITIVE, save_tiny_bert, write_reviews_csv
 
 
 @pytest.fixture(autouse=True, scope="session")
@@ -15,3 +15,28 @@ def lorakit_cache(tmp_path_factory):
 def tiny_bert_dir(tmp_path_factory):
     """A 2-layer BERT with MiniLM's real tokenizer, saved as an ordinary model folder."""
     return save_tiny_bert(tmp_path_factory.mktemp("tiny-bert"))
+
+
+@pytest.fixture(scope="session")
+def verdicts_csv(tmp_path_factory):
+    """160 reviews in columns `review` and `verdict`: two classes, "fresh" and "rotten"."""
+    return write_reviews_csv(
+        tmp_path_factory.mktemp("verdicts") / "reviews.csv",
+        {"fresh": POSITIVE, "rotten": NEGATIVE},
+        rows=160,
+        columns=("review", "verdict"),
+        seed=1,
+    )
+
+
+@pytest.fixture(scope="session")
+def stars_csv(tmp_path_factory):
+    """360 reviews in columns `review` and `stars`: three classes named by strings."""
+    return write_reviews_csv(
+        tmp_path_factory.mktemp("stars") / "my.csv",
+        {"great": POSITIVE, "bad": NEGATIVE, "okay": NEUTRAL},
+        rows=360,
+        columns=("review", "stars"),
+        filler_words=5,
+        shuffle=True,
+    )

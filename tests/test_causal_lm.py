@@ -6,16 +6,15 @@ import time
 
 import pytest
 import torch
-from transformers import GPT2LMHeadModel
 
 from lorakit.data import load_dataset
 from lorakit.data.causal import pack_texts, padded_lm_dataset
 from lorakit.generate import generate
 from lorakit.models import ModelError
 from lorakit.models.causal_lm import choice_log_likelihoods, generated_choices, load_causal_lm
-from lorakit.models.tiny_gpt2 import tiny_gpt2_config, train_bpe_tokenizer
 from lorakit.network import OfflineError
 from lorakit.train.metrics import perplexity, verdict_accuracy
+from tiny_models import save_tiny_causal_lm
 
 
 @pytest.fixture(scope="module")
@@ -26,12 +25,8 @@ def reviews():
 @pytest.fixture(scope="module")
 def saved_model(tmp_path_factory, reviews):
     texts = load_dataset("bbc-news")["train"]["text"][:200]
-    tokenizer = train_bpe_tokenizer(texts, vocab_size=600, model_max_length=128)
-    torch.manual_seed(0)
-    model = GPT2LMHeadModel(tiny_gpt2_config(len(tokenizer), 2, 32, 2, 128)).eval()
     folder = tmp_path_factory.mktemp("gpt2")
-    model.save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
+    model, tokenizer = save_tiny_causal_lm(folder, texts, vocab_size=600, width=32)
     return folder, model, tokenizer
 
 

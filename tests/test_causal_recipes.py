@@ -5,7 +5,7 @@ import json
 import peft
 import pytest
 import torch
-from transformers import AutoModelForCausalLM, GPT2LMHeadModel
+from transformers import AutoModelForCausalLM
 
 import lorakit.api as lk
 from lorakit.cli import main
@@ -14,8 +14,8 @@ from lorakit.data import DataError, load_dataset
 from lorakit.generate import generate
 from lorakit.merge import merge
 from lorakit.models.causal_lm import load_causal_lm
-from lorakit.models.tiny_gpt2 import tiny_gpt2_config, train_bpe_tokenizer
 from lorakit.report.plots import curves_from_events, metric_name
+from tiny_models import save_tiny_causal_lm
 
 PROMPT = "The film is"
 
@@ -24,12 +24,8 @@ PROMPT = "The film is"
 def tiny_gpt2(tmp_path_factory):
     """A randomly initialised GPT-2 folder with a BPE tokenizer trained on 400 reviews."""
     texts = load_dataset("rotten-tomatoes")["train"]["text"][:400]
-    tokenizer = train_bpe_tokenizer(texts, vocab_size=500, model_max_length=128)
-    torch.manual_seed(0)
-    model = GPT2LMHeadModel(tiny_gpt2_config(len(tokenizer), 2, 64, 2, 128))
     folder = tmp_path_factory.mktemp("tiny-gpt2")
-    model.save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
+    save_tiny_causal_lm(folder, texts, vocab_size=500, width=64)
     return folder
 
 

@@ -1,4 +1,4 @@
-"""Data-parallel training (issue 6): the classic recipe's transfer in 2 processes on CPU (gloo)
+"""Data-parallel training: the classic recipe's transfer in 2 processes on CPU (gloo)
 against 1 process with the same global batch, from the same pretrained base."""
 
 import json

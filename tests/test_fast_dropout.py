@@ -3,7 +3,7 @@
 import pytest
 import torch
 from torch import nn
-from transformers import AutoModelForSequenceClassification, GPT2Config, GPT2LMHeadModel
+from transformers import AutoModelForSequenceClassification, GPT2Config
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import create_bidirectional_mask, create_causal_mask
 
@@ -11,6 +11,7 @@ import lorakit.lora as lora
 import lorakit.nn.fast_dropout as fd
 from lorakit.nn.fast_dropout import dropout, fast_dropout, matmul_attention
 from lorakit.nn.frozen_base import set_model_dropout
+from tiny_models import tiny_gpt2
 
 
 @pytest.mark.parametrize("p", [0.1, 0.5, 0.9])
@@ -127,10 +128,7 @@ def test_attention_dropout_goes_through_the_fast_mask(tiny_bert_dir, monkeypatch
 
 
 def test_gpt2_trains_inside(monkeypatch):
-    torch.manual_seed(0)
-    model = GPT2LMHeadModel(
-        GPT2Config(vocab_size=50, n_embd=32, n_layer=2, n_head=4, n_positions=16)
-    )  # fmt: skip (dropout 0.1 throughout)
+    model = tiny_gpt2(vocab_size=50, n_positions=16)  # GPT-2's dropout: 0.1 throughout
     shapes = _masks_drawn(monkeypatch)
     ids = torch.randint(0, 50, (2, 9))
     model.train()
@@ -162,8 +160,7 @@ def test_matmul_attention_equals_sdpa(causal):
 
 
 def test_attention_stays_for_models_off_the_cpu():
-    model = GPT2LMHeadModel(GPT2Config(vocab_size=50, n_embd=32, n_layer=1, n_head=4,
-                                       n_positions=16)).to("meta")  # fmt: skip
+    model = tiny_gpt2(vocab_size=50, n_positions=16, n_layer=1).to("meta")
     kernel = model.config._attn_implementation
     with fast_dropout(model):
         assert model.config._attn_implementation == kernel

@@ -82,7 +82,7 @@ def test_bf16_frozen_base_restores_after_an_error(tiny_bert_dir):
 @pytest.mark.parametrize("engine", ["lorakit", "peft"])
 def test_bf16_frozen_base_keeps_modules_with_a_trainable_bias_in_fp32(tiny_bert_dir, engine):
     # bias="all" trains a LayerNorm's bias beside its frozen weight; LayerNorm is outside bf16
-    # autocast, so a bf16 weight beside an fp32 bias used to stop the forward inside torch
+    # autocast, so a bf16 weight beside an fp32 bias would stop the forward inside torch
     torch.manual_seed(0)
     model = AutoModelForSequenceClassification.from_pretrained(tiny_bert_dir, num_labels=2)
     options = dict(r=4, lora_alpha=8, target_modules=["query", "value"], bias="all")

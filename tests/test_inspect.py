@@ -1,4 +1,4 @@
-"""`lorakit inspect` (issue 5) on MiniLM, a classic base and adapter folders."""
+"""`lorakit inspect` on MiniLM, a classic base and adapter folders."""
 
 import pytest
 import torch

@@ -1,4 +1,5 @@
-"""The engine's behaviour on its own (issue 2, points 3-6)."""
+"""The engine on whole models: parameter counts, merge and unmerge, named adapters, init
+options, target matching, adapter files and their errors, fingerprints, rank and alpha patterns."""
 
 import json
 import warnings
@@ -6,23 +7,9 @@ import warnings
 import pytest
 import torch
 from torch import nn
-from transformers import BertConfig, BertForSequenceClassification
 
 import lorakit.lora as lora
-
-
-def tiny_bert() -> BertForSequenceClassification:
-    torch.manual_seed(0)
-    config = BertConfig(
-        vocab_size=120,
-        hidden_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        intermediate_size=64,
-        max_position_embeddings=64,
-        num_labels=3,
-    )
-    return BertForSequenceClassification(config).eval()
+from tiny_models import tiny_bert, tiny_gpt2
 
 
 def batch() -> dict[str, torch.Tensor]:
@@ -44,7 +31,7 @@ def adapted(**kwargs) -> nn.Module:
         init_lora_weights=False,
     )
     options.update(kwargs)
-    return lora.inject(tiny_bert(), lora.LoraConfig(**options))
+    return lora.inject(tiny_bert(num_labels=3), lora.LoraConfig(**options))
 
 
 def test_parameter_count_of_a_rank_2_linear():
@@ -59,13 +46,13 @@ def test_parameter_count_of_a_rank_2_linear():
 
 
 def test_default_init_starts_at_the_base_model():
-    base = out(tiny_bert())
-    model = lora.inject(tiny_bert(), lora.LoraConfig(target_modules=["query", "value"]))
+    base = out(tiny_bert(num_labels=3))
+    model = lora.inject(tiny_bert(num_labels=3), lora.LoraConfig(target_modules=["query", "value"]))
     assert torch.equal(out(model), base)
 
 
 def test_merge_unmerge_unload_and_disable():
-    base = out(tiny_bert())
+    base = out(tiny_bert(num_labels=3))
     model = adapted()
     base_weights = {n: p.detach().clone() for n, p in model.named_parameters() if "base_layer" in n}
     unmerged = out(model)
@@ -84,7 +71,7 @@ def test_merge_unmerge_unload_and_disable():
     with lora.disable_adapters(model):  # unmerge leaves float rounding only
         assert (out(model) - base).abs().max() <= 1e-5
 
-    types_before = {n: type(m) for n, m in tiny_bert().named_modules()}
+    types_before = {n: type(m) for n, m in tiny_bert(num_labels=3).named_modules()}
     lora.unload(model)
     assert {n: type(m) for n, m in model.named_modules()} == types_before
     assert (out(model) - base).abs().max() <= 1e-5
@@ -102,11 +89,7 @@ def test_merge_and_unload_keeps_outputs_and_module_types():
 
 @pytest.mark.parametrize("how", ["merge_and_unload", "merge_adapter"])
 def test_merging_into_a_tied_head_leaves_the_input_embeddings_alone(how):
-    from transformers import GPT2Config, GPT2LMHeadModel
-
-    torch.manual_seed(0)
-    gpt2 = GPT2LMHeadModel(GPT2Config(vocab_size=100, n_embd=32, n_layer=2, n_head=4,
-                                      n_positions=64))  # fmt: skip
+    gpt2 = tiny_gpt2(vocab_size=100, n_positions=64)
     assert gpt2.lm_head.weight is gpt2.transformer.wte.weight  # GPT-2 ties them
     model = lora.inject(gpt2, lora.LoraConfig(r=4, lora_alpha=8, target_modules=["lm_head"]))
     with torch.no_grad():
@@ -200,7 +183,8 @@ def test_set_adapter_on_a_merged_model_unmerges_first():
 
 def test_rslora_scaling():
     model = lora.inject(
-        tiny_bert(), lora.LoraConfig(r=4, lora_alpha=8, use_rslora=True, target_modules=["query"])
+        tiny_bert(num_labels=3),
+        lora.LoraConfig(r=4, lora_alpha=8, use_rslora=True, target_modules=["query"]),
     )
     layer = model.bert.encoder.layer[0].attention.self.query
     assert layer.scaling["default"] == pytest.approx(8 / 2)
@@ -208,7 +192,7 @@ def test_rslora_scaling():
 
 def test_gaussian_init_and_bias_all():
     model = lora.inject(
-        tiny_bert(),
+        tiny_bert(num_labels=3),
         lora.LoraConfig(target_modules=["query"], init_lora_weights="gaussian", bias="all"),
     )
     layer = model.bert.encoder.layer[0].attention.self.query
@@ -220,7 +204,7 @@ def test_gaussian_init_and_bias_all():
 # ---------------------------------------------------------------- errors that name the fix
 def test_targets_that_match_nothing_list_the_names_closest_first():
     with pytest.raises(lora.TargetModulesError) as err:
-        lora.inject(tiny_bert(), lora.LoraConfig(target_modules=["q_lin", "v_lin"]))
+        lora.inject(tiny_bert(num_labels=3), lora.LoraConfig(target_modules=["q_lin", "v_lin"]))
     message = str(err.value)
     assert "matched no module" in message
     assert "query" in message and "value" in message and "dense" in message
@@ -229,7 +213,7 @@ def test_targets_that_match_nothing_list_the_names_closest_first():
 
 def test_target_of_unsupported_type_is_named():
     with pytest.raises(lora.TargetModulesError, match="LayerNorm"):
-        lora.inject(tiny_bert(), lora.LoraConfig(target_modules=["LayerNorm"]))
+        lora.inject(tiny_bert(num_labels=3), lora.LoraConfig(target_modules=["LayerNorm"]))
 
 
 @pytest.mark.parametrize(
@@ -261,9 +245,9 @@ def test_bad_config_values(kwargs, words):
 
 def test_folder_without_adapter_files(tmp_path):
     with pytest.raises(lora.AdapterFileError, match="adapter_config.json"):
-        lora.load_adapter(tiny_bert(), tmp_path)
+        lora.load_adapter(tiny_bert(num_labels=3), tmp_path)
     with pytest.raises(lora.AdapterFileError, match="not a folder"):
-        lora.load_adapter(tiny_bert(), tmp_path / "nowhere")
+        lora.load_adapter(tiny_bert(num_labels=3), tmp_path / "nowhere")
 
 
 def test_truncated_or_corrupted_weights(tmp_path):
@@ -272,16 +256,16 @@ def test_truncated_or_corrupted_weights(tmp_path):
     data = weights.read_bytes()
     weights.write_bytes(data[: len(data) // 2])
     with pytest.raises(lora.AdapterFileError, match="truncated or corrupted"):
-        lora.load_adapter(tiny_bert(), tmp_path)
+        lora.load_adapter(tiny_bert(num_labels=3), tmp_path)
     weights.write_bytes(b"\x00garbage" * 10)
     with pytest.raises(lora.AdapterFileError, match="truncated or corrupted"):
-        lora.load_adapter(tiny_bert(), tmp_path)
+        lora.load_adapter(tiny_bert(num_labels=3), tmp_path)
     (tmp_path / lora.CONFIG_NAME).write_text("{not json")
     with pytest.raises(lora.AdapterFileError, match="not valid JSON"):
-        lora.load_adapter(tiny_bert(), tmp_path)
+        lora.load_adapter(tiny_bert(num_labels=3), tmp_path)
     (tmp_path / lora.CONFIG_NAME).write_text('["r", 4]')
     with pytest.raises(lora.AdapterFileError, match="not a JSON object"):
-        lora.load_adapter(tiny_bert(), tmp_path)
+        lora.load_adapter(tiny_bert(num_labels=3), tmp_path)
 
 
 @pytest.mark.parametrize(
@@ -294,7 +278,7 @@ def test_a_bad_value_in_adapter_config_names_the_file(tmp_path, field, words):
     config = json.loads((tmp_path / lora.CONFIG_NAME).read_text())
     (tmp_path / lora.CONFIG_NAME).write_text(json.dumps({**config, **field}))
     with pytest.raises(lora.AdapterFileError) as err:
-        lora.load_adapter(tiny_bert(), tmp_path)
+        lora.load_adapter(tiny_bert(num_labels=3), tmp_path)
     assert str(tmp_path / lora.CONFIG_NAME) in str(err.value) and words in str(err.value)
 
 
@@ -303,7 +287,7 @@ def test_shape_mismatch_names_the_tensor_and_both_shapes(tmp_path):
     config = json.loads((tmp_path / lora.CONFIG_NAME).read_text())
     config["r"] = 2
     (tmp_path / lora.CONFIG_NAME).write_text(json.dumps(config))
-    model = tiny_bert()
+    model = tiny_bert(num_labels=3)
     with pytest.raises(lora.AdapterShapeError) as err:
         lora.load_adapter(model, tmp_path)
     message = str(err.value)
@@ -314,11 +298,11 @@ def test_shape_mismatch_names_the_tensor_and_both_shapes(tmp_path):
 def test_fingerprint_mismatch_warns_with_both(tmp_path):
     model = adapted()
     lora.save_adapter(model, tmp_path)
-    same = tiny_bert()
+    same = tiny_bert(num_labels=3)
     with warnings.catch_warnings():
         warnings.simplefilter("error", lora.FingerprintWarning)
         lora.load_adapter(same, tmp_path)
-    other = tiny_bert()
+    other = tiny_bert(num_labels=3)
     with torch.no_grad():
         other.bert.encoder.layer[0].output.dense.weight.add_(0.01)
     with pytest.warns(lora.FingerprintWarning) as record:
@@ -337,12 +321,12 @@ def test_trained_biases_do_not_change_the_fingerprint(tmp_path, bias):
         for param in trained:
             param.add_(0.5)
     lora.save_adapter(model, tmp_path)
-    fresh = tiny_bert()
+    fresh = tiny_bert(num_labels=3)
     with warnings.catch_warnings():
         warnings.simplefilter("error", lora.FingerprintWarning)
         loaded = lora.load_adapter(fresh, tmp_path)
     assert torch.equal(out(loaded), out(model))
-    other = tiny_bert()
+    other = tiny_bert(num_labels=3)
     with torch.no_grad():
         other.bert.encoder.layer[0].output.dense.weight.add_(0.01)
     with pytest.warns(lora.FingerprintWarning):  # a changed frozen weight is still seen
@@ -370,10 +354,10 @@ def test_reload_reproduces_outputs_and_records_metadata(tmp_path):
     _, _, metadata = lora.read_adapter(tmp_path)
     assert metadata["base_model"] == "tiny-bert"
     assert metadata["base_fingerprint"] == lora.base_fingerprint(model)
-    loaded = lora.load_adapter(tiny_bert(), tmp_path)
+    loaded = lora.load_adapter(tiny_bert(num_labels=3), tmp_path)
     assert torch.equal(out(loaded), out(model))
     assert lora.trainable_parameters(loaded).trainable == 0  # loaded for inference
-    trainable = lora.load_adapter(tiny_bert(), tmp_path, is_trainable=True)
+    trainable = lora.load_adapter(tiny_bert(num_labels=3), tmp_path, is_trainable=True)
     assert (
         lora.trainable_parameters(trainable).trainable == lora.trainable_parameters(model).trainable
     )
@@ -421,13 +405,13 @@ def test_a_merged_adapter_saves_and_loads_with_its_outputs(tmp_path):
     lora.save_adapter(model, tmp_path / "adapter")
     with warnings.catch_warnings():
         warnings.simplefilter("error", lora.FingerprintWarning)
-        loaded = lora.load_adapter(tiny_bert(), tmp_path / "adapter")
+        loaded = lora.load_adapter(tiny_bert(num_labels=3), tmp_path / "adapter")
     assert (out(loaded) - expected).abs().max() <= 1e-5
 
 
 def test_a_refused_modules_to_save_leaves_the_model_untouched():
     """LoRA layers were injected before modules_to_save was checked, and stayed after its error."""
-    model = tiny_bert()
+    model = tiny_bert(num_labels=3)
     config = lora.LoraConfig(target_modules=["query"], modules_to_save=["clasifier"])
     with pytest.raises(lora.TargetModulesError, match="'clasifier'.*matched no module"):
         lora.inject(model, config)
@@ -439,7 +423,7 @@ def test_an_adapter_loaded_for_training_trains_its_biases(tmp_path, bias):
     """load_adapter(is_trainable=True) froze the biases that inject (and PEFT) train."""
     trained = adapted(bias=bias)
     lora.save_adapter(trained, tmp_path / "adapter")
-    loaded = lora.load_adapter(tiny_bert(), tmp_path / "adapter", is_trainable=True)
+    loaded = lora.load_adapter(tiny_bert(num_labels=3), tmp_path / "adapter", is_trainable=True)
 
     def trainable(model):
         return {n for n, p in model.named_parameters() if p.requires_grad}
@@ -469,5 +453,5 @@ def test_the_fingerprint_is_the_adapters_own_whatever_other_adapters_save(tmp_pa
     lora.save_adapter(adapted(modules_to_save=None), tmp_path / "plain")
     with warnings.catch_warnings():
         warnings.simplefilter("error", lora.FingerprintWarning)
-        lora.load_adapter(tiny_bert(), tmp_path / "other")
+        lora.load_adapter(tiny_bert(num_labels=3), tmp_path / "other")
         lora.load_adapter(adapted(), tmp_path / "plain", adapter_name="plain")

@@ -1,4 +1,4 @@
-"""Adapters move both ways between lorakit and PEFT with identical outputs (issue 2, 1-2)."""
+"""Adapters move both ways between lorakit and PEFT with identical outputs."""
 
 import bz2
 import importlib.util
@@ -11,14 +11,11 @@ import peft
 import pytest
 import torch
 from torch import nn
-from transformers import (
-    AutoModelForSequenceClassification,
-    AutoTokenizer,
-    GPT2Config,
-    GPT2LMHeadModel,
-)
+from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
 import lorakit.lora as lora
+from lorakit.data import load_dataset
+from tiny_models import tiny_bert, tiny_distilbert, tiny_gemma, tiny_gpt2, tiny_roberta
 
 
 @pytest.fixture(scope="module")
@@ -100,12 +97,6 @@ def test_peft_trained_adapter_loads_in_lorakit_with_same_logits(
     assert (logits(model, batch) - expected).abs().max() <= 1e-5
     with lora.disable_adapters(model):
         assert (logits(model, batch) - expected).abs().max() > 1e-4
-
-
-def tiny_gpt2() -> GPT2LMHeadModel:
-    torch.manual_seed(0)
-    config = GPT2Config(vocab_size=97, n_positions=32, n_embd=32, n_layer=2, n_head=4)
-    return GPT2LMHeadModel(config).eval()
 
 
 @pytest.mark.parametrize("targets", [["c_attn", "c_proj"], ["wte"], "all-linear"])
@@ -225,7 +216,7 @@ def test_peft_engine_saves_the_adapter_alone_when_lm_head_is_tied(tmp_path):
     _, tensors, _ = lora.read_adapter(tmp_path)
     assert tensors and all("lora_" in key for key in tensors)
     size = (tmp_path / lora.WEIGHTS_NAME).stat().st_size
-    assert size < 32 * 97 * 4  # smaller than the embedding matrix it used to carry
+    assert size < 32 * 97 * 4  # smaller than the tied embedding matrix: it is not in the file
     for engine in ("lorakit", "peft"):
         loaded = engines.load(tiny_gpt2(), tmp_path, engine=engine).eval()
         assert (logits(loaded, {"input_ids": input_ids}) - expected).abs().max() <= 1e-5
@@ -242,18 +233,6 @@ def test_both_engines_name_the_layers_that_can_be_targeted(engine, targets):
 
 
 # ---------------------------------------------------------------- the task's head (PEFT's rule)
-def tiny_roberta() -> nn.Module:
-    """RoBERTa's head is a module with layers of its own: classifier.dense, classifier.out_proj."""
-    from transformers import RobertaConfig, RobertaForSequenceClassification
-
-    torch.manual_seed(0)
-    config = RobertaConfig(
-        vocab_size=100, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
-        intermediate_size=64, max_position_embeddings=80, num_labels=2,
-    )  # fmt: skip
-    return RobertaForSequenceClassification(config).eval()
-
-
 def trainable_names(model: nn.Module) -> set[str]:
     """Trainable parameters under the base model's own names, whichever engine wrapped it."""
     return {
@@ -325,22 +304,10 @@ def test_a_misspelt_modules_to_save_beside_the_head_is_still_named():
         lora.inject(tiny_roberta(), config)
 
 
-def tiny_distilbert() -> nn.Module:
-    """DistilBERT's head is `pre_classifier` then `classifier`."""
-    from transformers import DistilBertConfig, DistilBertForSequenceClassification
-
-    torch.manual_seed(0)
-    config = DistilBertConfig(
-        vocab_size=100, dim=32, n_layers=2, n_heads=4, hidden_dim=64,
-        max_position_embeddings=64, num_labels=3,
-    )  # fmt: skip
-    return DistilBertForSequenceClassification(config).eval()
-
-
 def test_a_distilbert_classification_adapter_saves_pre_classifier_as_peft_does(tmp_path):
     """PEFT saves every module whose name ends with a modules_to_save entry, with no dot before
-    it: "classifier" saves DistilBERT's `pre_classifier` too. lorakit saved `classifier` alone,
-    and PEFT failed to load its file (KeyError 'base_model.model.pre_classifier.weight')."""
+    it: "classifier" saves DistilBERT's `pre_classifier` too. lorakit saves both, so PEFT finds
+    every tensor it expects (else KeyError 'base_model.model.pre_classifier.weight')."""
     options = dict(r=4, lora_alpha=8, target_modules=["q_lin", "v_lin"], task_type="SEQ_CLS")
     ours = lora.inject(tiny_distilbert(), lora.LoraConfig(**options))
     theirs = peft.get_peft_model(tiny_distilbert(), peft.LoraConfig(**options))
@@ -422,7 +389,8 @@ def test_an_adapter_on_a_half_precision_base_gives_peft_logits(tmp_path, dtype):
     "option", [{"lora_bias": True}, {"trainable_token_indices": [1, 2]}], ids=lambda o: [*o][0]
 )
 def test_a_peft_option_lorakit_lacks_is_named_when_loading(tmp_path, option):
-    """lorakit dropped these options and then refused the file as made "for another model"."""
+    """A PEFT option lorakit does not implement is named in the error, not reported as a file
+    "made for another model"."""
     config = peft.LoraConfig(r=4, target_modules=["c_attn"], **option)
     peft.get_peft_model(tiny_gpt2(), config).save_pretrained(tmp_path / "peft")
     name = [*option][0]
@@ -457,9 +425,9 @@ def test_layers_to_transform_matches_peft_both_ways(tmp_path):
 
 @pytest.mark.parametrize("task_type", ["SEQ_CLS", None])
 def test_an_all_linear_adapter_adapts_the_same_layers_in_peft(tmp_path, task_type):
-    """lorakit saved target_modules "all-linear", which PEFT resolves by its own rule: with
-    SEQ_CLS it put LoRA on DistilBERT's saved pre_classifier and failed (TypeError), without a
-    task it added LoRA to the classifier. lorakit now saves the names it adapted, as PEFT does."""
+    """The adapter file lists the modules lorakit adapted, as PEFT's does, not "all-linear":
+    PEFT resolves "all-linear" by its own rule, which with SEQ_CLS puts LoRA on DistilBERT's saved
+    pre_classifier (TypeError) and without a task adds LoRA to the classifier."""
     ours = lora.inject(
         tiny_distilbert(),
         lora.LoraConfig(
@@ -534,21 +502,9 @@ def test_a_second_adapter_with_bias_all_loads_alone_in_lorakit(tmp_path):
     assert (loaded(input_ids=ids).logits - expected).abs().max() <= 1e-5
 
 
-def tiny_gemma() -> nn.Module:
-    """Gemma's token embedding multiplies its lookup by embed_scale (sqrt of the width)."""
-    from transformers import GemmaConfig, GemmaForCausalLM
-
-    torch.manual_seed(0)
-    config = GemmaConfig(
-        vocab_size=97, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, head_dim=8,
-    )  # fmt: skip
-    return GemmaForCausalLM(config).eval()
-
-
 def test_lora_on_a_scaled_embedding_matches_peft_and_its_merge(tmp_path):
-    """The embedding's update was left unscaled: other logits than PEFT's (which scales it by
-    embed_scale), and merging (scaled with the weight) changed lorakit's own outputs."""
+    """The embedding's LoRA update is scaled by embed_scale as the weight is: the same logits
+    as PEFT's, and merging leaves lorakit's own outputs unchanged."""
     input_ids = torch.randint(0, 97, (3, 16), generator=torch.Generator().manual_seed(1))
     settings = dict(r=4, target_modules=["embed_tokens"], init_lora_weights=False)
     ours = lora.inject(tiny_gemma(), lora.LoraConfig(**settings))
@@ -589,7 +545,8 @@ def test_an_orthogonally_initialised_peft_adapter_loads_in_lorakit(tmp_path):
 
 def test_lora_tensors_for_a_module_the_config_leaves_out_are_named(tmp_path):
     """PEFT's ensure_weight_tying writes lm_head's LoRA tensors while its target_modules name
-    the tied embedding instead; lorakit said the file was "made for another model"."""
+    the tied embedding instead; the error names those tensors and the PEFT engine that loads
+    them, not a file "made for another model"."""
     config = peft.LoraConfig(r=4, target_modules=["c_attn", "lm_head"], ensure_weight_tying=True)
     peft.get_peft_model(tiny_gpt2(), config).save_pretrained(tmp_path)
     model = tiny_gpt2()
@@ -598,3 +555,54 @@ def test_lora_tensors_for_a_module_the_config_leaves_out_are_named(tmp_path):
     ):
         lora.load_adapter(model, tmp_path)
     assert not list(lora.lora_layers(model))
+
+
+# ---------------------------------------------------------------- training: PEFT's loss curve
+@pytest.fixture(scope="module")
+def review_batches(minilm_path):
+    tokenizer = AutoTokenizer.from_pretrained(minilm_path)
+    train = load_dataset("rotten-tomatoes")["train"].select(range(160))
+    batches = []
+    for start in range(0, 160, 8):
+        rows = train[start : start + 8]
+        encoded = tokenizer(
+            rows["text"], padding="max_length", truncation=True, max_length=48, return_tensors="pt"
+        )
+        batches.append({**encoded, "labels": torch.tensor(rows["label"])})
+    return tokenizer, batches
+
+
+def train_losses(model: nn.Module, batches: list[dict]) -> list[float]:
+    model.train()  # the model's own dropout stays on: both runs draw the same masks
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    torch.manual_seed(1)
+    losses = []
+    for batch in batches:
+        loss = model(**batch).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        losses.append(loss.item())
+    return losses
+
+
+def test_lorakit_and_peft_give_the_same_loss_curve(review_batches):
+    tokenizer, batches = review_batches
+    options = dict(r=8, lora_alpha=16, target_modules=["query", "key", "value"], lora_dropout=0.0)
+    ours = lora.inject(
+        tiny_bert(tokenizer.vocab_size), lora.LoraConfig(**options, modules_to_save=["classifier"])
+    )
+    theirs = peft.get_peft_model(
+        tiny_bert(tokenizer.vocab_size),
+        peft.LoraConfig(**options, modules_to_save=["classifier"], task_type="SEQ_CLS"),
+    )
+    peft.set_peft_model_state_dict(theirs, dict(lora.adapter_state_dict(ours)))
+    ours_curve = train_losses(ours, batches)
+    theirs_curve = train_losses(theirs, batches)
+    assert len(ours_curve) == 20
+    for step, (a, b) in enumerate(zip(ours_curve, theirs_curve, strict=True)):
+        assert abs(a - b) <= 1e-4 * abs(b), f"step {step}: lorakit {a} vs PEFT {b}"
+    # the adapters really trained (B left zero), so the curves compare a moving LoRA branch
+    trained_B = [p for n, p in ours.named_parameters() if "lora_B" in n]
+    assert all(p.abs().max() > 0 for p in trained_B)
+    assert len(set(ours_curve)) > 10

@@ -1,29 +1,16 @@
-"""`lorakit merge` (issue 5): a tiny BERT run merged into a folder plain transformers loads."""
+"""`lorakit merge`: a tiny BERT run merged into a folder plain transformers loads."""
 
 import json
-import random
 
 import pytest
 import torch
-from transformers import (
-    AutoModelForCausalLM,
-    AutoModelForSequenceClassification,
-    AutoTokenizer,
-    GPT2Config,
-    GPT2LMHeadModel,
-)
+from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 
 from lorakit import api, lora
 from lorakit.config import Config, to_toml
 from lorakit.merge import MergeError, merge
 from lorakit.models.transformer import minilm_path
-from tiny_models import save_tiny_bert
-
-WORDS = {
-    "good": ["wonderful", "superb", "moving", "brilliant", "delightful"],
-    "bad": ["dull", "tedious", "clumsy", "boring", "lifeless"],
-}
-FILLER = "the film story actors plot director scenes music pace ending".split()
+from tiny_models import NEGATIVE, POSITIVE, save_tiny_bert, tiny_gpt2, write_reviews_csv
 
 
 @pytest.fixture(scope="module")
@@ -31,14 +18,8 @@ def tiny_run(tmp_path_factory):
     """A finished `sentiment`-pipeline run on a 2-layer BERT with MiniLM's tokenizer."""
     root = tmp_path_factory.mktemp("merge")
     save_tiny_bert(root / "bert")
-    rng = random.Random(0)
-    rows = ["text,label"]
-    for i in range(200):
-        label = ["good", "bad"][i % 2]
-        rows.append(
-            f'"{" ".join(rng.sample(FILLER, 4) + rng.sample(WORDS[label], 2))} {i}",{label}'
-        )
-    (root / "reviews.csv").write_text("\n".join(rows) + "\n")
+    write_reviews_csv(root / "reviews.csv", {"good": POSITIVE, "bad": NEGATIVE}, rows=200,
+                      columns=("text", "label"))  # fmt: skip
     api.train("sentiment", out=root / "run", overrides=[
         f"data.path={root / 'reviews.csv'}", f"model.name={root / 'bert'}",
         "lora.target_modules=query,value,dense", "train.epochs=1", "train.lr=1e-2",
@@ -98,9 +79,7 @@ def test_causal_lm_run_merges_for_auto_model_for_causal_lm(tmp_path, targets):
     its Conv1D attention (and on its output head, which GPT-2 ties to the token embedding) and
     a trained-looking (non-zero) B."""
     tokenizer = AutoTokenizer.from_pretrained(minilm_path())
-    torch.manual_seed(0)
-    gpt2 = GPT2LMHeadModel(GPT2Config(vocab_size=len(tokenizer), n_embd=32, n_layer=2, n_head=4,
-                                      n_positions=64))  # fmt: skip
+    gpt2 = tiny_gpt2(vocab_size=len(tokenizer), n_positions=64)
     gpt2.save_pretrained(tmp_path / "gpt2")
     tokenizer.save_pretrained(tmp_path / "gpt2")
     model = lora.inject(gpt2, lora.LoraConfig(r=4, lora_alpha=8, target_modules=targets))

@@ -1,4 +1,4 @@
-"""Crash-safe checkpoints and `--resume` (issue 6) on a tiny BERT with dropout, real reviews.
+"""Crash-safe checkpoints and `--resume` on a tiny BERT with dropout, real reviews.
 
 A run is killed with SIGKILL in its second epoch, resumed, and must end with the very adapter
 an uninterrupted run gives; a checkpoint write that fails must leave the previous one intact.

@@ -1,4 +1,4 @@
-"""`lorakit sweep` (issue 5): grids, key resolution, and a tiny real sweep on `classic`."""
+"""`lorakit sweep`: grids, key resolution, and a tiny real sweep on `classic`."""
 
 import csv
 import json

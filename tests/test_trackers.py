@@ -1,8 +1,7 @@
-"""Live trackers (issue 4): TensorBoard when installed, wandb when asked, the same figures as
+"""Live trackers: TensorBoard when installed, wandb when asked, the same figures as
 metrics.jsonl from both trainers."""
 
 import json
-import random
 import sys
 import types
 
@@ -12,27 +11,10 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from lorakit import api
 from lorakit.config import ConfigError
 
-GOOD = "wonderful superb moving brilliant delightful funny".split()
-BAD = "dull tedious clumsy boring lifeless awful".split()
-FILLER = "the film story actors plot director scenes music pace ending".split()
 
-
-@pytest.fixture(scope="module")
-def reviews_csv(tmp_path_factory):
-    rng = random.Random(1)
-    rows = ["review,verdict"]
-    for i in range(160):
-        label = ["fresh", "rotten"][i % 2]
-        words = rng.sample(FILLER, 4) + rng.sample(GOOD if label == "fresh" else BAD, 2)
-        rows.append(f"{' '.join(words)} {i},{label}")
-    path = tmp_path_factory.mktemp("trackers") / "reviews.csv"
-    path.write_text("\n".join(rows) + "\n")
-    return path
-
-
-def train(out, tiny_bert_dir, reviews_csv, *extra):
+def train(out, tiny_bert_dir, verdicts_csv, *extra):
     return api.train("sentiment", out=out, overrides=[
-        f"data.path={reviews_csv}", "data.text_column=review", "data.label_column=verdict",
+        f"data.path={verdicts_csv}", "data.text_column=review", "data.label_column=verdict",
         f"model.name={tiny_bert_dir}", "lora.target_modules=query,value", "train.epochs=2",
         "train.batch_size=16", "train.log_every=2", *extra,
     ])  # fmt: skip
@@ -44,10 +26,10 @@ def metrics(run):
 
 @pytest.mark.parametrize("trainer", ["lorakit", "hf"])
 def test_tensorboard_gets_the_figures_of_metrics_jsonl(
-    tmp_path, tiny_bert_dir, reviews_csv, trainer
+    tmp_path, tiny_bert_dir, verdicts_csv, trainer
 ):
     run = tmp_path / "run"
-    summary = train(run, tiny_bert_dir, reviews_csv, f"train.trainer={trainer}")
+    summary = train(run, tiny_bert_dir, verdicts_csv, f"train.trainer={trainer}")
     board = EventAccumulator(str(run / "tensorboard")).Reload()
     scalars = board.Tags()["scalars"]
     records = metrics(run)
@@ -70,23 +52,23 @@ def test_tensorboard_gets_the_figures_of_metrics_jsonl(
     assert 'target_modules = ["query", "value"]' in config_text  # the resolved config.toml
 
 
-def test_no_trackers_when_log_to_is_empty(tmp_path, tiny_bert_dir, reviews_csv):
+def test_no_trackers_when_log_to_is_empty(tmp_path, tiny_bert_dir, verdicts_csv):
     run = tmp_path / "run"
-    train(run, tiny_bert_dir, reviews_csv, "train.log_to=[]", "train.max_steps=2")
+    train(run, tiny_bert_dir, verdicts_csv, "train.log_to=[]", "train.max_steps=2")
     assert not (run / "tensorboard").exists()
     assert (run / "summary.json").is_file()
 
 
 def test_wandb_asked_but_not_installed_is_refused_before_any_work(
-    tmp_path, tiny_bert_dir, reviews_csv, monkeypatch
+    tmp_path, tiny_bert_dir, verdicts_csv, monkeypatch
 ):
     monkeypatch.setitem(sys.modules, "wandb", None)  # import wandb -> ImportError
     with pytest.raises(ConfigError, match=r"'wandb' is not installed; pip install wandb"):
-        train(tmp_path / "run", tiny_bert_dir, reviews_csv, "train.log_to=wandb")
+        train(tmp_path / "run", tiny_bert_dir, verdicts_csv, "train.log_to=wandb")
     assert not (tmp_path / "run").exists()
 
 
-def test_wandb_gets_the_same_figures_when_asked(tmp_path, tiny_bert_dir, reviews_csv, monkeypatch):
+def test_wandb_gets_the_same_figures_when_asked(tmp_path, tiny_bert_dir, verdicts_csv, monkeypatch):
     calls = {"init": [], "log": [], "config": [], "finished": 0}
 
     class Run:
@@ -107,7 +89,7 @@ def test_wandb_gets_the_same_figures_when_asked(tmp_path, tiny_bert_dir, reviews
     monkeypatch.setenv("WANDB_PROJECT", "reviews")
 
     run = tmp_path / "run"
-    train(run, tiny_bert_dir, reviews_csv, "train.log_to=wandb")
+    train(run, tiny_bert_dir, verdicts_csv, "train.log_to=wandb")
     assert calls["init"] == [{"project": "reviews", "name": "run", "dir": str(run)}]
     assert calls["config"][0]["lora"]["target_modules"] == ["query", "value"]
     assert calls["finished"] == 1
@@ -121,8 +103,8 @@ def test_wandb_gets_the_same_figures_when_asked(tmp_path, tiny_bert_dir, reviews
 def test_a_run_failing_in_setup_closes_its_trackers_before_its_folder_goes(
     tmp_path, tiny_bert_dir, monkeypatch
 ):
-    """The folder of a run that failed in setup is removed; TensorBoard's writer was closed only
-    after that, and its thread then failed to write into the removed folder (now and then)."""
+    """The folder of a run that failed in setup is removed, and TensorBoard's writer is closed
+    before that: its thread would otherwise write into a removed folder now and then."""
     from lorakit import trackers
     from lorakit.data import DataError
 

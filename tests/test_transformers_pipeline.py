@@ -1,7 +1,6 @@
-"""The transformers pipeline (issue 4) on a tiny BERT built from a config, and once on MiniLM."""
+"""The transformers pipeline on a tiny BERT built from a config, and once on MiniLM."""
 
 import json
-import random
 import shutil
 
 import peft
@@ -18,28 +17,6 @@ from lorakit.network import OfflineError
 from lorakit.recipes import recipe_path
 from lorakit.recipes import sequence_classification as pipeline
 from lorakit.rundir import RunDir
-
-WORDS = {
-    "great": ["wonderful", "superb", "moving", "brilliant", "delightful", "funny"],
-    "bad": ["dull", "tedious", "clumsy", "boring", "lifeless", "awful"],
-    "okay": ["average", "passable", "middling", "ordinary", "uneven", "fine"],
-}
-FILLER = "the film story actors plot director scenes music pace ending".split()
-
-
-@pytest.fixture(scope="module")
-def stars_csv(tmp_path_factory):
-    """Reviews with string labels in user-named columns: three classes."""
-    rng = random.Random(0)
-    rows = ["review,stars"]
-    for i in range(360):
-        label = ["great", "bad", "okay"][i % 3]
-        words = rng.sample(FILLER, 5) + rng.sample(WORDS[label], 2)
-        rng.shuffle(words)
-        rows.append(f'"{" ".join(words)} {i}",{label}')
-    path = tmp_path_factory.mktemp("csv") / "my.csv"
-    path.write_text("\n".join(rows) + "\n")
-    return path
 
 
 def run_recipe(tmp_path, overrides, recipe="sentiment"):

