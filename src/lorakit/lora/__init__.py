@@ -10,77 +10,45 @@ merged into W0 so that inference costs nothing extra.
     layers.py         the LoRA layers (Linear, GPT-2 Conv1D, Embedding) and ModulesToSaveWrapper
     model.py          inject into any nn.Module by module names; adapters; merge; unload; counts
     adapter_files.py  save and load adapters in PEFT's on-disk format
-    config.py         LoraConfig, with PEFT's field names and defaults
+    config.py         LoraConfig, with PEFT's field names and defaults (no torch)
 
 This package imports nothing else from lorakit, and never PEFT: PEFT compatibility is a matter
-of file format and names, tested against PEFT itself.
+of file format and names, tested against PEFT itself. Its names load on first use (PEP 562), so
+`lorakit.lora.config` and `lorakit.lora.errors` can be read without importing torch.
 """
 
-from .adapter_files import (
-    CONFIG_NAME,
-    WEIGHTS_NAME,
-    FingerprintWarning,
-    adapter_state_dict,
-    base_fingerprint,
-    load_adapter,
-    read_adapter,
-    save_adapter,
-)
-from .config import ALL_LINEAR, LoraConfig
-from .errors import AdapterFileError, AdapterShapeError, LoraError, TargetModulesError
-from .layers import Embedding, Linear, LoraLayer, ModulesToSaveWrapper
-from .model import (
-    ParameterCount,
-    active_adapter,
-    add_adapter,
-    configs,
-    delete_adapter,
-    disable_adapters,
-    find_targets,
-    inject,
-    lora_layers,
-    merge_adapter,
-    merge_and_unload,
-    modules_to_save_names,
-    set_adapter,
-    trainable_parameters,
-    unload,
-    unmerge_adapter,
-)
+import importlib
 
-__all__ = [
-    "ALL_LINEAR",
-    "CONFIG_NAME",
-    "WEIGHTS_NAME",
-    "AdapterFileError",
-    "AdapterShapeError",
-    "Embedding",
-    "FingerprintWarning",
-    "Linear",
-    "LoraConfig",
-    "LoraError",
-    "LoraLayer",
-    "ModulesToSaveWrapper",
-    "ParameterCount",
-    "TargetModulesError",
-    "active_adapter",
-    "adapter_state_dict",
-    "add_adapter",
-    "base_fingerprint",
-    "configs",
-    "delete_adapter",
-    "disable_adapters",
-    "find_targets",
-    "inject",
-    "load_adapter",
-    "lora_layers",
-    "merge_adapter",
-    "merge_and_unload",
-    "modules_to_save_names",
-    "read_adapter",
-    "save_adapter",
-    "set_adapter",
-    "trainable_parameters",
-    "unload",
-    "unmerge_adapter",
-]
+_EXPORTS = {
+    "adapter_files": (
+        "CONFIG_NAME", "WEIGHTS_NAME", "FingerprintWarning", "adapter_state_dict",
+        "base_fingerprint", "load_adapter", "read_adapter", "save_adapter",
+    ),
+    "config": ("ALL_LINEAR", "LoraConfig"),
+    "errors": (
+        "AdapterFileError", "AdapterShapeError", "LoraConfigError", "LoraError",
+        "TargetModulesError",
+    ),
+    "layers": ("Embedding", "Linear", "LoraLayer", "ModulesToSaveWrapper"),
+    "model": (
+        "ParameterCount", "active_adapter", "add_adapter", "configs", "delete_adapter",
+        "disable_adapters", "find_targets", "inject", "lora_layers", "merge_adapter",
+        "merge_and_unload", "modules_to_save_names", "set_adapter", "trainable_parameters",
+        "unload", "unmerge_adapter",
+    ),
+}  # fmt: skip
+_MODULE_OF = {name: module for module, names in _EXPORTS.items() for name in names}
+
+__all__ = sorted(_MODULE_OF)
+
+
+def __getattr__(name: str):
+    if name not in _MODULE_OF:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(f".{_MODULE_OF[name]}", __name__), name)
+    globals()[name] = value  # the next look-up is an ordinary one
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *__all__})
