@@ -120,6 +120,12 @@ def test_resolved_toml_reads_back_identical():
     assert Config.model_validate(tomllib.loads(text)) == config
 
 
+def test_lora_alpha_is_any_finite_number_as_in_peft():
+    for alpha in (0, -8, 0.5):
+        config = load_config(recipe_path("classic"), [f"lora.lora_alpha={alpha}"])
+        assert config.lora.lora_alpha == alpha
+
+
 def test_bad_rank_pattern_is_named():
     with pytest.raises(ConfigError, match="lora.rank_pattern: 'fc1' -> 0 is not valid"):
         load_config(recipe_path("classic"), ["lora.rank_pattern={fc1 = 0}"])

@@ -23,3 +23,6 @@ class LoraConfigError(LoraError):
     def __init__(self, key: str, message: str):
         super().__init__(message)
         self.key = key
+
+    def __reduce__(self):  # pickled (e.g. from a worker process) with both arguments
+        return type(self), (self.key, str(self))
