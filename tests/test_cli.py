@@ -69,7 +69,7 @@ def test_recipes_lists_classic(capsys):
 @pytest.mark.parametrize(
     ("args", "message"),
     [
-        (["train", "classic", "--set", "lora.r=0"], "lora.r: must be greater than 0"),
+        (["train", "classic", "--set", "lora.r=0"], "lora.r: must be a positive integer"),
         (["train", "clasic"], "did you mean classic"),
         (["train", "classic", "--set", "data.name=no-such-data", "--dry-run"], None),
         (["eval", "/nonexistent/run"], "not a finished run directory"),

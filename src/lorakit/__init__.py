@@ -1,38 +1,30 @@
 """lorakit: LoRA fine-tuning that is small, fast, correct and easy to see into.
 
 `lorakit.lora` is the engine (pure PyTorch, PEFT's file format); the pipelines, CLI and reports
-are built on it. The engine's API is re-exported here.
+are built on it. The engine's API is re-exported here, loaded on first use (PEP 562), so that
+`import lorakit.config` (or the CLI's --help) does not import torch and transformers.
 """
 
-from .lora import (
-    LoraConfig,
-    LoraError,
-    add_adapter,
-    delete_adapter,
-    disable_adapters,
-    inject,
-    load_adapter,
-    merge_and_unload,
-    save_adapter,
-    set_adapter,
-    trainable_parameters,
-    unload,
-)
+import importlib
+
+_ENGINE_API = (
+    "LoraConfig", "LoraError", "add_adapter", "delete_adapter", "disable_adapters", "inject",
+    "load_adapter", "merge_and_unload", "save_adapter", "set_adapter", "trainable_parameters",
+    "unload",
+)  # fmt: skip
 
 __version__ = "0.1.0"
 
-__all__ = [
-    "LoraConfig",
-    "LoraError",
-    "__version__",
-    "add_adapter",
-    "delete_adapter",
-    "disable_adapters",
-    "inject",
-    "load_adapter",
-    "merge_and_unload",
-    "save_adapter",
-    "set_adapter",
-    "trainable_parameters",
-    "unload",
-]
+__all__ = sorted([*_ENGINE_API, "__version__"])
+
+
+def __getattr__(name: str):
+    if name not in _ENGINE_API:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(".lora", __name__), name)
+    globals()[name] = value  # the next look-up is an ordinary one
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *__all__})

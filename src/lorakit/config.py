@@ -8,6 +8,7 @@ resolved config back, so ``lorakit train RUN_DIR/config.toml`` repeats a run.
 
 from __future__ import annotations
 
+import dataclasses
 import difflib
 import json
 import math
@@ -15,17 +16,21 @@ import re
 import tomllib
 from collections.abc import Iterable, Mapping
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, get_type_hints
 
 from pydantic import (
     BaseModel,
     ConfigDict,
     Field,
-    PositiveInt,
     ValidationError,
-    ValidationInfo,
+    create_model,
     field_validator,
+    model_validator,
 )
+from pydantic_core import PydanticCustomError
+
+from lorakit.lora.config import LoraConfig
+from lorakit.lora.errors import LoraConfigError
 
 
 class ConfigError(ValueError):
@@ -116,50 +121,60 @@ class CausalConfig(_Section):
     )
 
 
-class LoraSection(_Section):
-    engine: Literal["lorakit", "peft"] = "lorakit"
-    r: int = Field(8, gt=0)
-    lora_alpha: float = Field(8, gt=0)
-    lora_dropout: float = Field(0.0, ge=0, lt=1)
-    target_modules: list[str] | str | None = Field(
-        None, description="module names, a regex string, or 'all-linear'"
-    )
-    modules_to_save: list[str] | None = None
-    bias: Literal["none", "all", "lora_only"] = "none"
-    use_rslora: bool = False
-    rank_pattern: dict[str, PositiveInt] = Field(
-        default_factory=dict,
-        description="per-module r, e.g. {lm_head = 16}: a regex matched on the end of the "
-        "module's name, as in PEFT",
-    )
-    alpha_pattern: dict[str, float] = Field(
-        default_factory=dict, description="per-module lora_alpha, keyed like rank_pattern"
-    )
-    init_lora_weights: bool | Literal["gaussian"] = True
+# LoraConfig fields that are not settings: the pipeline knows the model it builds (its task,
+# its name), training is no inference, and `extra` keeps unknown fields of PEFT's files
+SET_BY_THE_PIPELINE = ("task_type", "base_model_name_or_path", "inference_mode", "extra")
+ENGINE_REFUSED = "lora_config"  # the pydantic error type of a value LoraConfig refuses
 
-    @field_validator("target_modules")
-    @classmethod
-    def _targets_not_empty(cls, value: list[str] | str | None) -> list[str] | str | None:
-        if value is not None and len(value) == 0:
-            raise ValueError("is empty: name at least one module, a regex, or 'all-linear'")
-        return value
 
-    @field_validator("modules_to_save", mode="before")
+class _LoraSettings(_Section):
+    """``[lora]``: ``engine`` plus every field of the engine's ``LoraConfig``, with its names,
+    types and defaults (``lorakit.lora.config`` says what each does). ``LoraConfig`` checks the
+    values, so the section accepts exactly what the engine does."""
+
+    engine: Literal["lorakit", "peft"] = Field(
+        "lorakit", description="whose LoRA: lorakit's engine or PEFT's (the same adapter files)"
+    )
+
+    @field_validator("modules_to_save", mode="before", check_fields=False)
     @classmethod
     def _one_name_is_a_list(cls, value: Any) -> Any:
         return [value] if isinstance(value, str) else value  # --set lora.modules_to_save=wte
 
-    @field_validator("modules_to_save")
-    @classmethod
-    def _saved_not_targeted(cls, value: list[str] | None, info: ValidationInfo) -> list[str] | None:
-        targets = info.data.get("target_modules")
-        both = [m for m in value or [] if isinstance(targets, list) and m in targets]
-        if both:
-            raise ValueError(
-                f"{both[0]!r} is in lora.target_modules too; a module gets LoRA or is trained "
-                "and saved whole, not both: remove it from one of the two"
-            )
-        return value
+    @model_validator(mode="after")
+    def _engine_accepts(self) -> _LoraSettings:
+        try:
+            self.lora_config()
+        except LoraConfigError as err:
+            context = {"key": err.key, "message": str(err)}
+            raise PydanticCustomError(ENGINE_REFUSED, "{message}", context) from None
+        return self
+
+    def lora_config(self, **pipeline: Any) -> LoraConfig:
+        """The engine's config of these settings; ``pipeline`` adds the fields the pipeline
+        knows (``task_type``, ``base_model_name_or_path``)."""
+        return LoraConfig(**self.model_dump(exclude={"engine"}), **pipeline)
+
+
+def _engine_fields() -> dict[str, Any]:
+    """``{name: (type, default)}`` of the LoraConfig fields a config sets."""
+    types = get_type_hints(LoraConfig)
+    return {
+        field.name: (types[field.name], _default(field))
+        for field in dataclasses.fields(LoraConfig)
+        if field.name not in SET_BY_THE_PIPELINE
+    }
+
+
+def _default(field: dataclasses.Field) -> Any:
+    if field.default_factory is dataclasses.MISSING:
+        return field.default
+    return Field(default_factory=field.default_factory)
+
+
+LoraSection = create_model(
+    "LoraSection", __base__=_LoraSettings, __doc__=_LoraSettings.__doc__, **_engine_fields()
+)
 
 
 class TrainConfig(_Section):
@@ -327,6 +342,9 @@ def _describe(error: dict[str, Any]) -> tuple[str, str]:
         return loc, f"unknown key; did you mean: {', '.join(close)}"
     if kind == "missing":
         return loc, "missing; it is required"
+    if kind == ENGINE_REFUSED:  # "r must be ..." -> ("lora.r", "must be ...")
+        key, message = error["ctx"]["key"], error["ctx"]["message"]
+        return f"{loc}.{key}", message.removeprefix(f"{key}: ").removeprefix(f"{key} ")
     message = error["msg"].replace("Input should be ", "must be ").replace("Value error, ", "")
     for noise in (", unable to interpret input", ", unable to parse string as a number"):
         message = message.replace(noise, "")
@@ -343,7 +361,7 @@ def validate(data: Mapping[str, Any]) -> Config:
         for error in err.errors():
             loc, message = _describe(error)
             by_key.setdefault(loc, []).append(message)
-            if error["type"] not in ("extra_forbidden", "missing"):
+            if error["type"] not in ("extra_forbidden", "missing", ENGINE_REFUSED):
                 value = error.get("input")
                 got[loc] = "" if isinstance(value, dict) else f" (got {value!r})"
         lines = [

@@ -13,83 +13,47 @@ merged into W0 so that inference costs nothing extra.
     model.py          a model's adapters: inject, add, set, delete, disable; parameter counts
     merging.py        merge into the base weights, unmerge, merge_and_unload, unload
     adapter_files.py  save and load adapters in PEFT's on-disk format
-    config.py         LoraConfig, with PEFT's field names and defaults
+    config.py         LoraConfig, with PEFT's field names and defaults (no torch)
 
 This package imports nothing else from lorakit, and never PEFT: PEFT compatibility is a matter
-of file format and names, tested against PEFT itself.
+of file format and names, tested against PEFT itself. Its names load on first use (PEP 562), so
+`lorakit.lora.config` and `lorakit.lora.errors` can be read without importing torch.
 """
 
-from .adapter_files import (
-    CONFIG_NAME,
-    WEIGHTS_NAME,
-    FingerprintWarning,
-    adapter_state_dict,
-    base_fingerprint,
-    load_adapter,
-    lora_tensor_module,
-    lorakit_version,
-    read_adapter,
-    save_adapter,
-)
-from .config import ALL_LINEAR, LoraConfig
-from .errors import AdapterFileError, AdapterShapeError, LoraError, TargetModulesError
-from .layers import Embedding, Linear, LoraLayer, ModulesToSaveWrapper
-from .merging import merge_adapter, merge_and_unload, unload, unmerge_adapter
-from .model import (
-    ParameterCount,
-    active_adapter,
-    adapter_config,
-    adapter_parameters,
-    add_adapter,
-    configs,
-    delete_adapter,
-    disable_adapters,
-    freeze_base,
-    inject,
-    lora_layers,
-    set_adapter,
-    trainable_parameters,
-)
-from .targeting import find_targets, modules_to_save_names
+import importlib
 
-__all__ = [
-    "ALL_LINEAR",
-    "CONFIG_NAME",
-    "WEIGHTS_NAME",
-    "AdapterFileError",
-    "AdapterShapeError",
-    "Embedding",
-    "FingerprintWarning",
-    "Linear",
-    "LoraConfig",
-    "LoraError",
-    "LoraLayer",
-    "ModulesToSaveWrapper",
-    "ParameterCount",
-    "TargetModulesError",
-    "active_adapter",
-    "adapter_config",
-    "adapter_parameters",
-    "adapter_state_dict",
-    "add_adapter",
-    "base_fingerprint",
-    "configs",
-    "delete_adapter",
-    "disable_adapters",
-    "find_targets",
-    "freeze_base",
-    "inject",
-    "load_adapter",
-    "lora_layers",
-    "lora_tensor_module",
-    "lorakit_version",
-    "merge_adapter",
-    "merge_and_unload",
-    "modules_to_save_names",
-    "read_adapter",
-    "save_adapter",
-    "set_adapter",
-    "trainable_parameters",
-    "unload",
-    "unmerge_adapter",
-]
+_EXPORTS = {
+    "adapter_files": (
+        "CONFIG_NAME", "WEIGHTS_NAME", "FingerprintWarning", "adapter_state_dict",
+        "base_fingerprint", "load_adapter", "lora_tensor_module", "lorakit_version",
+        "read_adapter", "save_adapter",
+    ),
+    "config": ("ALL_LINEAR", "LoraConfig"),
+    "errors": (
+        "AdapterFileError", "AdapterShapeError", "LoraConfigError", "LoraError",
+        "TargetModulesError",
+    ),
+    "layers": ("Embedding", "Linear", "LoraLayer", "ModulesToSaveWrapper"),
+    "merging": ("merge_adapter", "merge_and_unload", "unload", "unmerge_adapter"),
+    "model": (
+        "ParameterCount", "active_adapter", "adapter_config", "adapter_parameters",
+        "add_adapter", "configs", "delete_adapter", "disable_adapters", "freeze_base", "inject",
+        "lora_layers", "set_adapter", "trainable_parameters",
+    ),
+    "targeting": ("find_targets", "modules_to_save_names"),
+}  # fmt: skip
+_MODULE_OF = {name: module for module, names in _EXPORTS.items() for name in names}
+
+__all__ = sorted(_MODULE_OF)
+
+
+def __getattr__(name: str):
+    if name not in _MODULE_OF:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(f".{_MODULE_OF[name]}", __name__), name)
+    globals()[name] = value  # the next look-up is an ordinary one
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *__all__})

@@ -1,7 +1,9 @@
 """`LoraConfig`: PEFT's field names and defaults, validated on creation.
 
 The JSON form is PEFT's `adapter_config.json`, so a config written here loads in
-`peft.LoraConfig.from_pretrained` and one written by PEFT loads here.
+`peft.LoraConfig.from_pretrained` and one written by PEFT loads here. The same fields, validated
+here and nowhere else, are the `[lora]` section of a lorakit config (`lorakit.config` derives the
+section from this class), so reading a config needs this module but no torch: it imports none.
 """
 
 from __future__ import annotations
@@ -12,7 +14,7 @@ import re
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from .errors import LoraError
+from .errors import LoraConfigError, LoraError
 
 ALL_LINEAR = "all-linear"
 
@@ -43,10 +45,13 @@ class LoraConfig:
     r: rank of the update B·A (LoRA paper, section 4.1).
     lora_alpha: the update is scaled by lora_alpha / r (section 4.1), so that changing r does
         not change the learning rate one needs; with `use_rslora`, by lora_alpha / sqrt(r)
-        (Kalajdzievski 2023, "rank-stabilized LoRA").
+        (Kalajdzievski 2023, "rank-stabilized LoRA"). Any finite number, as in PEFT, whose
+        files may hold any: 0 switches the update off, a negative value flips its sign.
     lora_dropout: dropout on the input of the LoRA branch only.
     target_modules: which modules get LoRA: a list of names (a module matches when its full name
         equals an entry or ends with "." + entry), a regex string (full match), or "all-linear".
+        None is allowed here, as in PEFT, but lorakit has no per-model default: injecting fails
+        with a list of the names that can be targeted.
     exclude_modules: same forms; never targeted.
     modules_to_save: modules trained in full and saved with the adapter (e.g. a new head); a
         module matches when its full name ends with an entry (PEFT's rule, no dot needed).
@@ -90,28 +95,44 @@ class LoraConfig:
             self.exclude_modules = sorted(self.exclude_modules)
         if isinstance(self.modules_to_save, (set, tuple)):
             self.modules_to_save = list(self.modules_to_save)
-        if isinstance(self.r, bool) or not isinstance(self.r, int) or self.r <= 0:
-            raise LoraError(f"r must be a positive integer (e.g. r=8), got {self.r!r}")
-        if not isinstance(self.lora_alpha, (int, float)) or not math.isfinite(self.lora_alpha):
-            raise LoraError(
-                f"lora_alpha must be a finite number (e.g. 16), got {self.lora_alpha!r}"
-            )
-        if not (isinstance(self.lora_dropout, (int, float)) and 0 <= self.lora_dropout < 1):
-            raise LoraError(f"lora_dropout must be in [0, 1) (e.g. 0.1), got {self.lora_dropout!r}")
-        if self.bias not in ("none", "all", "lora_only"):
-            raise LoraError(f"bias must be 'none', 'all' or 'lora_only', got {self.bias!r}")
-        if self.init_lora_weights not in (True, False, "gaussian"):
-            raise LoraError(
-                f"init_lora_weights must be True, False or 'gaussian', got {self.init_lora_weights!r}"
-            )
+        self._check_values()
         self._check_names()
         self._check_patterns()
         self._check_layers()
-        if not self.target_modules:
-            raise LoraError(
+        if self.target_modules is not None and len(self.target_modules) == 0:
+            raise LoraConfigError(
+                "target_modules",
                 "target_modules is empty: name the modules to adapt, e.g. ['query', 'value'], "
-                "or 'all-linear' (`lorakit inspect MODEL` lists the names)"
+                "or 'all-linear' (`lorakit inspect MODEL` lists the names)",
             )
+
+    def _check_values(self) -> None:
+        if not _is_rank(self.r):
+            raise LoraConfigError("r", f"r must be a positive integer (e.g. r=8), got {self.r!r}")
+        if not _is_alpha(self.lora_alpha):
+            raise LoraConfigError(
+                "lora_alpha",
+                f"lora_alpha must be a finite number (e.g. 16), got {self.lora_alpha!r}",
+            )
+        if not (isinstance(self.lora_dropout, (int, float)) and 0 <= self.lora_dropout < 1):
+            raise LoraConfigError(
+                "lora_dropout",
+                f"lora_dropout must be in [0, 1) (e.g. 0.1), got {self.lora_dropout!r}",
+            )
+        if self.bias not in ("none", "all", "lora_only"):
+            raise LoraConfigError(
+                "bias", f"bias must be 'none', 'all' or 'lora_only', got {self.bias!r}"
+            )
+        if self.init_lora_weights not in (True, False, "gaussian"):
+            raise LoraConfigError(
+                "init_lora_weights",
+                f"init_lora_weights must be True, False or 'gaussian', got {self.init_lora_weights!r}",
+            )
+        for key in ("use_rslora", "fan_in_fan_out", "inference_mode"):
+            if not isinstance(getattr(self, key), bool):
+                raise LoraConfigError(
+                    key, f"{key} must be True or False, got {getattr(self, key)!r}"
+                )
 
     def _check_names(self) -> None:
         for key, value, regex in (
@@ -121,11 +142,20 @@ class LoraConfig:
         ):
             names = isinstance(value, list) and all(isinstance(n, str) for n in value)
             if not (value is None or names or (regex and isinstance(value, str))):
-                raise LoraError(
+                raise LoraConfigError(
+                    key,
                     f"{key} must be a list of module names, e.g. ['classifier']"
                     + (" (or a regex string)" if regex else "")
-                    + f", got {value!r}"
+                    + f", got {value!r}",
                 )
+        targets = self.target_modules if isinstance(self.target_modules, list) else []
+        both = [m for m in self.saved if m in targets]
+        if both:
+            raise LoraConfigError(
+                "modules_to_save",
+                f"modules_to_save: {both[0]!r} is in target_modules too; a module gets LoRA or "
+                "is trained and saved whole, not both: remove it from one of the two",
+            )
 
     def _check_patterns(self) -> None:
         for key, values, ok, example in (
@@ -133,37 +163,47 @@ class LoraConfig:
             ("alpha_pattern", self.alpha_pattern, _is_alpha, '{"lm_head": 32}'),
         ):
             if not isinstance(values, dict):
-                raise LoraError(f"{key} must be a dict of module pattern -> value, e.g. {example}")
+                raise LoraConfigError(
+                    key, f"{key} must be a dict of module pattern -> value, e.g. {example}"
+                )
             for pattern, value in values.items():
                 try:
                     re.compile(pattern)
                 except (re.error, TypeError):
-                    raise LoraError(f"{key}: {pattern!r} is not a regular expression") from None
+                    raise LoraConfigError(
+                        key, f"{key}: {pattern!r} is not a regular expression"
+                    ) from None
                 if not ok(value):
-                    raise LoraError(f"{key}: {pattern!r} -> {value!r} is not valid; e.g. {example}")
+                    raise LoraConfigError(
+                        key, f"{key}: {pattern!r} -> {value!r} is not valid; e.g. {example}"
+                    )
 
     def _check_layers(self) -> None:
         layers, pattern = self.layers_to_transform, self.layers_pattern
         if not (layers is None or _is_index(layers) or (
             isinstance(layers, list) and all(_is_index(i) for i in layers)
         )):  # fmt: skip
-            raise LoraError(
-                f"layers_to_transform must be a layer index or a list of them, got {layers!r}"
+            raise LoraConfigError(
+                "layers_to_transform",
+                f"layers_to_transform must be a layer index or a list of them, got {layers!r}",
             )
         if not (pattern is None or isinstance(pattern, str) or (
             isinstance(pattern, list) and all(isinstance(p, str) for p in pattern)
         )):  # fmt: skip
-            raise LoraError(
-                f"layers_pattern must be a name such as 'layers' or a list, got {pattern!r}"
+            raise LoraConfigError(
+                "layers_pattern",
+                f"layers_pattern must be a name such as 'layers' or a list, got {pattern!r}",
             )
         if isinstance(self.target_modules, str) and (layers is not None or pattern is not None):
-            raise LoraError(
+            raise LoraConfigError(
+                "target_modules",
                 "layers_to_transform and layers_pattern need target_modules as a list of names, "
-                f"not the string {self.target_modules!r}"
+                f"not the string {self.target_modules!r}",
             )
         if pattern and layers is None:
-            raise LoraError(
-                "layers_pattern is set without layers_to_transform; set both or neither"
+            raise LoraConfigError(
+                "layers_pattern",
+                "layers_pattern is set without layers_to_transform; set both or neither",
             )
 
     def for_module(self, module_name: str) -> LoraConfig:
@@ -195,12 +235,11 @@ class LoraConfig:
 
     def to_dict(self) -> dict[str, Any]:
         """PEFT's adapter_config.json fields."""
-        data = {
-            f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "extra"
-        }
+        data = dataclasses.asdict(self)  # copies: PEFT extends modules_to_save in place
+        extra = data.pop("extra")
         data.update(peft_type="LORA", revision=None)
         data.update(use_dora=False)
-        return {**self.extra, **data}
+        return {**extra, **data}
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> LoraConfig:

@@ -15,3 +15,14 @@ class AdapterFileError(LoraError):
 
 class AdapterShapeError(LoraError):
     """An adapter's tensors do not fit the model they are loaded into."""
+
+
+class LoraConfigError(LoraError):
+    """A `LoraConfig` field holds a value the engine cannot use; `key` names the field."""
+
+    def __init__(self, key: str, message: str):
+        super().__init__(message)
+        self.key = key
+
+    def __reduce__(self):  # pickled (e.g. from a worker process) with both arguments
+        return type(self), (self.key, str(self))

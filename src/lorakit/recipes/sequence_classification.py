@@ -33,16 +33,6 @@ from lorakit.train.best import BestWeights
 from lorakit.train.loop import evaluate, train_loop
 from lorakit.train.metrics import confusion_matrix
 
-DEFAULT_MODULES_TO_SAVE = ["classifier", "score"]  # the head, whatever the model calls it
-
-
-def lora_section(config: Config):
-    """The LoRA settings with the head saved alongside unless the config says otherwise."""
-    section = config.lora
-    if section.modules_to_save is None:
-        section = section.model_copy(update={"modules_to_save": DEFAULT_MODULES_TO_SAVE})
-    return section
-
 
 def load_base(config: Config, labels: list[str]):
     """(model, tokenizer, resolved name) of ``model.name`` with a head for ``labels`` and
@@ -73,8 +63,8 @@ def data_loaders(config: Config, data, tokenizer) -> dict:
 
 def build_model(config: Config, labels: list[str]):
     model, tokenizer, resolved = load_base(config, labels)
-    section = lora_section(config)
-    model = engines.apply_lora(model, section, base_name=resolved, task_type="SEQ_CLS")
+    # task_type SEQ_CLS: both engines train and save the head (classifier or score) whole
+    model = engines.apply_lora(model, config.lora, base_name=resolved, task_type="SEQ_CLS")
     return model, tokenizer, resolved
 
 

@@ -14,11 +14,6 @@ from lorakit import lora
 from lorakit.config import LoraSection
 
 
-def lora_kwargs(section: LoraSection) -> dict:
-    """The LoraConfig fields shared by both engines."""
-    return section.model_dump(exclude={"engine"})
-
-
 def apply_lora(
     model: torch.nn.Module,
     section: LoraSection,
@@ -27,26 +22,28 @@ def apply_lora(
     task_type: str | None = None,
 ) -> torch.nn.Module:
     """``model`` with LoRA added (base frozen) by the engine ``section.engine`` names."""
+    config = section.lora_config(task_type=task_type, base_model_name_or_path=base_name)
     if section.engine == "peft":
-        import peft
-
-        # PEFT wraps nested modules_to_save twice and writes a file no engine reads back:
-        # lorakit's check refuses that first, with the same message for both engines
-        lora.modules_to_save_names(
-            model, lora.LoraConfig(**lora_kwargs(section), task_type=task_type)
-        )
-        config = peft.LoraConfig(**lora_kwargs(section), task_type=task_type)
-        config.base_model_name_or_path = base_name
-        try:
-            return peft.get_peft_model(model, config)
-        except ValueError as err:
-            # PEFT's message does not say which layers could be targeted; lorakit's does
-            lora.find_targets(model, lora.LoraConfig(**lora_kwargs(section)))
-            raise lora.LoraError(f"PEFT refused lora.target_modules: {err}") from None
-    config = lora.LoraConfig(
-        **lora_kwargs(section), task_type=task_type, base_model_name_or_path=base_name
-    )
+        return _peft_model(model, config)
     return lora.inject(model, config)
+
+
+def _peft_model(model: torch.nn.Module, config: lora.LoraConfig) -> torch.nn.Module:
+    """PEFT's ``get_peft_model`` with the same ``LoraConfig`` fields; lorakit's checks name what
+    PEFT would get wrong or not explain."""
+    import peft
+
+    if config.target_modules is None:
+        lora.find_targets(model, config)  # PEFT would pick its own defaults; lorakit has none
+    # PEFT wraps nested modules_to_save twice and writes a file no engine reads back:
+    # lorakit's check refuses that first, with the same message for both engines
+    lora.modules_to_save_names(model, config)
+    try:
+        return peft.get_peft_model(model, peft.LoraConfig(**config.to_dict()))
+    except ValueError as err:
+        # PEFT's message does not say which layers could be targeted; lorakit's does
+        lora.find_targets(model, config)
+        raise lora.LoraError(f"PEFT refused lora.target_modules: {err}") from None
 
 
 def save(model: torch.nn.Module, directory: str | Path, base_name: str | None = None) -> int:
