@@ -5,7 +5,7 @@ are built on it. The engine's API is re-exported here, loaded on first use (PEP 
 `import lorakit.config` (or the CLI's --help) does not import torch and transformers.
 """
 
-import importlib
+from lorakit import lora  # cheap: the engine's own names load on first use
 
 _ENGINE_API = (
     "LoraConfig", "LoraError", "add_adapter", "delete_adapter", "disable_adapters", "inject",
@@ -21,9 +21,7 @@ __all__ = sorted([*_ENGINE_API, "__version__"])
 def __getattr__(name: str):
     if name not in _ENGINE_API:
         raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    value = getattr(importlib.import_module(".lora", __name__), name)
-    globals()[name] = value  # the next look-up is an ordinary one
-    return value
+    return getattr(lora, name)
 
 
 def __dir__() -> list[str]:
