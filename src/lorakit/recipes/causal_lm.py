@@ -15,7 +15,6 @@
 from __future__ import annotations
 
 import hashlib
-import json
 import math
 import time
 from pathlib import Path
@@ -44,7 +43,7 @@ from lorakit.models.causal_lm import (
 )
 from lorakit.models.transformer import weights_bytes
 from lorakit.recipes import run_summary, write_reports
-from lorakit.rundir import RunDir
+from lorakit.rundir import RunDir, read_run_summary
 from lorakit.train import engines
 from lorakit.train.best import BestWeights
 from lorakit.train.frozen_base import set_model_dropout
@@ -395,7 +394,7 @@ def comparison_rows(config: Config, splits, summary, test_pairs, tokenizer) -> l
 def load_generator(run_dir: str | Path):
     """(model, tokenizer): the run's base model with its adapter, ready for generation."""
     run_dir = Path(run_dir)
-    summary = json.loads((run_dir / "summary.json").read_text(encoding="utf-8"))
+    summary = read_run_summary(run_dir)
     model, tokenizer = load_causal_lm(summary["base_model"])
     return lora.load_adapter(model, run_dir / "adapter").eval(), tokenizer
 
