@@ -159,6 +159,31 @@ def test_set_takes_column_names_and_paths_as_written(tiny_bert_dir, tmp_path, ca
     assert 'text_column = "0"' in out and 'label_column = "1"' in out
 
 
+
+def test_train_on_a_folder_a_live_run_holds_is_one_clean_message(tmp_path, capsys):
+    """A second `train --out` or `--resume` on the folder of a running train is refused before
+    it writes anything there."""
+    from lorakit.config import load_config
+    from lorakit.recipes import recipe_path
+    from lorakit.rundir import RunDir
+    from lorakit.train.checkpoint import STATE, TENSORS
+
+    out = tmp_path / "run"
+    config = load_config(recipe_path("classic"), ["train.log_to=[]"])
+    with RunDir.start(out, config) as live:
+        live.log("train", step=3, loss=0.5)
+        checkpoint = out / "checkpoints" / "step-3"
+        checkpoint.mkdir(parents=True)
+        (checkpoint / STATE).write_text("{}")
+        (checkpoint / TENSORS).write_bytes(b"")
+        written = sorted(p.name for p in out.rglob("*"))
+        for args in (["classic", "--out", str(out)], ["--resume", str(out)]):
+            assert main(["train", *args]) == 2
+            err = capsys.readouterr().err
+            assert err.count("\n") == 1 and "is in use by a running `lorakit train`" in err
+            assert sorted(p.name for p in out.rglob("*")) == written
+
+
 STARS = ["good", "bad", "so so"]
 
 
