@@ -159,6 +159,62 @@ def test_set_takes_column_names_and_paths_as_written(tiny_bert_dir, tmp_path, ca
     assert 'text_column = "0"' in out and 'label_column = "1"' in out
 
 
+def test_train_on_a_folder_a_live_run_holds_is_one_clean_message(tmp_path, capsys):
+    """A second `train --out` or `--resume` on the folder of a running train is refused before
+    it writes anything there."""
+    from lorakit.config import load_config
+    from lorakit.recipes import recipe_path
+    from lorakit.rundir import RunDir
+    from lorakit.train.checkpoint import STATE, TENSORS
+
+    out = tmp_path / "run"
+    config = load_config(recipe_path("classic"), ["train.log_to=[]"])
+    with RunDir.start(out, config) as live:
+        live.log("train", step=3, loss=0.5)
+        checkpoint = out / "checkpoints" / "step-3"
+        checkpoint.mkdir(parents=True)
+        (checkpoint / STATE).write_text("{}")
+        (checkpoint / TENSORS).write_bytes(b"")
+        written = sorted(p.name for p in out.rglob("*"))
+        for args in (["classic", "--out", str(out)], ["--resume", str(out)]):
+            assert main(["train", *args]) == 2
+            err = capsys.readouterr().err
+            assert err.count("\n") == 1 and "is in use by a running `lorakit train`" in err
+            assert sorted(p.name for p in out.rglob("*")) == written
+
+
+def test_commands_are_calls_of_the_python_api(monkeypatch, tmp_path, capsys):
+    """serve, sweep, inspect, merge and report go through lorakit.api, as a notebook would."""
+    from lorakit import api
+
+    calls = []
+
+    def fake(name, result=None):
+        def call(*args, **kwargs):
+            calls.append((name, args, kwargs))
+            return result
+
+        monkeypatch.setattr(api, name, call)
+
+    fake("serve")
+    fake("sweep", {"sweep_dir": "runs/sweep-x", "succeeded": 0})
+    fake("inspect", "modules\n")
+    fake("merge", tmp_path / "merged")
+    fake("report", tmp_path / "report.html")
+    assert main(["serve", "--adapter", "a=runs/a", "--port", "9000"]) == 0
+    assert main(["sweep", "classic", "--grid", "r=1,2", "--set", "train.epochs=1"]) == 1
+    assert main(["inspect", "minilm"]) == 0
+    assert main(["merge", "runs/a", str(tmp_path / "merged"), "--force"]) == 0
+    assert main(["report", "runs/a"]) == 0
+    assert [name for name, _, _ in calls] == ["serve", "sweep", "inspect", "merge", "report"]
+    assert calls[0][1] == ("minilm", ["a=runs/a"]) and calls[0][2]["port"] == 9000
+    assert calls[1][1] == ("classic", ["r=1,2"]) and calls[1][2]["overrides"] == ["train.epochs=1"]
+    assert calls[3][2] == {"force": True}
+    assert capsys.readouterr().out.splitlines() == [
+        "runs/sweep-x", "modules", str(tmp_path / "merged"), str(tmp_path / "report.html"),
+    ]  # fmt: skip
+
+
 STARS = ["good", "bad", "so so"]
 
 

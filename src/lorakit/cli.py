@@ -134,13 +134,12 @@ def serve(
     ] = "info",
 ) -> None:
     """Serve many LoRA adapters on one base model over HTTP (FastAPI + uvicorn)."""
-    from lorakit.serve import ServeError, ServeSettings, parse_adapter_options
-    from lorakit.serve import serve as run_server
+    from lorakit.serve import ServeError
 
     try:
-        settings = ServeSettings(max_texts=max_texts, max_text_chars=max_text_chars)
-        run_server(base, parse_adapter_options(adapter or []), host=host, port=port,
-                   api_key=api_key, settings=settings, log_level=log_level)  # fmt: skip
+        api.serve(base, adapter or [], host=host, port=port, api_key=api_key,
+                  max_texts=max_texts, max_text_chars=max_text_chars,
+                  log_level=log_level)  # fmt: skip
     except ServeError as err:
         typer.echo(f"error: {err}", err=True)
         raise typer.Exit(2) from None
@@ -164,13 +163,9 @@ def sweep(
     ] = None,
 ) -> None:
     """Train every combination of a grid; write sweep.csv, sweep.md, plots and report.html."""
-    from lorakit.sweep import parse_grid
-    from lorakit.sweep import sweep as run_sweep
-
-    folder = run_sweep(config, parse_grid(grid), out=out, overrides=set_ or [])
-    succeeded = json.loads((folder / "sweep.json").read_text())["succeeded"]
-    typer.echo(str(folder))
-    if succeeded == 0:
+    record = api.sweep(config, grid, out=out, overrides=set_ or [])
+    typer.echo(record["sweep_dir"])
+    if record["succeeded"] == 0:
         raise typer.Exit(1)
 
 
@@ -184,9 +179,7 @@ def inspect(
     ],
 ) -> None:
     """Module names LoRA can target and parameter counts; for an adapter its config and size."""
-    from lorakit.inspect import inspect as describe
-
-    typer.echo(describe(target), nl=False)
+    typer.echo(api.inspect(target), nl=False)
 
 
 @app.command()
@@ -198,9 +191,7 @@ def merge(
     ] = False,
 ) -> None:
     """Write a standalone model with the adapter merged in (plain transformers loads it)."""
-    from lorakit.merge import merge as merge_run
-
-    typer.echo(str(merge_run(run_dir, out_dir, force=force)))
+    typer.echo(str(api.merge(run_dir, out_dir, force=force)))
 
 
 @app.command()
@@ -232,9 +223,7 @@ def report(
     run_dir: Annotated[Path, typer.Argument(help="a run directory or a sweep folder")],
 ) -> None:
     """Write RUN_DIR/report.html (self-contained, plots embedded)."""
-    from lorakit.report.html import write_report
-
-    typer.echo(str(write_report(run_dir)))
+    typer.echo(str(api.report(run_dir)))
 
 
 def _clean_errors() -> tuple[type[BaseException], ...]:

@@ -2,23 +2,39 @@
 
 ``config.toml`` (repeats the run), ``environment.json`` (versions, machine, seed, data fingerprint,
 start and end), ``metrics.jsonl`` (one event a line, flushed as written), ``summary.json``
-(written atomically) and optionally ``comparison.json`` / ``comparison.md``.
+(written atomically, read back by ``read_run_summary``) and optionally ``comparison.json`` /
+``comparison.md``.
+
+A training run lives inside ``RunDir.start``, which owns the folder from start to end::
+
+    with RunDir.start(path, config) as run_dir:   # locked, config.toml written, trackers open
+        summary = recipe.run(config, run_dir)
+    # trackers closed; environment.json has the run's facts; a run that failed in setup is gone
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import platform
+import shutil
 import sys
 import time
+from collections.abc import Iterator
 from datetime import UTC, datetime
 from importlib import metadata
 from pathlib import Path
 from typing import Any
 
+from lorakit import trackers
 from lorakit.atomic import write_atomically
 from lorakit.config import Config, ConfigError, to_toml
+
+try:
+    import fcntl
+except ImportError:  # Windows: runs are not locked there
+    fcntl = None
 
 _PACKAGES = ("lorakit", "torch", "transformers", "peft", "datasets", "accelerate")
 
@@ -58,6 +74,11 @@ def versions() -> dict[str, str | None]:
     return found
 
 
+# Files a run that failed in setup (data, model or LoRA settings) may have written: such a run
+# is removed, so that the same --out works once the input is fixed.
+_SETUP_FILES = {"config.toml", "environment.json", "tensorboard", "wandb"}
+
+
 class RunDir:
     """A run directory, created on construction; refuses a non-empty folder holding a run."""
 
@@ -67,16 +88,66 @@ class RunDir:
             raise ConfigError(
                 f"out: {str(self.path)!r} already holds a run; choose a new --out folder"
             )
-        try:
-            self.path.mkdir(parents=True, exist_ok=True)
-        except OSError as error:  # a file in the way, no permission
-            raise ConfigError(
-                f"out: cannot make the folder {str(self.path)!r} ({error.strerror}); choose "
-                "another --out folder"
-            ) from None
+        make_out_folder(self.path)
         self._started_clock = time.monotonic()
         self.environment: dict[str, Any] = {}
         self.trackers = None  # lorakit.trackers.Trackers of a live run: each event goes there too
+
+    @classmethod
+    @contextlib.contextmanager
+    def start(
+        cls,
+        path: str | Path,
+        config: Config,
+        *,
+        resume: Path | None = None,
+        resumed_at: int | None = None,
+        processes: int = 1,
+    ) -> Iterator[RunDir]:
+        """The run directory of one training run, held for the ``with`` block.
+
+        On entry: the trackers ``train.log_to`` names are checked (a missing package fails
+        before any work), the folder is made and locked (a folder a live run holds is a
+        ConfigError), a new run's ``config.toml`` is written and the trackers are opened.
+        ``resume``: the checkpoint folder a stopped run continues from (its folder then holds a
+        run already), at optimizer step ``resumed_at``.
+
+        On exit the trackers are closed first (their writers still write into the folder). A new
+        run that failed before writing more than its setup files is removed; a run that got
+        further keeps its folder (metrics, checkpoints for --resume, a pretrained base). A run
+        that finished records ``processes`` (and, resumed, its first start and the checkpoint)
+        in ``environment.json``.
+        """
+        names = trackers.resolve(config.train.log_to)
+        path = Path(path)
+        before = set(os.listdir(path)) if path.is_dir() else None
+        make_out_folder(path)
+        with _locked(path, "--resume" if resume else "out"):
+            run_dir = cls(path, exist_ok=resume is not None)
+            first = _read_environment(path) if resume else {}
+            if resume is None:
+                run_dir.write_config(config)
+            try:
+                with run_dir._tracked(names, config, resumed_at):
+                    yield run_dir
+            except BaseException:  # the trackers are closed by now: their folders can go
+                if resume is None:
+                    _discard_unstarted(path, before)
+                raise
+            facts: dict[str, Any] = {"processes": processes}
+            if resume is not None:
+                facts.update(started=first.get("started"), resumed_from=resume.name)
+            run_dir.update_environment(**facts)
+
+    @contextlib.contextmanager
+    def _tracked(self, names: list[str], config: Config, resumed_at: int | None) -> Iterator[None]:
+        """The trackers open, each logged event sent to them; closed at the end."""
+        self.trackers = trackers.Trackers(names, self.path, config, resumed_at)
+        try:
+            yield
+        finally:
+            self.trackers.finish()
+            self.trackers = None
 
     # paths ------------------------------------------------------------------
     def __truediv__(self, name: str) -> Path:
@@ -148,7 +219,7 @@ class RunDir:
 
     # reading ----------------------------------------------------------------
     def read_summary(self) -> dict[str, Any]:
-        return json.loads((self.path / "summary.json").read_text(encoding="utf-8"))
+        return read_run_summary(self.path)
 
     def read_metrics(self) -> list[dict[str, Any]]:
         path = self.path / "metrics.jsonl"
@@ -157,9 +228,16 @@ class RunDir:
         return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
-def read_run_summary(run_dir: str | Path) -> dict[str, Any]:
-    """A finished run's ``summary.json``, or a ConfigError naming the file when it is damaged."""
+def read_run_summary(run_dir: str | Path, *, missing_ok: bool = False) -> dict[str, Any] | None:
+    """A finished run's ``summary.json``; a ConfigError naming the file when it is damaged, or
+    missing (None instead with ``missing_ok``: the run is still training or stopped)."""
     path = Path(run_dir) / "summary.json"
+    if not path.is_file():
+        if missing_ok:
+            return None
+        raise ConfigError(
+            f"{path} is missing: the run did not finish; give the folder of a finished run"
+        )
     try:
         summary = json.loads(path.read_text(encoding="utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError):
@@ -169,6 +247,64 @@ def read_run_summary(run_dir: str | Path) -> dict[str, Any]:
             f"{path} is damaged (not a JSON object); restore it from a copy, or train the run again"
         )
     return summary
+
+
+def make_out_folder(path: Path, what: str = "folder") -> None:
+    """Make an ``--out`` folder (and its parents), or a ConfigError saying why not."""
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as error:  # a file in the way, no permission
+        raise ConfigError(
+            f"out: cannot make the {what} {str(path)!r} ({error.strerror}); choose "
+            "another --out folder"
+        ) from None
+
+
+@contextlib.contextmanager
+def _locked(path: Path, option: str) -> Iterator[None]:
+    """An exclusive lock on the folder itself while the run lives (so no lock file is left
+    behind); the OS drops it when the process ends, however it ends."""
+    if fcntl is None:  # Windows: unlocked
+        yield
+        return
+    descriptor = os.open(path, os.O_RDONLY)
+    try:
+        fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(descriptor)
+        fix = "" if option == "--resume" else ", or choose a new --out folder"
+        raise ConfigError(
+            f"{option}: {str(path)!r} is in use by a running `lorakit train`; wait for it to end "
+            f"or stop it{fix}"
+        ) from None
+    except OSError:  # a file system without locks (some network mounts): unlocked
+        pass
+    try:
+        yield
+    finally:  # unlocked explicitly: a data loader's forked worker may hold a copy of the descriptor
+        with contextlib.suppress(OSError):
+            fcntl.flock(descriptor, fcntl.LOCK_UN)
+        os.close(descriptor)
+
+
+def _read_environment(path: Path) -> dict[str, Any]:
+    environment = path / "environment.json"
+    return json.loads(environment.read_text()) if environment.exists() else {}
+
+
+def _discard_unstarted(path: Path, before: set[str] | None) -> None:
+    """Remove what a run that failed in setup wrote (only setup files), and the folder itself
+    when the run made it; a run that wrote anything else keeps everything."""
+    written = set(os.listdir(path)) - (before or set())
+    if not written <= _SETUP_FILES:
+        return
+    for name in written:
+        if (path / name).is_dir():  # a tracker's folder, opened at the start
+            shutil.rmtree(path / name)
+        else:
+            (path / name).unlink()
+    if before is None:
+        path.rmdir()
 
 
 def markdown_table(rows: list[dict[str, Any]]) -> str:

@@ -42,12 +42,12 @@ from typing import Any, get_args, get_origin
 
 from pydantic import BaseModel
 
-from lorakit import api
 from lorakit.config import Config, ConfigError, parse_value
 from lorakit.models.classic import is_classic
 from lorakit.report.html import write_report
 from lorakit.report.sweep import collect_run_summary, plot_sweep, write_sweep_table
-from lorakit.rundir import write_json_atomic
+from lorakit.rundir import make_out_folder, write_json_atomic
+from lorakit.runner import DEFAULT_RECIPE, resolve_config, train
 
 SWEEP_SETTINGS = ("compare=false",)  # before the user's overrides, which may change them
 SHARED_BASE_BLOCKERS = ("pretrain.", "model.")  # grid keys that change the pretrained base
@@ -213,7 +213,7 @@ def validate_all(source: str | Path, overrides: list[str], combos: list[dict[str
     problems, first = [], None
     for combo in combos:
         try:
-            config = api.resolve_config(source, [*overrides, *_as_overrides(combo)])
+            config = resolve_config(source, [*overrides, *_as_overrides(combo)])
             first = first or config
         except ConfigError as err:
             problems += [f"[{combination_name(combo)}] {p}" for p in err.problems]
@@ -225,7 +225,7 @@ def validate_all(source: str | Path, overrides: list[str], combos: list[dict[str
 def _run_one(source, out: Path, overrides: list[str]) -> dict[str, Any]:
     """Train one combination; a row for the table, ``failed`` with the message on error."""
     try:
-        api.train(source, out=out, overrides=overrides)
+        train(source, out=out, overrides=overrides)
         return collect_run_summary(out)
     except Exception as err:  # one failing combination must not end the sweep
         message = f"{type(err).__name__}: {err}".strip()
@@ -242,19 +242,13 @@ def sweep(
 ) -> Path:
     """Train every combination of ``grid`` on ``config_or_recipe`` (a recipe name or a .toml),
     sequentially; write the sweep table, plots and report; return the sweep folder."""
-    source = str(config_or_recipe or api.DEFAULT_RECIPE)
+    source = str(config_or_recipe or DEFAULT_RECIPE)
     grid = normalize_grid(grid)
     combos = combinations(grid)
     overrides = [*SWEEP_SETTINGS, *overrides]
     first = validate_all(source, overrides, combos)
     folder = _sweep_dir(out, first.recipe)
-    try:
-        folder.mkdir(parents=True, exist_ok=True)
-    except OSError as error:  # a file in the way, no permission
-        raise ConfigError(
-            f"out: cannot make the sweep folder {str(folder)!r} ({error.strerror}); choose "
-            "another --out folder"
-        ) from None
+    make_out_folder(folder, "sweep folder")
     may_share_base = (
         first.pretrain is not None
         and not first.model.pretrained

@@ -15,7 +15,6 @@
 from __future__ import annotations
 
 import hashlib
-import json
 import math
 import time
 from pathlib import Path
@@ -41,7 +40,7 @@ from lorakit.models.transformer import weights_bytes
 from lorakit.nn.frozen_base import set_model_dropout
 from lorakit.recipes import run_summary, write_reports
 from lorakit.recipes.pretrain_tiny_gpt2 import ensure_base_model
-from lorakit.rundir import RunDir
+from lorakit.rundir import RunDir, read_run_summary
 from lorakit.train import engines
 from lorakit.train.best import BestWeights
 from lorakit.train.loop import train_loop
@@ -368,7 +367,7 @@ def comparison_rows(config: Config, splits, summary, test_pairs, tokenizer) -> l
 def load_generator(run_dir: str | Path):
     """(model, tokenizer): the run's base model with its adapter, ready for generation."""
     run_dir = Path(run_dir)
-    summary = json.loads((run_dir / "summary.json").read_text(encoding="utf-8"))
+    summary = read_run_summary(run_dir)
     model, tokenizer = load_causal_lm(ensure_base_model(summary["base_model"]))
     return lora.load_adapter(model, run_dir / "adapter").eval(), tokenizer
 

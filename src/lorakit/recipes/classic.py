@@ -11,7 +11,6 @@
 
 from __future__ import annotations
 
-import json
 import time
 from pathlib import Path
 from typing import Any
@@ -34,7 +33,7 @@ from lorakit.models.classic import (
     save_classic,
 )
 from lorakit.recipes import load_task_data, run_summary, write_reports
-from lorakit.rundir import RunDir
+from lorakit.rundir import RunDir, read_run_summary
 from lorakit.train import engines
 from lorakit.train.best import BestWeights
 from lorakit.train.loop import evaluate, train_loop
@@ -267,7 +266,7 @@ class ClassicPredictor:
     def __init__(self, run_dir: Path):
         run_dir = Path(run_dir)
         config = load_config(run_dir / "config.toml")
-        summary = json.loads((run_dir / "summary.json").read_text(encoding="utf-8"))
+        summary = read_run_summary(run_dir)
         self.labels: list[str] = summary["labels"]
         self.max_length = config.data.max_length
         base_dir = run_dir / summary["base_model"]  # "base" (in the run) or an absolute path

@@ -11,7 +11,6 @@ LoRA for text classification.
 
 from __future__ import annotations
 
-import json
 import time
 from pathlib import Path
 from typing import Any
@@ -27,7 +26,7 @@ from lorakit.data.tokenize import classification_loaders, tokenize_splits
 from lorakit.models.transformer import load_sequence_classifier, weights_bytes
 from lorakit.nn.frozen_base import set_model_dropout
 from lorakit.recipes import load_task_data, run_summary, write_reports
-from lorakit.rundir import RunDir
+from lorakit.rundir import RunDir, read_run_summary
 from lorakit.train import engines
 from lorakit.train.best import BestWeights
 from lorakit.train.loop import evaluate, train_loop
@@ -159,7 +158,7 @@ class TransformerPredictor:
     def __init__(self, run_dir: Path):
         run_dir = Path(run_dir)
         config = load_config(run_dir / "config.toml")
-        summary = json.loads((run_dir / "summary.json").read_text(encoding="utf-8"))
+        summary = read_run_summary(run_dir)
         self.labels: list[str] = summary["labels"]
         self.max_length = config.data.max_length
         self.batch_size = config.train.eval_batch_size

@@ -12,6 +12,8 @@ from pathlib import Path
 from typing import Any
 
 from lorakit.atomic import write_atomically  # noqa: F401 (re-exported for the report modules)
+from lorakit.config import ConfigError
+from lorakit.rundir import read_run_summary
 
 
 class ReportError(ValueError):
@@ -85,7 +87,7 @@ def read_optional_json(path: Path) -> Any | None:
 
 def read_summary(run_dir: Path) -> dict[str, Any] | None:
     """`summary.json` as a dict, or None when the run has not finished writing one."""
-    summary = read_optional_json(run_dir / SUMMARY_FILE)
-    if summary is not None and not isinstance(summary, dict):
-        raise ReportError(f"{run_dir / SUMMARY_FILE} must hold a JSON object")
-    return summary
+    try:
+        return read_run_summary(run_dir, missing_ok=True)
+    except ConfigError as error:  # damaged
+        raise ReportError(str(error)) from None

@@ -13,7 +13,6 @@ The model is shared: loading, unloading and every forward pass hold `lock`.
 from __future__ import annotations
 
 import copy
-import json
 import re
 import threading
 import tomllib
@@ -25,6 +24,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from lorakit.config import ConfigError
 from lorakit.lora import (
     CONFIG_NAME,
     FingerprintWarning,
@@ -38,6 +38,7 @@ from lorakit.lora import (
 )
 from lorakit.lora.adapter_files import PREFIX
 from lorakit.models.transformer import load_sequence_classifier
+from lorakit.rundir import read_run_summary
 
 from .errors import AdapterExistsError, AdapterLoadError, UnknownAdapterError
 
@@ -80,8 +81,8 @@ def locate_adapter(path: str | Path) -> AdapterSource:
     summary = run_dir / "summary.json"
     if summary.is_file() and adapter_dir.name == "adapter":
         try:
-            source.labels = [str(x) for x in json.loads(summary.read_text())["labels"]]
-        except (json.JSONDecodeError, KeyError, TypeError) as e:
+            source.labels = [str(x) for x in read_run_summary(run_dir)["labels"]]
+        except (ConfigError, KeyError, TypeError) as e:
             raise AdapterLoadError(f"{summary} has no readable 'labels' list ({e})") from None
         config = run_dir / "config.toml"
         if config.is_file():

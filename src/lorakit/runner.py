@@ -1,0 +1,175 @@
+"""Starting a training run: the config resolved, a stopped run's resume point found, processes
+launched if asked, and the recipe run inside its ``RunDir``.
+
+``lorakit.api`` re-exports ``train``, ``dry_run`` and ``resolve_config``; ``lorakit.sweep`` runs
+its grid through them.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+from lorakit.config import Config, ConfigError, load_config
+from lorakit.recipes import pipeline_module, recipe_path
+from lorakit.rundir import RunDir, default_out, read_run_summary
+
+DEFAULT_RECIPE = "sentiment"
+
+
+def resolve_config(
+    recipe_or_config: str | Path | None = None, overrides: Iterable[str] = ()
+) -> Config:
+    """A recipe name (``classic``) or a config file (``my.toml``, ``RUN_DIR/config.toml``) with
+    ``--set`` overrides applied, validated."""
+    source = str(recipe_or_config or DEFAULT_RECIPE)
+    suffix = Path(source).suffix.lower()
+    if suffix not in ("", ".toml"):
+        from lorakit.data.files import FILE_SUFFIXES
+
+        if suffix in FILE_SUFFIXES:
+            raise ConfigError(
+                f"{source!r} is a data file, not a recipe or a .toml config; train a recipe on "
+                f"it: lorakit train {DEFAULT_RECIPE} --set data.path={source} "
+                "data.text_column=... data.label_column=..."
+            )
+    looks_like_file = source.endswith(".toml") or "/" in source or Path(source).is_file()
+    path = Path(source) if looks_like_file else recipe_path(source)
+    config = load_config(path, overrides)
+    pipeline_module(config)  # an unknown pipeline fails here, before any work
+    return config
+
+
+def dry_run(recipe_or_config: str | Path | None = None, overrides: Iterable[str] = ()) -> str:
+    """The resolved config as TOML, and the recipe's trainable-parameter report."""
+    from lorakit.config import to_toml
+
+    config = resolve_config(recipe_or_config, overrides)
+    text = to_toml(config)
+    module = pipeline_module(config)
+    if hasattr(module, "dry_run"):
+        text += "\n# trainable parameters\n" + module.dry_run(config)
+    return text
+
+
+def train(
+    recipe_or_config: str | Path | None = None,
+    out: str | Path | None = None,
+    overrides: Iterable[str] = (),
+    *,
+    resume: str | Path | None = None,
+    processes: int = 1,
+) -> dict[str, Any]:
+    """Run a recipe; return its summary (also in ``RUN_DIR/summary.json``).
+
+    ``resume``: a run directory whose training stopped (crash, kill); it continues from the
+    newest checkpoint in ``RUN_DIR/checkpoints`` with the run's own config. ``processes``: train
+    data-parallel in that many processes on this machine (``batch_size`` is the global batch).
+    """
+    from lorakit.train import distributed  # torch and accelerate: only when training
+    from lorakit.train.checkpoint import checkpoint_step
+
+    overrides = list(overrides)
+    if processes < 1:
+        raise ConfigError(f"processes: {processes} must be 1 or more")
+    if processes > 1 and distributed.world_size() == 1:
+        return _train_in_processes(recipe_or_config, out, overrides, resume, processes)
+    if resume is not None:
+        _refuse_settings_with_resume(recipe_or_config, out, overrides)
+        run_path, config, checkpoint = resume_point(resume)
+    else:
+        config = _absolute_data_path(resolve_config(recipe_or_config, overrides))
+        run_path, checkpoint = _new_run_path(out, config), None
+    module = pipeline_module(config)
+    if checkpoint is not None and "resume" not in inspect.signature(module.run).parameters:
+        raise ConfigError(f"the {config.recipe!r} recipe's pipeline cannot resume a run yet")
+    extra = {"resume": checkpoint} if checkpoint is not None else {}
+    if not distributed.is_main_process():
+        with distributed.worker_scratch() as scratch:
+            return module.run(config, RunDir(scratch), **extra)
+    resumed_at = None if checkpoint is None else checkpoint_step(checkpoint)
+    with RunDir.start(
+        run_path, config, resume=checkpoint, resumed_at=resumed_at,
+        processes=distributed.world_size(),
+    ) as run_dir:  # fmt: skip
+        summary = module.run(config, run_dir, **extra)
+    summary.setdefault("run_dir", str(run_path))
+    return summary
+
+
+def resume_point(run_dir: str | Path) -> tuple[Path, Config, Path]:
+    """A stopped run's folder, its config and its newest complete checkpoint."""
+    from lorakit.train.checkpoint import latest_checkpoint
+
+    run_path = Path(run_dir)
+    if not (run_path / "config.toml").is_file():
+        raise ConfigError(
+            f"--resume: {str(run_path)!r} is not a run directory (no config.toml); give the "
+            "folder `lorakit train` was writing"
+        )
+    if (run_path / "summary.json").exists():
+        raise ConfigError(f"--resume: the run in {run_path} has finished; nothing to resume")
+    config = load_config(run_path / "config.toml")
+    checkpoint = latest_checkpoint(run_path / "checkpoints")
+    if checkpoint is None:
+        every = config.train.checkpoint_every
+        raise ConfigError(
+            f"--resume: {run_path} holds no complete checkpoint (train.checkpoint_every = "
+            f"{every}{', off' if every == 0 else ''}); the run stopped before its first one, "
+            "so start it again"
+        )
+    return run_path, config, checkpoint
+
+
+def _refuse_settings_with_resume(recipe_or_config, out, overrides: list[str]) -> None:
+    if recipe_or_config is not None or out is not None or overrides:
+        raise ConfigError(
+            "--resume continues a run with its own config.toml and folder; leave out the "
+            "recipe, --out and --set"
+        )
+
+
+def _new_run_path(out: str | Path | None, config: Config) -> Path:
+    return Path(out or config.out or default_out(config.recipe))
+
+
+def _absolute_data_path(config: Config) -> Config:
+    """A relative ``data.path`` made absolute, so that the run's config.toml (which `lorakit
+    eval` and a repeat read) finds the data from any working directory."""
+    path = config.data.path and Path(config.data.path).expanduser()
+    if not path or not path.exists():
+        return config  # a missing path fails in the data loader, with the user's spelling
+    data = config.data.model_copy(update={"path": str(path.resolve())})
+    return config.model_copy(update={"data": data})
+
+
+def _train_in_processes(
+    recipe_or_config, out, overrides: list[str], resume, processes: int
+) -> dict[str, Any]:
+    """Start ``processes`` training processes (torch.distributed's launcher) and wait; each runs
+    ``train`` again, the main one inside the run's ``RunDir``."""
+    from lorakit.train import distributed
+
+    if resume is not None:
+        run_path, config, _ = resume_point(resume)
+        args = ["--resume", str(run_path)]
+    else:
+        config = resolve_config(recipe_or_config, overrides)  # fails here, before launching
+        run_path = _new_run_path(out, config)
+        args = [str(recipe_or_config)] if recipe_or_config is not None else []
+        args += ["--out", str(run_path)]
+        for item in overrides:
+            args += ["--set", item]
+    for name in ("batch_size", "eval_batch_size"):
+        size = getattr(config.train, name)
+        if size % processes:
+            raise ConfigError(
+                f"train.{name}: {size} cannot be split among {processes} processes; it is the "
+                f"global batch, so make it a multiple of {processes}"
+            )
+    distributed.launch(processes, args)
+    summary = read_run_summary(run_path)
+    summary.setdefault("run_dir", str(run_path))
+    return summary
