@@ -184,7 +184,8 @@ def test_train_on_a_folder_a_live_run_holds_is_one_clean_message(tmp_path, capsy
 
 
 def test_commands_are_calls_of_the_python_api(monkeypatch, tmp_path, capsys):
-    """serve, sweep, inspect, merge and report go through lorakit.api, as a notebook would."""
+    """sweep, inspect, merge and report go through lorakit.api, as a notebook would (serve is a
+    shell of its own, lorakit.serve)."""
     from lorakit import api
 
     calls = []
@@ -196,20 +197,17 @@ def test_commands_are_calls_of_the_python_api(monkeypatch, tmp_path, capsys):
 
         monkeypatch.setattr(api, name, call)
 
-    fake("serve")
     fake("sweep", {"sweep_dir": "runs/sweep-x", "succeeded": 0})
     fake("inspect", "modules\n")
     fake("merge", tmp_path / "merged")
     fake("report", tmp_path / "report.html")
-    assert main(["serve", "--adapter", "a=runs/a", "--port", "9000"]) == 0
     assert main(["sweep", "classic", "--grid", "r=1,2", "--set", "train.epochs=1"]) == 1
     assert main(["inspect", "minilm"]) == 0
     assert main(["merge", "runs/a", str(tmp_path / "merged"), "--force"]) == 0
     assert main(["report", "runs/a"]) == 0
-    assert [name for name, _, _ in calls] == ["serve", "sweep", "inspect", "merge", "report"]
-    assert calls[0][1] == ("minilm", ["a=runs/a"]) and calls[0][2]["port"] == 9000
-    assert calls[1][1] == ("classic", ["r=1,2"]) and calls[1][2]["overrides"] == ["train.epochs=1"]
-    assert calls[3][2] == {"force": True}
+    assert [name for name, _, _ in calls] == ["sweep", "inspect", "merge", "report"]
+    assert calls[0][1] == ("classic", ["r=1,2"]) and calls[0][2]["overrides"] == ["train.epochs=1"]
+    assert calls[2][2] == {"force": True}
     assert capsys.readouterr().out.splitlines() == [
         "runs/sweep-x", "modules", str(tmp_path / "merged"), str(tmp_path / "report.html"),
     ]  # fmt: skip

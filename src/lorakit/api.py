@@ -39,7 +39,6 @@ __all__ = [
     "report",
     "resolve_config",
     "resume_point",
-    "serve",
     "sweep",
     "train",
 ]
@@ -170,29 +169,6 @@ def generate(
         model, tokenizer, prompt, max_new_tokens=max_new_tokens, temperature=temperature,
         top_p=top_p, seed=seed, stream=stream, on_text=on_text,
     )  # fmt: skip
-
-
-def serve(
-    base: str = "minilm",
-    adapters: Mapping[str, str | Path] | Iterable[str] = (),
-    *,
-    host: str = "127.0.0.1",
-    port: int = 8000,
-    api_key: str | None = None,
-    max_texts: int = 64,
-    max_text_chars: int = 5000,
-    log_level: str = "info",
-) -> None:
-    """Serve ``adapters`` ({name: adapter folder or run directory}, or ``NAME=DIR`` strings) on
-    one ``base`` model over HTTP until interrupted (``lorakit.serve``)."""
-    from lorakit.serve import ServeSettings, parse_adapter_options
-    from lorakit.serve import serve as run_server
-
-    if not isinstance(adapters, Mapping):
-        adapters = parse_adapter_options(list(adapters))
-    settings = ServeSettings(max_texts=max_texts, max_text_chars=max_text_chars)
-    run_server(base, adapters, host=host, port=port, api_key=api_key, settings=settings,
-               log_level=log_level)  # fmt: skip
 
 
 def sweep(

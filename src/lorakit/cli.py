@@ -134,12 +134,14 @@ def serve(
     ] = "info",
 ) -> None:
     """Serve many LoRA adapters on one base model over HTTP (FastAPI + uvicorn)."""
-    from lorakit.serve import ServeError
+    # the server is a shell beside this one (python -m lorakit.serve), not a call of the API
+    from lorakit.serve import ServeError, ServeSettings, parse_adapter_options
+    from lorakit.serve import serve as run_server
 
     try:
-        api.serve(base, adapter or [], host=host, port=port, api_key=api_key,
-                  max_texts=max_texts, max_text_chars=max_text_chars,
-                  log_level=log_level)  # fmt: skip
+        settings = ServeSettings(max_texts=max_texts, max_text_chars=max_text_chars)
+        run_server(base, parse_adapter_options(adapter or []), host=host, port=port,
+                   api_key=api_key, settings=settings, log_level=log_level)  # fmt: skip
     except ServeError as err:
         typer.echo(f"error: {err}", err=True)
         raise typer.Exit(2) from None
