@@ -90,26 +90,14 @@ class _EpochEvents(TrainerCallback):
             self.recorder.epoch_event(state)
 
 
-def train_with_hf_trainer(
-    model: torch.nn.Module,
-    train_dataset,
-    eval_dataset,
-    collator,
-    config: TrainConfig,
-    *,
-    run_dir: RunDir | None,
-    seed: int,
-    output_dir: str,
-) -> TrainResult:
-    """Train with `transformers.Trainer`; like `train_loop`, leave `model` holding the weights
-    of its best evaluation and return the same result type."""
-    steps_per_epoch = max(
-        1, math.ceil(len(train_dataset) / config.batch_size / config.grad_accum_steps)
-    )
+def _training_arguments(
+    config: TrainConfig, steps_per_epoch: int, seed: int, output_dir: str
+) -> TrainingArguments:
+    """lorakit's train section in the Trainer's terms."""
     total = steps_per_epoch * config.epochs
     if config.max_steps:
         total = min(total, config.max_steps)
-    args = TrainingArguments(
+    return TrainingArguments(
         output_dir=output_dir,
         per_device_train_batch_size=config.batch_size,
         per_device_eval_batch_size=config.eval_batch_size,
@@ -134,6 +122,25 @@ def train_with_hf_trainer(
         dataloader_num_workers=config.num_workers,
         disable_tqdm=not sys.stderr.isatty(),  # our callback logs plain lines in CI logs
     )
+
+
+def train_with_hf_trainer(
+    model: torch.nn.Module,
+    train_dataset,
+    eval_dataset,
+    collator,
+    config: TrainConfig,
+    *,
+    run_dir: RunDir | None,
+    seed: int,
+    output_dir: str,
+) -> TrainResult:
+    """Train with `transformers.Trainer`; like `train_loop`, leave `model` holding the weights
+    of its best evaluation and return the same result type."""
+    steps_per_epoch = max(
+        1, math.ceil(len(train_dataset) / config.batch_size / config.grad_accum_steps)
+    )
+    args = _training_arguments(config, steps_per_epoch, seed, output_dir)
     recorder = _RunDirCallback(run_dir, config.early_stopping_patience, steps_per_epoch)
     optimizer = None  # the Trainer's own AdamW
     if config.lora_plus_ratio != 1:
