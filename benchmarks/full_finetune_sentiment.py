@@ -22,7 +22,6 @@ from lorakit.data import dataset_fingerprint
 from lorakit.recipes import load_task_data, recipe_path
 from lorakit.recipes.sequence_classification import data_loaders, load_base
 from lorakit.rundir import RunDir
-from lorakit.train.best import BestWeights
 from lorakit.train.loop import evaluate, train_loop
 
 sys.path.insert(0, str(Path(__file__).parent))
@@ -47,12 +46,10 @@ def full_finetune(overrides: list[str], run_dir: Path) -> dict:
     run.start_environment(config.seed, dataset_fingerprint(data))
     model, tokenizer, _ = load_base(config, labels)
     loaders = data_loaders(config, data, tokenizer)
-    best = BestWeights()
     result = train_loop(
-        model, loaders["train"], loaders["validation"], config.train, run_dir=run, save_best=best,
+        model, loaders["train"], loaders["validation"], config.train, run_dir=run,
         seed=config.seed, desc="full fine-tuning",
     )  # fmt: skip
-    best.restore(model)
     model.eval()
     test = evaluate(model, loaders["test"])
     return {

@@ -52,15 +52,13 @@ def test_loop_learns_and_logs(news, tmp_path):
     model, train, val = make(news)
     before = evaluate(model, val)
     run = RunDir(tmp_path / "run")
-    saved = []
     config = TrainConfig(epochs=3, lr=1e-2, batch_size=32, log_every=5, warmup_ratio=0.1)
-    result = train_loop(
-        model, train, val, config, run_dir=run, seed=0, show_progress=False,
-        save_best=lambda m, step: saved.append(step),
-    )  # fmt: skip
-    after = evaluate(model, val)
+    result = train_loop(model, train, val, config, run_dir=run, seed=0, show_progress=False)
+    after = evaluate(model, val)  # the model holds the best evaluation's weights
     assert after["accuracy"] > max(0.6, before["accuracy"] + 0.3)
-    assert result.steps == 3 * len(train) and saved and saved[-1] == result.best_step
+    assert after["accuracy"] == result.best_metrics["accuracy"]
+    assert after["loss"] == pytest.approx(result.best_metrics["loss"], rel=1e-6)
+    assert result.steps == 3 * len(train)
     events = [json.loads(line) for line in (run.path / "metrics.jsonl").read_text().splitlines()]
     kinds = {e["event"] for e in events}
     assert kinds == {"train", "eval", "epoch"}
@@ -132,3 +130,40 @@ def test_lora_plus_without_lora_is_refused(news):
     model, _, _ = make(news)
     with pytest.raises(ConfigError, match="lora_plus_ratio = 1"):
         parameter_groups(model, 1e-3, 16)
+
+
+# train losses and (step, loss, accuracy) of the evaluations of the run below
+PINNED_LOSSES = [
+    1.6191675066947937, 1.6715516448020935, 1.6236217617988586, 1.595847725868225,
+    1.5933436751365662, 1.5676726698875427, 1.5325117707252502, 1.5161925554275513,
+    1.4842158555984497, 1.5078687071800232, 1.4963952898979187, 1.4763501286506653,
+    1.4438130855560303, 1.4793487787246704, 1.3741660714149475,
+]  # fmt: skip
+PINNED_EVALS = [
+    (4, 1.6568066120147704, 0.35), (8, 1.588489441871643, 0.13),
+    (12, 1.5624135780334472, 0.19), (13, 1.5525559902191162, 0.21),
+    (15, 1.5340234422683716, 0.28),
+]  # fmt: skip
+
+
+def test_per_step_losses_and_evaluations_are_pinned(news):
+    """A short run with LoRA dropout, LoRA+, accumulation (13 steps an epoch, the last of one
+    batch), warmup, weight decay and evaluations inside and at the end of an epoch: a change to
+    the loop must move none of its numbers. It ends holding the best (first) evaluation's
+    weights."""
+    model, train, val = make(news, batch_size=16)
+    lora.inject(model, lora.LoraConfig(r=4, lora_alpha=8, lora_dropout=0.1, target_modules=["fc1"]))
+    config = TrainConfig(
+        epochs=2, max_steps=15, grad_accum_steps=2, lr=1e-2, lora_plus_ratio=4, eval_every=4,
+        log_every=1, warmup_ratio=0.2, weight_decay=0.01,
+    )  # fmt: skip
+    result = train_loop(model, train, val, config, seed=0, show_progress=False)
+    losses = [e["loss"] for e in result.history if e["event"] == "train"]
+    evals = [(e["step"], e["loss"], e["accuracy"]) for e in result.history if e["event"] == "eval"]
+    assert losses == pytest.approx(PINNED_LOSSES, rel=1e-4)
+    assert [(step, accuracy) for step, _, accuracy in evals] == [
+        (step, accuracy) for step, _, accuracy in PINNED_EVALS
+    ]
+    assert [loss for _, loss, _ in evals] == pytest.approx([e[1] for e in PINNED_EVALS], rel=1e-4)
+    assert result.best_step == 4 and result.best_metrics["accuracy"] == 0.35
+    assert evaluate(model, val)["accuracy"] == 0.35

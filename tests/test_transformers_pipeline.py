@@ -142,7 +142,7 @@ def train_hf(config, model, loaders, tmp_path):
 
     train_with_hf_trainer(
         model, loaders["train"].dataset, loaders["validation"].dataset,
-        loaders["train"].collate_fn, config.train, run_dir=None, save_best=None, seed=0,
+        loaders["train"].collate_fn, config.train, run_dir=None, seed=0,
         output_dir=str(tmp_path / "hf"),
     )  # fmt: skip
 

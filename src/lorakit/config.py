@@ -203,7 +203,7 @@ class TrainConfig(_Section):
     )
     fast_dropout: bool = Field(
         True,
-        description="dropout masks from a fast generator on the CPU (lorakit.train.fast_dropout); "
+        description="dropout masks from a fast generator on the CPU (lorakit.nn.fast_dropout); "
         "false: PyTorch's own dropout",
     )
     log_every: int = Field(50, gt=0)

@@ -42,7 +42,6 @@ from lorakit.recipes import run_summary, write_reports
 from lorakit.recipes.pretrain_tiny_gpt2 import ensure_base_model
 from lorakit.rundir import RunDir, read_run_summary
 from lorakit.train import engines
-from lorakit.train.best import BestWeights
 from lorakit.train.loop import train_loop
 from lorakit.train.metrics import evaluate_causal, perplexity, verdict_accuracy
 
@@ -232,14 +231,12 @@ def run(config: Config, run_dir: RunDir, resume: Path | None = None) -> dict[str
     print(f"{config.recipe}: LoRA ({config.lora.engine}): {trainable:,} of {total:,} parameters "
           f"trainable ({100 * trainable / total:.3f}%)", flush=True)  # fmt: skip
     loaders = _loaders(splits, config)
-    best = BestWeights()
     result = train_loop(
         model, loaders["train"], loaders["validation"], config.train, run_dir=run_dir,
-        save_best=best, seed=config.seed, metric=causal.select_by, desc=config.recipe,
+        seed=config.seed, metric=causal.select_by, desc=config.recipe,
         checkpoint_dir=run_dir / "checkpoints", resume=resume,
         evaluate_fn=validation_figures(data, tokenizer, _positions(model), eval_bs),
     )  # fmt: skip
-    best.restore(model)
     model.eval()
     test_ppl = perplexity(model, splits["test"], eval_bs)
     verdicts = _verdicts(model, tokenizer, data["test_pairs"], eval_bs)
@@ -325,16 +322,14 @@ def comparison_rows(config: Config, splits, summary, test_pairs, tokenizer) -> l
     full_train = config.train.model_copy(
         update={"lr": causal.full_lr or config.train.lr / 10, "checkpoint_every": 0}
     )
-    best = BestWeights()
     loaders = _loaders(splits, config)
     print(
         f"{config.recipe}: full fine-tuning for the comparison (lr {full_train.lr:g})", flush=True
     )
     result = train_loop(
         model, loaders["train"], loaders["validation"], full_train, seed=config.seed,
-        save_best=best, metric="perplexity", desc="full fine-tuning", evaluate_fn=evaluate_causal,
+        metric="perplexity", desc="full fine-tuning", evaluate_fn=evaluate_causal,
     )  # fmt: skip
-    best.restore(model)
     full_ppl = perplexity(model.eval(), splits["test"], config.train.eval_batch_size)
     total = sum(p.numel() for p in model.parameters())  # the base model's own parameters
     full_verdicts = _verdicts(model, tokenizer, test_pairs, config.train.eval_batch_size)

@@ -35,7 +35,6 @@ from lorakit.models.classic import (
 from lorakit.recipes import load_task_data, run_summary, write_reports
 from lorakit.rundir import RunDir, read_run_summary
 from lorakit.train import engines
-from lorakit.train.best import BestWeights
 from lorakit.train.loop import evaluate, train_loop
 from lorakit.train.metrics import confusion_matrix
 
@@ -82,12 +81,10 @@ def pretrain(config: Config, run_dir: RunDir, target_train_texts: list[str]) -> 
         update={"epochs": section.epochs, "lr": section.lr, "batch_size": section.batch_size}
     )
     loaders = _loaders(_encode(news, vocab, section.max_length), train_config, config.seed)
-    best = BestWeights()
     result = train_loop(
         model, loaders["train"], loaders["validation"], train_config,
-        save_best=best, seed=config.seed, desc=f"pretrain {section.data}",
+        seed=config.seed, desc=f"pretrain {section.data}",
     )  # fmt: skip
-    best.restore(model)
     test = evaluate(model, loaders["test"])
     facts = {
         "pretrain_dataset": section.data,
@@ -147,13 +144,12 @@ def _run(config: Config, run_dir: RunDir, resume: Path | None) -> dict[str, Any]
     print(f"transfer to {config.data.source}: {trainable:,} of {total:,} parameters trainable")
     encoded = _encode(target, vocab, config.data.max_length)
     loaders = _loaders(encoded, config.train, config.seed)
-    best = BestWeights(run_dir.adapter_dir, str(base_dir))
     result = train_loop(
         model, loaders["train"], loaders["validation"], config.train, run_dir=run_dir,
-        save_best=best, seed=config.seed, desc=f"LoRA {config.data.source}",
+        seed=config.seed, desc=f"LoRA {config.data.source}",
         checkpoint_dir=run_dir / "checkpoints", resume=resume,
     )  # fmt: skip
-    best.restore(model)
+    engines.save(model, run_dir.adapter_dir, str(base_dir))
     test = evaluate(model, loaders["test"])
     run_dir.log(
         "test", step=result.best_step, split="test", loss=test["loss"], accuracy=test["accuracy"]
@@ -230,12 +226,10 @@ def compare(
         elif setting == "head":
             model.requires_grad_(False)
             model.fc2.requires_grad_(True)
-        best = BestWeights()
         result = train_loop(
-            model, loaders["train"], loaders["validation"], config.train, save_best=best,
+            model, loaders["train"], loaders["validation"], config.train,
             seed=config.seed, show_progress=False,
         )  # fmt: skip
-        best.restore(model)
         test = evaluate(model, loaders["test"])
         trainable, total = engines.parameter_counts(model)
         if section is not None:

@@ -28,7 +28,6 @@ from lorakit.nn.frozen_base import set_model_dropout
 from lorakit.recipes import load_task_data, run_summary, write_reports
 from lorakit.rundir import RunDir, read_run_summary
 from lorakit.train import engines
-from lorakit.train.best import BestWeights
 from lorakit.train.loop import evaluate, train_loop
 from lorakit.train.metrics import confusion_matrix
 
@@ -86,7 +85,6 @@ def run(config: Config, run_dir: RunDir, resume: Path | None = None) -> dict[str
           flush=True)  # fmt: skip
     train = config.train
     loaders = data_loaders(config, dsd, tokenizer)
-    best = BestWeights()
     if train.trainer == "hf":
         if resume is not None:
             raise ConfigError("--resume works with train.trainer = 'lorakit', not 'hf'")
@@ -94,16 +92,15 @@ def run(config: Config, run_dir: RunDir, resume: Path | None = None) -> dict[str
 
         result = train_with_hf_trainer(
             model, loaders["train"].dataset, loaders["validation"].dataset,
-            loaders["train"].collate_fn, train, run_dir=run_dir, save_best=best,
+            loaders["train"].collate_fn, train, run_dir=run_dir,
             seed=config.seed, output_dir=str(run_dir / "hf_trainer"),
         )  # fmt: skip
     else:
         result = train_loop(
             model, loaders["train"], loaders["validation"], train, run_dir=run_dir,
-            save_best=best, seed=config.seed, desc=f"{config.recipe}",
+            seed=config.seed, desc=f"{config.recipe}",
             checkpoint_dir=run_dir / "checkpoints", resume=resume,
         )  # fmt: skip
-    best.restore(model)
     model.eval()
     test = evaluate(model, loaders["test"])
     run_dir.log("test", step=result.best_step, epoch=None, split="test",

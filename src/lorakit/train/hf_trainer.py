@@ -1,8 +1,8 @@
 """`trainer = "hf"`: the same run through transformers' `Trainer`, as the seeds do.
 
 A callback writes the same `metrics.jsonl` events as lorakit's loop, keeps the best trainable
-weights (in memory, handed to the recipe's `save_best`) and stops early; so both trainers leave
-the same run directory behind.
+weights (`lorakit.train.best`) and stops early; so both trainers leave the same run directory
+behind, and return the model holding the weights of its best evaluation.
 """
 
 from __future__ import annotations
@@ -21,7 +21,8 @@ from lorakit.config import TrainConfig
 from lorakit.nn.fast_dropout import fast_dropout
 from lorakit.rundir import RunDir
 
-from .loop import SaveBest, TrainResult, parameter_groups
+from .best import BestEvaluation
+from .loop import TrainResult, parameter_groups
 from .metrics import accuracy
 
 
@@ -32,12 +33,11 @@ def _accuracy(prediction) -> dict[str, float]:
 
 
 class _RunDirCallback(TrainerCallback):
-    def __init__(self, run_dir, save_best, patience, steps_per_epoch):
-        self.run_dir, self.save_best, self.patience = run_dir, save_best, patience
-        self.steps_per_epoch = steps_per_epoch
+    def __init__(self, run_dir, patience, steps_per_epoch):
+        self.run_dir, self.steps_per_epoch = run_dir, steps_per_epoch
         self.started = time.monotonic()
-        self.best_value, self.best_step, self.best_metrics = -math.inf, 0, {}
-        self.bad_evals, self.epoch_losses, self.last_eval = 0, [], {}
+        self.best = BestEvaluation("accuracy", patience)
+        self.epoch_losses, self.last_eval = [], {}
         self.history: list[dict[str, Any]] = []
         self.model = None
 
@@ -65,17 +65,9 @@ class _RunDirCallback(TrainerCallback):
         figures = {"loss": metrics["eval_loss"], "accuracy": metrics["eval_accuracy"]}
         self.last_eval = figures
         self._log(state, "eval", split="validation", **figures)
-        if figures["accuracy"] > self.best_value:
-            self.best_value, self.best_step, self.best_metrics = (
-                figures["accuracy"], state.global_step, figures,
-            )  # fmt: skip
-            self.bad_evals = 0
-            if self.save_best is not None:
-                self.save_best(self.model, state.global_step)
-        else:
-            self.bad_evals += 1
-            if 0 < self.patience <= self.bad_evals:
-                control.should_training_stop = True
+        self.best.update(self.model, state.global_step, figures)
+        if self.best.should_stop:
+            control.should_training_stop = True
 
     def on_epoch_end(self, args, state, control, **kwargs):
         # evaluation at the epoch's end runs after this hook; the epoch event follows it
@@ -99,26 +91,14 @@ class _EpochEvents(TrainerCallback):
             self.recorder.epoch_event(state)
 
 
-def train_with_hf_trainer(
-    model: torch.nn.Module,
-    train_dataset,
-    eval_dataset,
-    collator,
-    config: TrainConfig,
-    *,
-    run_dir: RunDir | None,
-    save_best: SaveBest | None,
-    seed: int,
-    output_dir: str,
-) -> TrainResult:
-    """Train with `transformers.Trainer`; the same result type as `train_loop`."""
-    steps_per_epoch = max(
-        1, math.ceil(len(train_dataset) / config.batch_size / config.grad_accum_steps)
-    )
+def _training_arguments(
+    config: TrainConfig, steps_per_epoch: int, seed: int, output_dir: str
+) -> TrainingArguments:
+    """lorakit's train section in the Trainer's terms."""
     total = steps_per_epoch * config.epochs
     if config.max_steps:
         total = min(total, config.max_steps)
-    args = TrainingArguments(
+    return TrainingArguments(
         output_dir=output_dir,
         per_device_train_batch_size=config.batch_size,
         per_device_eval_batch_size=config.eval_batch_size,
@@ -143,7 +123,26 @@ def train_with_hf_trainer(
         dataloader_num_workers=config.num_workers,
         disable_tqdm=not sys.stderr.isatty(),  # our callback logs plain lines in CI logs
     )
-    recorder = _RunDirCallback(run_dir, save_best, config.early_stopping_patience, steps_per_epoch)
+
+
+def train_with_hf_trainer(
+    model: torch.nn.Module,
+    train_dataset,
+    eval_dataset,
+    collator,
+    config: TrainConfig,
+    *,
+    run_dir: RunDir | None,
+    seed: int,
+    output_dir: str,
+) -> TrainResult:
+    """Train with `transformers.Trainer`; like `train_loop`, leave `model` holding the weights
+    of its best evaluation and return the same result type."""
+    steps_per_epoch = max(
+        1, math.ceil(len(train_dataset) / config.batch_size / config.grad_accum_steps)
+    )
+    args = _training_arguments(config, steps_per_epoch, seed, output_dir)
+    recorder = _RunDirCallback(run_dir, config.early_stopping_patience, steps_per_epoch)
     optimizer = None  # the Trainer's own AdamW
     if config.lora_plus_ratio != 1:
         groups = parameter_groups(model, config.lr, config.lora_plus_ratio)
@@ -166,11 +165,12 @@ def train_with_hf_trainer(
     trainer.accelerator.unwrap_model(model, keep_fp32_wrapper=False)
     if recorder.epoch_losses:  # stopped (early or max_steps) inside an epoch
         recorder.epoch_event(trainer.state)
+    recorder.best.restore(model)
     return TrainResult(
-        best_step=recorder.best_step,
-        best_metrics=recorder.best_metrics,
+        best_step=recorder.best.step,
+        best_metrics=recorder.best.metrics,
         steps=trainer.state.global_step,
         train_seconds=round(time.monotonic() - started, 3),
-        stopped_early=recorder.bad_evals >= config.early_stopping_patience > 0,
+        stopped_early=recorder.best.should_stop,
         history=recorder.history,
     )

@@ -3,9 +3,13 @@
 Model contract (as transformers models): ``model(**batch)`` returns an object with ``.logits``,
 and ``.loss`` when the batch holds ``labels``. The loop trains only parameters that require
 grad (AdamW), with linear warmup and decay, gradient clipping and accumulation; it evaluates every
-``eval_every`` optimizer steps and at each epoch's end, hands the best model to the recipe's
-``save_best(model, step)``, stops early after ``early_stopping_patience`` evaluations without
-improvement, and logs every event to the run directory's ``metrics.jsonl``.
+``eval_every`` optimizer steps and at each epoch's end, keeps a copy of the best evaluation's
+trainable weights (``lorakit.train.best``), stops early after ``early_stopping_patience``
+evaluations without improvement, and logs every event to the run directory's ``metrics.jsonl``.
+It returns the model holding the best weights.
+
+The loop reads top to bottom in ``_Trainer.train``; its state is explicit: ``TrainState``
+(where the loop is, and the best evaluation) and ``RunningLoss`` (the losses being averaged).
 
 Given a ``checkpoint_dir`` it writes a checkpoint every ``checkpoint_every`` optimizer steps
 (``lorakit.train.checkpoint``); given ``resume`` (a checkpoint folder) it restores the model,
@@ -24,9 +28,9 @@ from __future__ import annotations
 import math
 import sys
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import nullcontext
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -42,8 +46,8 @@ from lorakit.nn.fast_dropout import fast_dropout
 from lorakit.nn.frozen_base import bf16_frozen_base
 from lorakit.rundir import RunDir
 from lorakit.train import checkpoint as ckpt
+from lorakit.train.best import BestEvaluation, load_into, trainable_tensors
 
-SaveBest = Callable[[torch.nn.Module, int], None]
 # (model, eval_loader, accelerator) -> figures; the float ones are logged, `metric` among them
 EvaluateFn = Callable[[torch.nn.Module, Iterable, Accelerator], dict[str, Any]]
 
@@ -148,6 +152,11 @@ class _Progress:
             figures = " ".join(f"{k} {v:.4g}" for k, v in shown.items())
             print(f"{self.desc}: step {step}/{self.total} {figures}", flush=True)
 
+    def skip_to(self, step: int) -> None:
+        """Start the bar at ``step`` (a resumed run)."""
+        if self.bar is not None:
+            self.bar.update(step)
+
     def note(self, text: str) -> None:
         if self.enabled:
             (self.bar.write if self.bar is not None else print)(text)
@@ -158,44 +167,73 @@ class _Progress:
 
 
 @dataclass
-class _Position:
-    """Where the loop is and what it has counted: all a checkpoint needs besides tensors."""
+class TrainState:
+    """Where the loop is. With the running losses, all that a checkpoint saves besides tensors
+    (its ``position``)."""
 
-    step: int = 0
+    best: BestEvaluation
+    step: int = 0  # optimizer steps
     epoch: int = 0
     batches_done: int = 0  # batches of `epoch` already trained
+    last_eval_step: int = -1  # the step of the epoch's latest evaluation
+    figures: dict[str, float] = field(default_factory=dict)  # and its figures
+
+    def start_epoch(self, epoch: int) -> None:
+        self.epoch, self.batches_done, self.last_eval_step, self.figures = epoch, 0, -1, {}
+
+    def position(self, losses: RunningLoss) -> dict[str, Any]:
+        """The checkpoint's ``position``."""
+        return {
+            "step": self.step, "epoch": self.epoch, "batches_done": self.batches_done,
+            **asdict(losses),
+            "last_eval_step": self.last_eval_step, "figures": self.figures,
+            "best_step": self.best.step, "best_value": self.best.value,
+            "best_metrics": self.best.metrics, "bad_evals": self.best.bad_evals,
+            "stop": self.best.should_stop,
+        }  # fmt: skip
+
+    @classmethod
+    def from_position(cls, position: dict[str, Any], best: BestEvaluation) -> TrainState:
+        """The state a checkpoint's ``position`` holds; ``best`` says the metric and patience."""
+        best = replace(
+            best, step=position["best_step"], value=position["best_value"],
+            metrics=position["best_metrics"], bad_evals=position["bad_evals"],
+        )  # fmt: skip
+        names = ("step", "epoch", "batches_done", "last_eval_step", "figures")
+        return cls(best, **{name: position[name] for name in names})
+
+
+@dataclass
+class RunningLoss:
+    """Sums of the batch losses since the epoch began and since the last ``train`` event."""
+
     epoch_loss: float = 0.0
     epoch_batches: int = 0
     log_loss: float = 0.0
     log_batches: int = 0
-    last_eval_step: int = -1
-    figures: dict[str, float] = field(default_factory=dict)
-    best_step: int = 0
-    best_value: float = math.nan
-    best_metrics: dict[str, float] = field(default_factory=dict)
-    bad_evals: int = 0
-    stop: bool = False
 
-    def start_epoch(self, epoch: int) -> None:
-        self.epoch, self.batches_done = epoch, 0
-        self.epoch_loss, self.epoch_batches, self.log_loss, self.log_batches = 0.0, 0, 0.0, 0
-        self.last_eval_step, self.figures = -1, {}
+    def add(self, loss: float) -> None:
+        self.epoch_loss, self.epoch_batches = self.epoch_loss + loss, self.epoch_batches + 1
+        self.log_loss, self.log_batches = self.log_loss + loss, self.log_batches + 1
+
+    def epoch_mean(self) -> float:
+        return self.epoch_loss / max(self.epoch_batches, 1)
+
+    def take_log_mean(self) -> float:
+        """The mean since the last call, which starts the next window."""
+        mean = self.log_loss / self.log_batches
+        self.log_loss, self.log_batches = 0.0, 0
+        return mean
+
+    @classmethod
+    def from_position(cls, position: dict[str, Any]) -> RunningLoss:
+        return cls(**{f.name: position[f.name] for f in fields(cls)})
 
 
 def _sampler_generator(loader: torch.utils.data.DataLoader) -> torch.Generator | None:
     """The generator that orders the training batches (shuffle or length-grouped sampler)."""
     sampler = getattr(loader, "sampler", None)
     return getattr(sampler, "generator", None) or getattr(loader, "generator", None)
-
-
-def _trainable(model: torch.nn.Module) -> dict[str, torch.nn.Parameter]:
-    return {n: p for n, p in model.named_parameters() if p.requires_grad}
-
-
-def _copy_into(params: dict[str, torch.nn.Parameter], values: dict[str, torch.Tensor]) -> None:
-    with torch.no_grad():
-        for name, value in values.items():
-            params[name].copy_(value)
 
 
 def _check_fits(saved: dict[str, torch.Tensor], params: dict[str, torch.nn.Parameter], where):
@@ -212,6 +250,15 @@ def _truncate_metrics(run_dir: RunDir | None, size: int) -> None:
     if path is not None and path.exists() and path.stat().st_size > size:
         with open(path, "r+b") as handle:
             handle.truncate(size)
+
+
+def _check_global_batches(config: TrainConfig, processes: int) -> None:
+    for name in ("batch_size", "eval_batch_size"):
+        if getattr(config, name) % processes:
+            raise ConfigError(
+                f"train.{name}: {getattr(config, name)} cannot be split among {processes} "
+                f"processes; it is the global batch, so make it a multiple of {processes}"
+            )
 
 
 def parameter_groups(model: torch.nn.Module, lr: float, lora_plus_ratio: float = 1.0) -> list[dict]:
@@ -243,7 +290,6 @@ def train_loop(
     config: TrainConfig,
     *,
     run_dir: RunDir | None = None,
-    save_best: SaveBest | None = None,
     seed: int | None = None,
     metric: str = "accuracy",
     desc: str = "train",
@@ -252,7 +298,7 @@ def train_loop(
     resume: str | Path | None = None,
     evaluate_fn: EvaluateFn | None = None,
 ) -> TrainResult:
-    """Train ``model`` in place; return the best evaluation and where it happened.
+    """Train ``model`` in place and leave it holding the weights of its best evaluation.
 
     ``metric`` is maximised (``accuracy``), or minimised when it is ``loss``/``perplexity``.
     ``checkpoint_dir``: where to write checkpoints (every ``config.checkpoint_every`` steps);
@@ -261,190 +307,213 @@ def train_loop(
     """
     if seed is not None:
         set_seed(seed)
-    accelerator = make_accelerator(config)
-    processes = accelerator.num_processes
-    for name in ("batch_size", "eval_batch_size"):
-        if getattr(config, name) % processes:
-            raise ConfigError(
-                f"train.{name}: {getattr(config, name)} cannot be split among {processes} "
-                f"processes; it is the global batch, so make it a multiple of {processes}"
-            )
-    groups = parameter_groups(model, config.lr, config.lora_plus_ratio)
-    params = [p for group in groups for p in group["params"]]
-    optimizer = torch.optim.AdamW(groups, lr=config.lr, weight_decay=config.weight_decay)
-    steps_per_epoch = math.ceil(len(train_loader) / config.grad_accum_steps)
-    total = steps_per_epoch * config.epochs
-    if config.max_steps:
-        total = min(total, config.max_steps)
-    scheduler = get_linear_schedule_with_warmup(
-        optimizer, round(config.warmup_ratio * total), max(total, 1)
-    )
-    generator = _sampler_generator(train_loader)
-    model, optimizer, train_loader, eval_loader, scheduler = accelerator.prepare(
-        model, optimizer, train_loader, eval_loader, scheduler
-    )
-    unwrapped = accelerator.unwrap_model(model)
-    minimise = metric in ("loss", "perplexity")
-    pos = _Position(best_value=math.inf if minimise else -math.inf)
-    history: list[dict[str, Any]] = []
-    best_weights: dict[str, torch.Tensor] = {}
-    epoch_start: dict[str, torch.Tensor] = {}  # what decides the epoch's batch order
-    writes = checkpoint_dir is not None and config.checkpoint_every > 0
-    writes = writes and accelerator.is_main_process
-    started = time.monotonic()
-
-    restored = None
+    trainer = _Trainer(
+        model, train_loader, eval_loader, config, run_dir=run_dir, metric=metric,
+        evaluate_fn=evaluate_fn or evaluate, checkpoint_dir=checkpoint_dir, desc=desc,
+        show_progress=show_progress,
+    )  # fmt: skip
     if resume is not None:
-        restored = ckpt.read_checkpoint(resume)
-        trainable = _trainable(unwrapped)
-        _check_fits(restored.tensors["model"], trainable, restored.path)
-        _copy_into(trainable, restored.tensors["model"])
-        saved = restored.state
-        optimizer.load_state_dict(
-            ckpt.join_optimizer_state(restored.tensors.get("optimizer", {}), saved["optimizer"])
+        trainer.resume(resume)
+    # for the loop only: under bf16 the frozen base is held in bf16 (lorakit.nn.frozen_base);
+    # dropout masks come from a fast generator (lorakit.nn.fast_dropout)
+    with (
+        bf16_frozen_base(trainer.unwrapped) if config.use_bf16 else nullcontext(),
+        fast_dropout(trainer.unwrapped) if config.fast_dropout else nullcontext(),
+    ):
+        trainer.train()
+    return trainer.finish()
+
+
+class _Trainer:
+    """One run of the loop: its parts, prepared by accelerate, and its state. ``train`` is the
+    loop; the other methods are its steps."""
+
+    def __init__(self, model, train_loader, eval_loader, config: TrainConfig, *, run_dir,
+                 metric, evaluate_fn, checkpoint_dir, desc, show_progress):  # fmt: skip
+        self.config, self.run_dir, self.evaluate_fn = config, run_dir, evaluate_fn
+        self.accelerator = make_accelerator(config)
+        _check_global_batches(config, self.accelerator.num_processes)
+        groups = parameter_groups(model, config.lr, config.lora_plus_ratio)
+        self.params = [p for group in groups for p in group["params"]]
+        optimizer = torch.optim.AdamW(groups, lr=config.lr, weight_decay=config.weight_decay)
+        self.steps_per_epoch = math.ceil(len(train_loader) / config.grad_accum_steps)
+        self.total = self.steps_per_epoch * config.epochs
+        if config.max_steps:
+            self.total = min(self.total, config.max_steps)
+        scheduler = get_linear_schedule_with_warmup(
+            optimizer, round(config.warmup_ratio * self.total), max(self.total, 1)
         )
-        scheduler.scheduler.load_state_dict(saved["scheduler"])
-        pos = _Position(**saved["position"])
-        best_weights = restored.tensors.get("best", {})
-        if best_weights and save_best is not None:  # the recipe gets its best model back
-            current = {n: p.detach().clone() for n, p in trainable.items()}
-            _copy_into(trainable, best_weights)
-            save_best(unwrapped, pos.best_step)
-            _copy_into(trainable, current)
-        _truncate_metrics(run_dir, saved["metrics_bytes"])
-        if run_dir is not None:
-            history = run_dir.read_metrics()
-        started -= saved["elapsed"]
+        self.generator = _sampler_generator(train_loader)
+        self.model, self.optimizer, self.train_loader, self.eval_loader, self.scheduler = (
+            self.accelerator.prepare(model, optimizer, train_loader, eval_loader, scheduler)
+        )
+        self.unwrapped = self.accelerator.unwrap_model(self.model)
+        # only the main process writes checkpoints; 0: none
+        writes = checkpoint_dir is not None and self.accelerator.is_main_process
+        self.checkpoint_dir = checkpoint_dir
+        self.checkpoint_every = config.checkpoint_every if writes else 0
+        self.state = TrainState(BestEvaluation(metric, config.early_stopping_patience))
+        self.losses = RunningLoss()
+        self.epoch_start: dict[str, torch.Tensor] = {}  # what decides the epoch's batch order
+        self.restored: ckpt.Checkpoint | None = None  # until the resumed epoch has started
+        self.history: list[dict[str, Any]] = []
+        self.progress = _Progress(self.total, desc, config.log_every, show_progress)
+        self.started = time.monotonic()
 
-    progress = _Progress(total, desc, config.log_every, show_progress)
-    if restored is not None and progress.bar is not None:
-        progress.bar.update(pos.step)
+    @property
+    def finished(self) -> bool:
+        return self.state.best.should_stop or self.state.step >= self.total
 
-    def mean_over_processes(value: float) -> float:
-        if processes == 1:
-            return value
-        return float(accelerator.reduce(torch.tensor([value], device=accelerator.device), "mean"))
+    def train(self) -> None:
+        """Epochs of optimizer steps, with logs, evaluations and checkpoints on the way."""
+        self.model.train()
+        for epoch in range(self.state.epoch, self.config.epochs):
+            for batch in self.epoch_batches(epoch):
+                loss = self.train_step(batch)
+                self.losses.add(loss)
+                self.state.batches_done += 1
+                if not self.accelerator.sync_gradients:
+                    continue  # accumulating: the optimizer steps every grad_accum_steps batches
+                self.state.step += 1
+                self.after_step(loss)
+                if self.finished:
+                    break
+                if self.checkpoint_every and self.state.step % self.checkpoint_every == 0:
+                    self.save_checkpoint()
+            self.end_epoch()
+            if self.finished:
+                break
 
-    def log(event: str, **fields: Any) -> dict[str, Any]:
-        epoch = round(pos.step / steps_per_epoch, 4)
-        record = {"step": pos.step, "epoch": epoch, "time": round(time.monotonic() - started, 3)}
-        record.update(fields)
-        history.append({"event": event, **record})
-        if run_dir is not None:  # each process its own: lorakit.api gives workers a scratch one
-            run_dir.log(event, **record)
-        return record
+    def epoch_batches(self, epoch: int) -> Iterator[dict[str, torch.Tensor]]:
+        """The epoch's batches; a resumed epoch in the same order, from where it stopped."""
+        restored, self.restored = self.restored, None
+        if restored is None:
+            self.state.start_epoch(epoch)
+            self.losses = RunningLoss()
+        else:  # a sampler without its own generator draws its order from torch's global RNG
+            torch.set_rng_state(restored.tensors["sampler"]["torch"])
+            if self.generator is not None:
+                self.generator.set_state(restored.tensors["sampler"]["generator"])
+        self.epoch_start = {"torch": torch.get_rng_state()}
+        if self.generator is not None:
+            self.epoch_start["generator"] = self.generator.get_state()
+        batches = iter(self.train_loader)
+        if restored is not None:
+            for _ in range(self.state.batches_done):  # replayed up to the checkpoint
+                next(batches, None)
+            self.accelerator.step = self.state.batches_done
+            # dropout and everything else random continue exactly where they stopped
+            ckpt.restore_rng(restored.tensors["rng"], restored.state["rng"])
+        return batches
 
-    def run_eval() -> dict[str, Any]:
-        result = (evaluate_fn or evaluate)(model, eval_loader, accelerator)
+    def train_step(self, batch: dict[str, torch.Tensor]) -> float:
+        """Forward and backward; the optimizer steps once the accumulated batches are in."""
+        with self.accelerator.accumulate(self.model):
+            loss = self.model(**batch).loss
+            self.accelerator.backward(loss)
+            if self.accelerator.sync_gradients and self.config.max_grad_norm > 0:
+                self.accelerator.clip_grad_norm_(self.params, self.config.max_grad_norm)
+            self.optimizer.step()
+            self.scheduler.step()
+            self.optimizer.zero_grad()
+        return float(loss.detach())
+
+    def after_step(self, loss: float) -> None:
+        step, lr = self.state.step, self.scheduler.get_last_lr()[0]
+        self.progress.update(step, loss=loss, lr=lr)
+        if step % self.config.log_every == 0:
+            self.log("train", loss=self.mean_over_processes(self.losses.take_log_mean()), lr=lr)
+        if self.config.eval_every and step % self.config.eval_every == 0:
+            self.evaluate()
+
+    def end_epoch(self) -> None:
+        if self.state.last_eval_step != self.state.step:
+            self.evaluate()
+        val = {f"val_{k}": v for k, v in self.state.figures.items()}
+        self.log("epoch", train_loss=self.mean_over_processes(self.losses.epoch_mean()), **val)
+
+    def evaluate(self) -> None:
+        """Log the validation figures; keep the weights when they are the best."""
+        result = self.evaluate_fn(self.model, self.eval_loader, self.accelerator)
         figures = {k: v for k, v in result.items() if isinstance(v, float)}
-        log("eval", split="validation", **figures)
-        value = figures[metric]
-        if value < pos.best_value if minimise else value > pos.best_value:
-            pos.best_step, pos.best_value, pos.best_metrics = pos.step, value, figures
-            pos.bad_evals = 0
-            if writes:
-                best_weights.update(
-                    {n: p.detach().clone() for n, p in _trainable(unwrapped).items()}
-                )
-            if save_best is not None:
-                save_best(unwrapped, pos.step)
-        else:
-            pos.bad_evals += 1
-            pos.stop = 0 < config.early_stopping_patience <= pos.bad_evals
-        progress.note(
-            f"{desc}: step {pos.step} " + " ".join(f"val_{k} {v:.4f}" for k, v in figures.items())
-        )
-        return figures
+        self.log("eval", split="validation", **figures)
+        self.state.best.update(self.unwrapped, self.state.step, figures)
+        self.state.figures, self.state.last_eval_step = figures, self.state.step
+        shown = " ".join(f"val_{k} {v:.4f}" for k, v in figures.items())
+        self.progress.note(f"{self.progress.desc}: step {self.state.step} {shown}")
 
-    def write_checkpoint() -> None:
+    def log(self, event: str, **values: Any) -> None:
+        record = {
+            "step": self.state.step,
+            "epoch": round(self.state.step / self.steps_per_epoch, 4),
+            "time": round(time.monotonic() - self.started, 3),
+            **values,
+        }
+        self.history.append({"event": event, **record})
+        # each process logs to its own run_dir: lorakit.api gives workers a scratch one
+        if self.run_dir is not None:
+            self.run_dir.log(event, **record)
+
+    def mean_over_processes(self, value: float) -> float:
+        if self.accelerator.num_processes == 1:
+            return value
+        tensor = torch.tensor([value], device=self.accelerator.device)
+        return float(self.accelerator.reduce(tensor, "mean"))
+
+    def save_checkpoint(self) -> None:
         rng_tensors, rng_scalars = ckpt.capture_rng()
-        optimizer_tensors, optimizer_json = ckpt.split_optimizer_state(optimizer.state_dict())
+        optimizer_tensors, optimizer_json = ckpt.split_optimizer_state(self.optimizer.state_dict())
         groups = {
-            "model": _trainable(unwrapped),
-            "best": best_weights,
+            "model": trainable_tensors(self.unwrapped),
+            "best": self.state.best.weights,
             "optimizer": optimizer_tensors,
             "rng": rng_tensors,
+            "sampler": self.epoch_start,
         }
-        groups["sampler"] = epoch_start
-        metrics = None if run_dir is None else run_dir.path / "metrics.jsonl"
+        metrics = None if self.run_dir is None else self.run_dir.path / "metrics.jsonl"
         state = {
-            "position": asdict(pos),
+            "position": self.state.position(self.losses),
             "optimizer": optimizer_json,
-            "scheduler": scheduler.scheduler.state_dict(),
+            "scheduler": self.scheduler.scheduler.state_dict(),
             "rng": rng_scalars,
-            "elapsed": time.monotonic() - started,
+            "elapsed": time.monotonic() - self.started,
             "metrics_bytes": metrics.stat().st_size if metrics and metrics.exists() else 0,
-            "processes": processes,
+            "processes": self.accelerator.num_processes,
         }
-        ckpt.write_checkpoint(checkpoint_dir, pos.step, groups, state, config.keep_checkpoints)
+        keep = self.config.keep_checkpoints
+        ckpt.write_checkpoint(self.checkpoint_dir, self.state.step, groups, state, keep)
 
-    # for the loop only: under bf16 the frozen base is held in bf16 (lorakit.train.frozen_base);
-    # dropout masks come from a fast generator (lorakit.train.fast_dropout)
-    with (
-        bf16_frozen_base(unwrapped) if config.use_bf16 else nullcontext(),
-        fast_dropout(unwrapped) if config.fast_dropout else nullcontext(),
-    ):
-        model.train()
-        for epoch in range(pos.epoch, config.epochs):
-            resuming = restored is not None and epoch == restored.state["position"]["epoch"]
-            if not resuming:
-                pos.start_epoch(epoch)
-            if resuming:
-                # a sampler without its own generator draws its order from torch's global RNG
-                torch.set_rng_state(restored.tensors["sampler"]["torch"])
-                if generator is not None:
-                    generator.set_state(restored.tensors["sampler"]["generator"])
-            epoch_start = {"torch": torch.get_rng_state()}
-            if generator is not None:
-                epoch_start["generator"] = generator.get_state()
-            batches = iter(train_loader)
-            if resuming:
-                for _ in range(pos.batches_done):  # the same order, replayed up to the checkpoint
-                    next(batches, None)
-                accelerator.step = pos.batches_done
-                # dropout and everything else random continue exactly where they stopped
-                ckpt.restore_rng(restored.tensors["rng"], restored.state["rng"])
-            for batch in batches:
-                with accelerator.accumulate(model):
-                    loss = model(**batch).loss
-                    accelerator.backward(loss)
-                    if accelerator.sync_gradients and config.max_grad_norm > 0:
-                        accelerator.clip_grad_norm_(params, config.max_grad_norm)
-                    optimizer.step()
-                    scheduler.step()
-                    optimizer.zero_grad()
-                value = float(loss.detach())
-                pos.batches_done += 1
-                pos.epoch_loss, pos.epoch_batches = pos.epoch_loss + value, pos.epoch_batches + 1
-                pos.log_loss, pos.log_batches = pos.log_loss + value, pos.log_batches + 1
-                if not accelerator.sync_gradients:
-                    continue
-                pos.step += 1
-                progress.update(pos.step, loss=value, lr=scheduler.get_last_lr()[0])
-                if pos.step % config.log_every == 0:
-                    mean_loss = mean_over_processes(pos.log_loss / pos.log_batches)
-                    log("train", loss=mean_loss, lr=scheduler.get_last_lr()[0])
-                    pos.log_loss, pos.log_batches = 0.0, 0
-                if config.eval_every and pos.step % config.eval_every == 0:
-                    pos.figures, pos.last_eval_step = run_eval(), pos.step
-                if pos.stop or pos.step >= total:
-                    break
-                if writes and pos.step % config.checkpoint_every == 0:
-                    write_checkpoint()
-            if pos.last_eval_step != pos.step:
-                pos.figures = run_eval()
-            val = {f"val_{k}": v for k, v in pos.figures.items()}
-            train_loss = mean_over_processes(pos.epoch_loss / max(pos.epoch_batches, 1))
-            log("epoch", train_loss=train_loss, **val)
-            if pos.stop or pos.step >= total:
-                break
-    progress.close()
-    accelerator.unwrap_model(model, keep_fp32_wrapper=False)  # drops the bf16 autocast wrapper
-    return TrainResult(
-        best_step=pos.best_step,
-        best_metrics=pos.best_metrics,
-        steps=pos.step,
-        train_seconds=round(time.monotonic() - started, 3),
-        stopped_early=pos.stop,
-        history=history,
-    )
+    def resume(self, folder: str | Path) -> None:
+        """Continue from a checkpoint: weights, optimizer, schedule, position, best, log."""
+        restored = ckpt.read_checkpoint(folder)
+        trainable = trainable_tensors(self.unwrapped)
+        _check_fits(restored.tensors["model"], trainable, restored.path)
+        load_into(self.unwrapped, restored.tensors["model"])
+        saved = restored.state
+        self.optimizer.load_state_dict(
+            ckpt.join_optimizer_state(restored.tensors.get("optimizer", {}), saved["optimizer"])
+        )
+        self.scheduler.scheduler.load_state_dict(saved["scheduler"])
+        self.state = TrainState.from_position(saved["position"], self.state.best)
+        self.state.best.weights = restored.tensors.get("best", {})
+        self.losses = RunningLoss.from_position(saved["position"])
+        _truncate_metrics(self.run_dir, saved["metrics_bytes"])
+        if self.run_dir is not None:
+            self.history = self.run_dir.read_metrics()
+        self.started -= saved["elapsed"]
+        self.progress.skip_to(self.state.step)
+        self.restored = restored
+
+    def finish(self) -> TrainResult:
+        """Close the progress bar, take the model out of accelerate, put the best weights back."""
+        self.progress.close()
+        self.accelerator.unwrap_model(self.model, keep_fp32_wrapper=False)  # the bf16 autocast
+        self.state.best.restore(self.unwrapped)
+        return TrainResult(
+            best_step=self.state.best.step,
+            best_metrics=self.state.best.metrics,
+            steps=self.state.step,
+            train_seconds=round(time.monotonic() - self.started, 3),
+            stopped_early=self.state.best.should_stop,
+            history=self.history,
+        )
