@@ -50,8 +50,7 @@ class PretrainTinyGPT2(Recipe):
     resumable = False
 
     def load_data(self) -> str:
-        self.settings = settings_of(self.config)
-        settings = self.settings
+        self.settings = settings = settings_of(self.config)
         if settings.seq_len > settings.n_positions:
             raise ConfigError(
                 f"pretrain.max_length: {settings.seq_len} exceeds the model's "
@@ -65,54 +64,8 @@ class PretrainTinyGPT2(Recipe):
         """Pretrain into RUN_DIR/model; summary.json holds the held-out test perplexity."""
         recipe = cls(config)
         runner.start(recipe, run_dir, resume)
-        return runner.finish(recipe, run_dir, recipe.pretrain(run_dir))
-
-    def pretrain(self, run_dir: RunDir) -> dict[str, Any]:
-        """Train, measure the validation and test perplexity; the summary."""
-        config, settings, corpus = self.config, self.settings, self.corpus
-        model_dir = run_dir.path / MODEL_FOLDER
-
-        def progress(event: dict) -> None:
-            run_dir.log("train", step=event["step"], epoch=None, time=round(event["seconds"], 3),
-                        loss=event["loss"], lr=event["lr"])  # fmt: skip
-            print(f"{config.recipe}: step {event['step']}/{settings.steps} loss "
-                  f"{event['loss']:.3f} ({event['seconds']:.0f} s)", flush=True)  # fmt: skip
-
-        result = pretrain_tiny_gpt2(
-            model_dir, corpus["train"]["text"], corpus["validation"]["text"],
-            steps=settings.steps, batch_size=settings.batch_size, seq_len=settings.seq_len,
-            lr=settings.lr, vocab_size=settings.vocab_size, n_layer=settings.n_layer,
-            n_embd=settings.n_embd, n_head=settings.n_head, n_positions=settings.n_positions,
-            seed=settings.seed, progress=progress, log_every=max(1, min(50, settings.steps // 10)),
-        )  # fmt: skip
-        val_ppl = result["perplexity"]
-        run_dir.log("eval", step=settings.steps, epoch=None, split="validation",
-                    loss=math.log(val_ppl), perplexity=val_ppl)  # fmt: skip
-        model, tokenizer = load_causal_lm(model_dir)
-        test_blocks = pack_texts(tokenizer, corpus["test"]["text"], settings.seq_len)
-        test_ppl = perplexity(model, test_blocks, batch_size=64)
-        run_dir.log("test", step=settings.steps, epoch=None, split="test",
-                    loss=math.log(test_ppl), perplexity=test_ppl)  # fmt: skip
-        cached = _fill_cache(model_dir, settings)
-        return {
-            "recipe": config.recipe,
-            "task": "causal-lm",
-            "dataset": settings.dataset,
-            "base_model": str(model_dir.resolve()),
-            "engine": "none",  # pretraining: every weight trains, no adapter
-            "test_perplexity": test_ppl,
-            "validation_perplexity": val_ppl,
-            "test_loss": math.log(test_ppl),
-            "trainable_params": result["params"],
-            "total_params": result["params"],
-            "adapter_bytes": 0,
-            "train_seconds": round(result["seconds"], 2),
-            "best_step": settings.steps,
-            "steps": settings.steps,
-            "train_tokens": result["train_tokens"],
-            "seed": config.seed,
-            "cached_as": str(cached) if cached else None,
-        }
+        summary = pretrain(config, run_dir, recipe.settings, recipe.corpus)
+        return runner.finish(recipe, run_dir, summary)
 
     def closing_line(self, summary: dict[str, Any], run_dir: RunDir) -> str:
         cached = summary["cached_as"]
@@ -125,6 +78,54 @@ class PretrainTinyGPT2(Recipe):
             f"{run_dir} is a pretrained base model, not a classifier; use it as "
             f'model.name = "{Path(run_dir) / MODEL_FOLDER}" in the causal-lm recipe'
         )
+
+
+def pretrain(config: Config, run_dir: RunDir, settings: TinyGPT2Settings, corpus) -> dict[str, Any]:
+    """Train, then measure the validation and test perplexity; returns the summary."""
+    model_dir = run_dir.path / MODEL_FOLDER
+
+    def progress(event: dict) -> None:
+        run_dir.log("train", step=event["step"], epoch=None, time=round(event["seconds"], 3),
+                    loss=event["loss"], lr=event["lr"])  # fmt: skip
+        print(f"{config.recipe}: step {event['step']}/{settings.steps} loss {event['loss']:.3f} "
+              f"({event['seconds']:.0f} s)", flush=True)  # fmt: skip
+
+    result = pretrain_tiny_gpt2(
+        model_dir, corpus["train"]["text"], corpus["validation"]["text"],
+        steps=settings.steps, batch_size=settings.batch_size, seq_len=settings.seq_len,
+        lr=settings.lr, vocab_size=settings.vocab_size, n_layer=settings.n_layer,
+        n_embd=settings.n_embd, n_head=settings.n_head, n_positions=settings.n_positions,
+        seed=settings.seed, progress=progress, log_every=max(1, min(50, settings.steps // 10)),
+    )  # fmt: skip
+    val_ppl = result["perplexity"]
+    run_dir.log("eval", step=settings.steps, epoch=None, split="validation",
+                loss=math.log(val_ppl), perplexity=val_ppl)  # fmt: skip
+    model, tokenizer = load_causal_lm(model_dir)
+    test_blocks = pack_texts(tokenizer, corpus["test"]["text"], settings.seq_len)
+    test_ppl = perplexity(model, test_blocks, batch_size=64)
+    run_dir.log("test", step=settings.steps, epoch=None, split="test",
+                loss=math.log(test_ppl), perplexity=test_ppl)  # fmt: skip
+    cached = _fill_cache(model_dir, settings)
+    summary = {
+        "recipe": config.recipe,
+        "task": "causal-lm",
+        "dataset": settings.dataset,
+        "base_model": str(model_dir.resolve()),
+        "engine": "none",  # pretraining: every weight trains, no adapter
+        "test_perplexity": test_ppl,
+        "validation_perplexity": val_ppl,
+        "test_loss": math.log(test_ppl),
+        "trainable_params": result["params"],
+        "total_params": result["params"],
+        "adapter_bytes": 0,
+        "train_seconds": round(result["seconds"], 2),
+        "best_step": settings.steps,
+        "steps": settings.steps,
+        "train_tokens": result["train_tokens"],
+        "seed": config.seed,
+        "cached_as": str(cached) if cached else None,
+    }
+    return summary
 
 
 def _fill_cache(model_dir: Path, settings: TinyGPT2Settings) -> Path | None:
