@@ -14,7 +14,7 @@ from lorakit import api
 from lorakit.config import load_config
 from lorakit.models.transformer import load_sequence_classifier, minilm_path, resolve_model
 from lorakit.network import OfflineError
-from lorakit.recipes import recipe_path
+from lorakit.recipes import load_task_data, recipe_path
 from lorakit.recipes import sequence_classification as pipeline
 from lorakit.rundir import RunDir
 
@@ -131,7 +131,7 @@ def hf_setup(stars_csv, tiny_bert_dir, overrides):
         f"data.path={stars_csv}", "data.text_column=review", "data.label_column=stars",
         f"model.name={tiny_bert_dir}", "train.trainer=hf", "train.max_steps=3", *overrides,
     ])  # fmt: skip
-    dsd = pipeline.load_task_data(config)
+    dsd = load_task_data(config)
     model, tokenizer, _ = pipeline.build_model(config, dsd["train"].features["label"].names)
     loaders = classification_loaders(tokenize_splits(dsd, tokenizer, 64), tokenizer, 16, 16, 0)
     return config, model, loaders

@@ -93,42 +93,26 @@ def sample_texts(config: Config, summary: dict[str, Any]) -> tuple[list[str], st
 
 
 # ---------------------------------------------------------------- the two model formats
-def _merge_classic(run_dir: Path, base_dir: Path, config: Config, summary, texts, tmp: Path):
+def _merge_classic(model, vocab, run_dir: Path, config: Config, summary, texts, tmp: Path):
     from lorakit.models.classic import collate, load_classic, save_classic
-    from lorakit.recipes.classic import transfer_model
 
-    model, vocab = transfer_model(base_dir, len(summary["labels"]), None)
-    lora.load_adapter(model, run_dir / "adapter")
     batch = collate([{"input_ids": vocab.encode(t, config.data.max_length)} for t in texts])
-    reference = model.eval()(**batch).logits
+    reference = model(**batch).logits
     merged = lora.merge_and_unload(model)
     save_classic(merged, vocab, tmp, labels=summary["labels"], merged_from=str(run_dir))
     reloaded, _, _ = load_classic(tmp)
     return reference, reloaded.eval()(**batch).logits, "classic"
 
 
-def _merge_transformers(run_dir: Path, config: Config, summary, texts, tmp: Path):
+def _merge_transformers(model, tokenizer, config: Config, summary, texts, tmp: Path):
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
     causal = summary.get("task") == "causal-lm"
-    if causal:
-        from lorakit.models.causal_lm import load_causal_lm
-        from lorakit.recipes.pretrain_tiny_gpt2 import ensure_base_model
-
-        model, tokenizer = load_causal_lm(ensure_base_model(summary["base_model"]))
-        auto_class = AutoModelForCausalLM
-    else:
-        from lorakit.models.transformer import load_sequence_classifier
-
-        model, tokenizer, _ = load_sequence_classifier(
-            summary["base_model"], summary["labels"], summary.get("seed", 0)
-        )
-        auto_class = AutoModelForSequenceClassification
-    lora.load_adapter(model, run_dir / "adapter")
+    auto_class = AutoModelForCausalLM if causal else AutoModelForSequenceClassification
     batch = tokenizer(
         texts, padding=True, truncation=True, max_length=config.data.max_length, return_tensors="pt"
     )
-    reference = model.eval()(**batch).logits
+    reference = model(**batch).logits
     merged = lora.merge_and_unload(model)
     merged.save_pretrained(tmp)  # safetensors
     tokenizer.save_pretrained(tmp)
@@ -141,13 +125,13 @@ def _merge_transformers(run_dir: Path, config: Config, summary, texts, tmp: Path
 def merge(run_dir: str | Path, out_dir: str | Path, force: bool = False) -> Path:
     """Merge the run's adapter into its base model; write a standalone model folder to
     ``out_dir`` (refused when it exists and is not empty, unless ``force``). Returns ``out_dir``."""
-    from lorakit.models.classic import is_classic
+    from lorakit.models.classic import Vocabulary
+    from lorakit.recipes import recipe_of_run
 
     run_dir, out_dir = Path(run_dir), Path(out_dir)
     config, summary = _read_run(run_dir)
     _check_out_dir(out_dir, run_dir, force)
     texts, texts_from = sample_texts(config, summary)
-    base_dir = run_dir / str(summary.get("base_model", ""))  # classic: "base" or an absolute path
     try:
         out_dir.parent.mkdir(parents=True, exist_ok=True)
     except OSError as error:  # a file in the way, no permission
@@ -159,13 +143,15 @@ def merge(run_dir: str | Path, out_dir: str | Path, force: bool = False) -> Path
     os.umask(umask)
     tmp.chmod(0o777 & ~umask)  # mkdtemp's folder is private; the result should not be
     try:
-        if summary.get("base_model") and is_classic(base_dir):
+        # merge_and_unload works on lorakit's layers: loaded with lorakit's engine
+        model, tokenizer = recipe_of_run(run_dir).load_adapted(run_dir, "lorakit")
+        if isinstance(tokenizer, Vocabulary):  # the classic recipe's GloVe classifier
             reference, merged, loads_with = _merge_classic(
-                run_dir, base_dir, config, summary, texts, tmp
+                model, tokenizer, run_dir, config, summary, texts, tmp
             )
         else:
             reference, merged, loads_with = _merge_transformers(
-                run_dir, config, summary, texts, tmp
+                model, tokenizer, config, summary, texts, tmp
             )
         diff = float((reference.float() - merged.float()).abs().max())
         if not diff <= TOLERANCE:

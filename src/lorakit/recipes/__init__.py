@@ -1,11 +1,16 @@
 """Recipes: a TOML config (``recipes/<name>.toml``) plus the module that runs it.
 
 A recipe's module is ``lorakit.recipes.<pipeline>`` (``pipeline`` in the TOML, default the
-recipe's own name, ``-`` read as ``_``), so several TOMLs can share one pipeline. It provides:
+recipe's own name, ``-`` read as ``_``), so several TOMLs can share one pipeline. Its ``RECIPE``
+is a ``lorakit.recipes.base.Recipe`` class (the steps; ``lorakit.recipes.runner`` runs them), and
+the module provides the recipe's entry points:
 
-    run(config: Config, run_dir: RunDir) -> dict        # trains; returns the summary
+    run(config: Config, run_dir: RunDir, resume=None) -> dict   # trains; returns the summary
     load_predictor(run_dir: Path) -> Predictor          # for `lorakit predict` / `eval`
     dry_run(config: Config) -> str                      # optional: trainable-parameter report
+
+``recipe_class(config)`` is the class; ``recipe_of_run(run_dir)`` the recipe of a finished run,
+whose ``load_adapted(run_dir)`` loads its base model with the adapter.
 
 A ``Predictor`` has ``labels`` (class names) and ``predict_proba(texts) -> array (n, classes)``.
 """
@@ -16,13 +21,17 @@ import difflib
 import importlib
 from pathlib import Path
 from types import ModuleType
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 import numpy as np
 
-from lorakit.config import Config, ConfigError, read_toml
+from lorakit.config import Config, ConfigError, load_config, read_toml
+
+if TYPE_CHECKING:
+    from lorakit.recipes.base import Recipe
 
 RECIPES_DIR = Path(__file__).parent
+TASK_PIPELINES = {"classification": "sequence_classification", "causal-lm": "causal_lm"}
 
 
 class Predictor(Protocol):
@@ -66,6 +75,23 @@ def pipeline_module(config: Config) -> ModuleType:
             f"pipeline: no pipeline module lorakit.recipes.{name}; set recipe (or pipeline) to "
             f"one of: {', '.join(recipe_names())}"
         ) from None
+
+
+def recipe_class(config: Config) -> type[Recipe]:
+    """The ``Recipe`` class that runs ``config``."""
+    return pipeline_module(config).RECIPE
+
+
+def recipe_of_run(run_dir: str | Path) -> Recipe:
+    """The recipe of the finished run in ``run_dir``, ready to load its model back. A run made
+    outside `lorakit train`, whose recipe has no pipeline module, is read by its task's."""
+    config = load_config(Path(run_dir) / "config.toml")
+    try:
+        recipe = recipe_class(config)
+    except ConfigError:
+        name = TASK_PIPELINES[config.task]
+        recipe = importlib.import_module(f"lorakit.recipes.{name}").RECIPE
+    return recipe.of_run(run_dir, config)
 
 
 def write_reports(run_dir: Path) -> list[Path]:

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import hashlib
 import math
-import time
 from pathlib import Path
 from typing import Any
 
@@ -24,7 +23,6 @@ import datasets
 import torch
 from torch.utils.data import DataLoader
 
-from lorakit import lora
 from lorakit.config import CausalConfig, Config, ConfigError
 from lorakit.data import dataset_fingerprint, load_dataset, split_of
 from lorakit.data.causal import (
@@ -38,9 +36,9 @@ from lorakit.data.causal import (
 from lorakit.models.causal_lm import ChoiceScorer, load_causal_lm
 from lorakit.models.transformer import weights_bytes
 from lorakit.nn.frozen_base import set_model_dropout
-from lorakit.recipes import run_summary, write_reports
+from lorakit.recipes.base import Recipe, lora_report
 from lorakit.recipes.pretrain_tiny_gpt2 import ensure_base_model
-from lorakit.rundir import RunDir, read_run_summary
+from lorakit.rundir import RunDir
 from lorakit.train import engines
 from lorakit.train.loop import train_loop
 from lorakit.train.metrics import evaluate_causal, perplexity, verdict_accuracy
@@ -205,87 +203,136 @@ def _model_to_train(config: Config):
     return model, tokenizer
 
 
-def run(config: Config, run_dir: RunDir, resume: Path | None = None) -> dict[str, Any]:
-    """Train LoRA on a causal LM and test it; ``resume``: a checkpoint folder of this run."""
-    started = time.monotonic()
-    causal = causal_section(config)
-    model, tokenizer = _model_to_train(config)
-    resolved = model.name_or_path  # the folder the weights came from
-    data = build_data(config, tokenizer, _positions(model))
-    splits = data["splits"]
-    if causal.select_by == "verdict_accuracy" and not _has_verdicts(data["val_pairs"]):
-        raise ConfigError(
-            "causal.select_by: 'verdict_accuracy' needs verdict data (causal.mode = "
-            "'instruction' on the built-in rotten-tomatoes verdicts); set causal.select_by = "
-            "'perplexity'"
-        )
-    run_dir.start_environment(config.seed, data["fingerprint"])
-    eval_bs = config.train.eval_batch_size
-    base_ppl = perplexity(model, splits["test"], eval_bs)
-    base_verdicts = _verdicts(model, tokenizer, data["test_pairs"], eval_bs)
-    print(f"{config.recipe}: base model {resolved}: test perplexity {base_ppl:.2f}", flush=True)
+class CausalLM(Recipe):
+    """A GPT-2-like causal LM plus LoRA, measured by test perplexity (and verdict accuracy)."""
 
-    torch.manual_seed(config.seed)  # LoRA's A matrices start random: from the run's seed
-    model = engines.apply_lora(model, config.lora, base_name=resolved, task_type="CAUSAL_LM")
-    trainable, total = engines.parameter_counts(model)
-    print(f"{config.recipe}: LoRA ({config.lora.engine}): {trainable:,} of {total:,} parameters "
-          f"trainable ({100 * trainable / total:.3f}%)", flush=True)  # fmt: skip
-    loaders = _loaders(splits, config)
-    result = train_loop(
-        model, loaders["train"], loaders["validation"], config.train, run_dir=run_dir,
-        seed=config.seed, metric=causal.select_by, desc=config.recipe,
-        checkpoint_dir=run_dir / "checkpoints", resume=resume,
-        evaluate_fn=validation_figures(data, tokenizer, _positions(model), eval_bs),
-    )  # fmt: skip
-    model.eval()
-    test_ppl = perplexity(model, splits["test"], eval_bs)
-    verdicts = _verdicts(model, tokenizer, data["test_pairs"], eval_bs)
-    test_figures = {"perplexity": test_ppl}
-    if verdicts is not None:
-        test_figures["verdict_accuracy"] = verdicts
-    run_dir.log("test", step=result.best_step, epoch=None, split="test",
-                loss=math.log(test_ppl), **test_figures)  # fmt: skip
-    adapter_bytes = engines.save(model, run_dir.adapter_dir, resolved)
-    checks = reload_checks(run_dir.path, config.model.name, model, splits["test"])
-    summary = {
-        **run_summary(
-            config,
-            result,
-            base_model=config.model.name,  # what load_causal_lm (and lorakit merge) resolves
-            trainable=trainable,
-            total=total,
-            adapter_bytes=adapter_bytes,
-            base_model_bytes=weights_bytes(resolved) or None,
-        ),  # fmt: skip
-        "task": "causal-lm",
-        "mode": causal.mode,
-        "base_model_path": resolved,
-        "trainer": "lorakit",
-        "test_perplexity": test_ppl,
-        "base_test_perplexity": base_ppl,
-        "perplexity_ratio": test_ppl / base_ppl,
-        "test_loss": math.log(test_ppl),
-        "trainable_percent": round(100 * trainable / total, 4),
-        "steps": result.steps,
-        "test_tokens": _target_tokens(splits["test"]),
-        **checks,
-    }
-    if verdicts is not None:
-        summary["test_verdict_accuracy"] = verdicts
-        summary["base_test_verdict_accuracy"] = base_verdicts
-        summary["test_majority_accuracy"] = _majority(data["test_pairs"])
-    if config.compare:
-        rows = comparison_rows(config, splits, summary, data["test_pairs"], tokenizer)
+    def load_data(self) -> str:
+        """Loads the base model first: the data is tokenized with its tokenizer."""
+        config = self.config
+        self.base, self.tokenizer = _model_to_train(config)
+        self.base_name = self.base.name_or_path  # the folder the weights came from
+        self.positions = _positions(self.base)
+        self.data = build_data(config, self.tokenizer, self.positions)
+        select_by = causal_section(config).select_by
+        if select_by == "verdict_accuracy" and not _has_verdicts(self.data["val_pairs"]):
+            raise ConfigError(
+                "causal.select_by: 'verdict_accuracy' needs verdict data (causal.mode = "
+                "'instruction' on the built-in rotten-tomatoes verdicts); set causal.select_by = "
+                "'perplexity'"
+            )
+        return self.data["fingerprint"]
+
+    def build_model(self, run_dir: RunDir, resume: Path | None):
+        """Measures the base model on the test split, then adds LoRA to it."""
+        config, model = self.config, self.base
+        eval_bs = config.train.eval_batch_size
+        self.base_ppl = perplexity(model, self.data["splits"]["test"], eval_bs)
+        self.base_verdicts = _verdicts(model, self.tokenizer, self.data["test_pairs"], eval_bs)
+        print(f"{config.recipe}: base model {self.base_name}: test perplexity "
+              f"{self.base_ppl:.2f}", flush=True)  # fmt: skip
+        torch.manual_seed(config.seed)  # LoRA's A matrices start random: from the run's seed
+        return engines.apply_lora(
+            model, config.lora, base_name=self.base_name, task_type="CAUSAL_LM"
+        )
+
+    def trainable_line(self, trainable: int, total: int) -> str:
+        return (f"{self.config.recipe}: LoRA ({self.config.lora.engine}): {trainable:,} of "
+                f"{total:,} parameters trainable ({100 * trainable / total:.3f}%)")  # fmt: skip
+
+    def loaders(self) -> dict[str, DataLoader]:
+        return _loaders(self.data["splits"], self.config)
+
+    def loop_options(self) -> dict[str, Any]:
+        eval_bs = self.config.train.eval_batch_size
+        return {
+            "desc": self.config.recipe,
+            "metric": causal_section(self.config).select_by,
+            "evaluate_fn": validation_figures(self.data, self.tokenizer, self.positions, eval_bs),
+        }
+
+    def test(self, model, loaders: dict) -> dict[str, Any]:
+        eval_bs = self.config.train.eval_batch_size
+        test_ppl = perplexity(model, self.data["splits"]["test"], eval_bs)
+        figures = {"loss": math.log(test_ppl), "perplexity": test_ppl}
+        verdicts = _verdicts(model, self.tokenizer, self.data["test_pairs"], eval_bs)
+        if verdicts is not None:
+            figures["verdict_accuracy"] = verdicts
+        return figures
+
+    @torch.no_grad()
+    def reload_checks(self, model, loaders: dict, run_dir: RunDir, test) -> dict[str, Any]:
+        """Load the saved adapter into a fresh base with each engine: the same logits as
+        trained?"""
+        split = self.data["splits"]["test"]
+        batch = split.select(range(min(8, split.num_rows)))[:]
+        inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
+        reference = model(**inputs).logits
+        checks: dict[str, Any] = {}
+        for engine in ("lorakit", "peft"):
+            reloaded, _ = self.load_adapted(run_dir.path, engine)
+            diff = float((reloaded(**inputs).logits - reference).abs().max())
+            checks[f"reload_{engine}_identical"] = diff <= RELOAD_TOLERANCE
+            checks[f"reload_{engine}_max_abs_diff"] = diff
+        return checks
+
+    def summary_base(self, run_dir: RunDir) -> tuple[str, int | None]:
+        # the name load_causal_lm (and lorakit merge) resolves
+        return self.config.model.name, weights_bytes(self.base_name) or None
+
+    def summary_figures(self, result, test, checks, counts) -> dict[str, Any]:
+        trainable, total = counts
+        figures = {
+            "task": "causal-lm",
+            "mode": causal_section(self.config).mode,
+            "base_model_path": self.base_name,
+            "trainer": "lorakit",
+            "test_perplexity": test["perplexity"],
+            "base_test_perplexity": self.base_ppl,
+            "perplexity_ratio": test["perplexity"] / self.base_ppl,
+            "test_loss": math.log(test["perplexity"]),
+            "trainable_percent": round(100 * trainable / total, 4),
+            "steps": result.steps,
+            "test_tokens": _target_tokens(self.data["splits"]["test"]),
+            **checks,
+        }
+        if "verdict_accuracy" in test:
+            figures["test_verdict_accuracy"] = test["verdict_accuracy"]
+            figures["base_test_verdict_accuracy"] = self.base_verdicts
+            figures["test_majority_accuracy"] = _majority(self.data["test_pairs"])
+        return figures
+
+    def compare(self, run_dir: RunDir, summary: dict[str, Any]) -> None:
+        config = self.config
+        rows = comparison_rows(
+            config, self.data["splits"], summary, self.data["test_pairs"], self.tokenizer
+        )
         run_dir.write_comparison(rows, title=f"{config.recipe}: LoRA vs full fine-tuning")
         summary["full_ft_test_perplexity"] = rows[-1]["test_perplexity"]
-    summary["total_seconds"] = round(time.monotonic() - started, 2)
-    run_dir.write_summary(summary)
-    run_dir.finish_environment()
-    write_reports(run_dir.path)
-    extra = "" if verdicts is None else f", verdict accuracy {verdicts:.4f}"
-    print(f"{config.recipe}: test perplexity {base_ppl:.2f} -> {test_ppl:.2f}{extra} "
-          f"(best step {result.best_step}); adapter in {run_dir.adapter_dir}", flush=True)  # fmt: skip
-    return summary
+
+    def closing_line(self, summary: dict[str, Any], run_dir: RunDir) -> str:
+        verdicts = summary.get("test_verdict_accuracy")
+        extra = "" if verdicts is None else f", verdict accuracy {verdicts:.4f}"
+        return (f"{self.config.recipe}: test perplexity {summary['base_test_perplexity']:.2f} -> "
+                f"{summary['test_perplexity']:.2f}{extra} (best step {summary['best_step']}); "
+                f"adapter in {run_dir.adapter_dir}")  # fmt: skip
+
+    def trainable_report(self) -> str:
+        """Loads the real model."""
+        model, _ = load_causal_lm(ensure_base_model(self.config.model.name))
+        model = engines.apply_lora(model, self.config.lora, base_name=model.name_or_path)
+        return lora_report(self.config.model.name, model)
+
+    # ------------------------------------------------------------ a finished run
+    def reload_base(self):
+        # what summary.json's base_model names
+        return load_causal_lm(ensure_base_model(self.config.model.name))
+
+    def predictor(self, run_dir: Path):
+        raise ConfigError(
+            f"{run_dir} is a causal-LM run: `lorakit predict` / `lorakit eval` are for "
+            f'classification runs; use `lorakit generate {run_dir} "a prompt"` '
+            "(lorakit.api.generate)"
+        )
 
 
 def _target_tokens(split: datasets.Dataset) -> int:
@@ -295,22 +342,6 @@ def _target_tokens(split: datasets.Dataset) -> int:
 def _majority(pairs: datasets.Dataset) -> float:
     choices = pairs["choice"]
     return max(choices.count(c) for c in set(choices)) / len(choices)
-
-
-@torch.no_grad()
-def reload_checks(run_dir: Path, base: str, trained, test: datasets.Dataset) -> dict[str, Any]:
-    """Load the saved adapter into a fresh base with each engine: the same logits as trained?"""
-    batch = test.select(range(min(8, test.num_rows)))[:]
-    inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
-    reference = trained(**inputs).logits
-    checks: dict[str, Any] = {}
-    for engine in ("lorakit", "peft"):
-        fresh, _ = load_causal_lm(base)
-        reloaded = engines.load(fresh, run_dir / "adapter", engine).eval()
-        diff = float((reloaded(**inputs).logits - reference).abs().max())
-        checks[f"reload_{engine}_identical"] = diff <= RELOAD_TOLERANCE
-        checks[f"reload_{engine}_max_abs_diff"] = diff
-    return checks
 
 
 def comparison_rows(config: Config, splits, summary, test_pairs, tokenizer) -> list[dict]:
@@ -361,25 +392,10 @@ def comparison_rows(config: Config, splits, summary, test_pairs, tokenizer) -> l
 # ---------------------------------------------------------------- inference on a finished run
 def load_generator(run_dir: str | Path):
     """(model, tokenizer): the run's base model with its adapter, ready for generation."""
-    run_dir = Path(run_dir)
-    summary = read_run_summary(run_dir)
-    model, tokenizer = load_causal_lm(ensure_base_model(summary["base_model"]))
-    return lora.load_adapter(model, run_dir / "adapter").eval(), tokenizer
+    return CausalLM.of_run(run_dir).load_adapted(run_dir)
 
 
-def load_predictor(run_dir: Path):
-    raise ConfigError(
-        f"{run_dir} is a causal-LM run: `lorakit predict` / `lorakit eval` are for classification "
-        f'runs; use `lorakit generate {run_dir} "a prompt"` (lorakit.api.generate)'
-    )
-
-
-def dry_run(config: Config) -> str:
-    """The trainable-parameter report, without training (loads the real model)."""
-    model, _ = load_causal_lm(ensure_base_model(config.model.name))
-    model = engines.apply_lora(model, config.lora, base_name=model.name_or_path)
-    trainable, total = engines.parameter_counts(model)
-    targets = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules()
-                      if isinstance(m, lora.LoraLayer)})  # fmt: skip
-    return (f"{config.model.name}: LoRA on {', '.join(targets) or '(peft engine)'}; "
-            f"trainable {trainable:,} of {total:,} ({100 * trainable / total:.3f}%)")  # fmt: skip
+RECIPE = CausalLM
+run = CausalLM.run
+load_predictor = CausalLM.load_predictor
+dry_run = CausalLM.dry_run

@@ -11,7 +11,6 @@
 
 from __future__ import annotations
 
-import time
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +20,7 @@ from accelerate.utils import set_seed
 from safetensors.torch import save_file
 from torch.utils.data import DataLoader
 
-from lorakit.config import Config, LoraSection, TrainConfig, load_config
+from lorakit.config import Config, LoraSection, TrainConfig
 from lorakit.data import dataset_fingerprint, load_dataset
 from lorakit.models.classic import (
     TextClassifier,
@@ -32,11 +31,10 @@ from lorakit.models.classic import (
     load_classic,
     save_classic,
 )
-from lorakit.recipes import load_task_data, run_summary, write_reports
-from lorakit.rundir import RunDir, read_run_summary
+from lorakit.recipes.base import ClassificationRecipe
+from lorakit.rundir import RunDir
 from lorakit.train import engines
 from lorakit.train.loop import evaluate, train_loop
-from lorakit.train.metrics import confusion_matrix
 
 # The seed's setup: rank 2 on fc1 (alpha picked on the validation split from 2, 8, 16).
 SEED_SETUP = {"r": 2, "lora_alpha": 8, "target_modules": ["fc1"]}
@@ -111,86 +109,107 @@ def transfer_model(base_dir: Path, num_classes: int, section: LoraSection | None
     return model, vocab
 
 
-def run(config: Config, run_dir: RunDir, resume: Path | None = None) -> dict[str, Any]:
-    """Train and test; ``resume``: a checkpoint folder of this run to continue from."""
-    # The model is tiny: one thread beats two, whose hand-offs cost more than the products
-    # (15x faster on a busy 2-core machine).
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        return _run(config, run_dir, resume)
-    finally:
-        torch.set_num_threads(threads)
+class Classic(ClassificationRecipe):
+    """The GloVe classifier pretrained on news, transferred to sentiment with LoRA."""
 
+    def build_model(self, run_dir: RunDir, resume: Path | None):
+        """Pretrain the base (unless ``model.pretrained`` names one, or a resumed run has it
+        already), then a fresh copy of it with a new head and LoRA."""
+        config = self.config
+        self.pretrain_facts: dict[str, Any] = {}
+        if config.model.pretrained:
+            self.base_dir = Path(config.model.pretrained)
+            load_classic(self.base_dir)  # fails early on a folder that holds no model
+        elif resume is not None:  # pretrained before the checkpoint: RUN_DIR/checkpoints/step-N
+            self.base_dir = Path(resume).parent.parent / "base"
+            self.pretrain_facts = load_classic(self.base_dir)[2]["pretrain"]
+        else:
+            self.pretrain_facts = pretrain(config, run_dir, self.data["train"]["text"])
+            self.base_dir = run_dir / "base"
+        self.base_name = str(self.base_dir)
+        model, vocab = transfer_model(self.base_dir, len(self.labels), config.lora, config.seed)
+        self.encoded = _encode(self.data, vocab, config.data.max_length)
+        return model
 
-def _run(config: Config, run_dir: RunDir, resume: Path | None) -> dict[str, Any]:
-    started = time.monotonic()
-    target = load_task_data(config)
-    labels = target["train"].features["label"].names
-    run_dir.start_environment(config.seed, dataset_fingerprint(target))
-    facts: dict[str, Any] = {}
-    if config.model.pretrained:
-        base_dir = Path(config.model.pretrained)
-        load_classic(base_dir)  # fails early on a folder that holds no model
-    elif resume is not None:  # pretrained before the checkpoint: RUN_DIR/checkpoints/step-N
-        base_dir = Path(resume).parent.parent / "base"
-        facts = load_classic(base_dir)[2]["pretrain"]
-    else:
-        facts = pretrain(config, run_dir, target["train"]["text"])
-        base_dir = run_dir / "base"
+    def trainable_line(self, trainable: int, total: int) -> str:
+        source = self.config.data.source
+        return f"transfer to {source}: {trainable:,} of {total:,} parameters trainable"
 
-    model, vocab = transfer_model(base_dir, len(labels), config.lora, config.seed)
-    trainable, total = engines.parameter_counts(model)
-    print(f"transfer to {config.data.source}: {trainable:,} of {total:,} parameters trainable")
-    encoded = _encode(target, vocab, config.data.max_length)
-    loaders = _loaders(encoded, config.train, config.seed)
-    result = train_loop(
-        model, loaders["train"], loaders["validation"], config.train, run_dir=run_dir,
-        seed=config.seed, desc=f"LoRA {config.data.source}",
-        checkpoint_dir=run_dir / "checkpoints", resume=resume,
-    )  # fmt: skip
-    engines.save(model, run_dir.adapter_dir, str(base_dir))
-    test = evaluate(model, loaders["test"])
-    run_dir.log(
-        "test", step=result.best_step, split="test", loss=test["loss"], accuracy=test["accuracy"]
-    )
+    def loaders(self) -> dict[str, DataLoader]:
+        return _loaders(self.encoded, self.config.train, self.config.seed)
 
-    reloaded, _ = transfer_model(base_dir, len(labels), None)
-    reloaded = engines.load(reloaded, run_dir.adapter_dir, config.lora.engine)
-    again = evaluate(reloaded, loaders["test"])
-    identical = again["predictions"] == test["predictions"]
-    print(
-        f"test accuracy {test['accuracy']:.4f}; reloaded adapter {again['accuracy']:.4f} "
-        f"({'identical' if identical else 'DIFFERENT'} predictions)",
-        flush=True,
-    )
-    summary = {
-        **run_summary(
-            config,
-            result,
-            base_model="base" if base_dir == run_dir / "base" else str(base_dir.resolve()),
-            trainable=trainable,
-            total=total,
-            adapter_bytes=engines.folder_bytes(run_dir.adapter_dir),
-            base_model_bytes=(base_dir / "model.safetensors").stat().st_size,
-        ),  # fmt: skip
-        "test_accuracy": test["accuracy"],
-        "test_loss": test["loss"],
-        "labels": labels,
-        "confusion_matrix": confusion_matrix(test["labels"], test["predictions"], len(labels)),
-        "reload_test_accuracy": again["accuracy"],
-        "reload_identical": identical,
-        **facts,
-    }
-    if config.compare:
-        rows = compare(config, base_dir, encoded, len(labels), run_dir)
-        table = run_dir.write_comparison(rows, title=f"classic: transfer to {config.data.source}")
-        print(table, flush=True)
-    summary["total_seconds"] = round(time.monotonic() - started, 2)
-    run_dir.write_summary(summary)
-    run_dir.finish_environment()
-    write_reports(run_dir.path)
-    return summary
+    def loop_options(self) -> dict[str, Any]:
+        return {"desc": f"LoRA {self.config.data.source}"}
+
+    def reload_checks(self, model, loaders: dict, run_dir: RunDir, test) -> dict[str, Any]:
+        """Reload the adapter with the run's engine: the same prediction for every example?"""
+        reloaded, _ = self.load_adapted(run_dir.path, self.config.lora.engine)
+        again = evaluate(reloaded, loaders["test"])
+        identical = again["predictions"] == test["predictions"]
+        print(
+            f"test accuracy {test['accuracy']:.4f}; reloaded adapter {again['accuracy']:.4f} "
+            f"({'identical' if identical else 'DIFFERENT'} predictions)",
+            flush=True,
+        )
+        return {"reload_test_accuracy": again["accuracy"], "reload_identical": identical}
+
+    def summary_base(self, run_dir: RunDir) -> tuple[str, int | None]:
+        in_run = self.base_dir == run_dir / "base"
+        name = "base" if in_run else str(self.base_dir.resolve())
+        return name, (self.base_dir / "model.safetensors").stat().st_size
+
+    def summary_figures(self, result, test, checks, counts) -> dict[str, Any]:
+        return {
+            "test_accuracy": test["accuracy"],
+            "test_loss": test["loss"],
+            "labels": self.labels,
+            "confusion_matrix": self.confusion_matrix(test),
+            **checks,
+            **self.pretrain_facts,
+        }
+
+    def compare(self, run_dir: RunDir, summary: dict[str, Any]) -> None:
+        rows = compare(self.config, self.base_dir, self.encoded, len(self.labels), run_dir)
+        title = f"classic: transfer to {self.config.data.source}"
+        print(run_dir.write_comparison(rows, title=title), flush=True)
+
+    @classmethod
+    def run(cls, config: Config, run_dir: RunDir, resume: Path | None = None) -> dict[str, Any]:
+        # The model is tiny: one thread beats two, whose hand-offs cost more than the products
+        # (15x faster on a busy 2-core machine).
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)
+        try:
+            return super().run(config, run_dir, resume)
+        finally:
+            torch.set_num_threads(threads)
+
+    def trainable_report(self) -> str:
+        """The transfer step's, on a small stand-in vocabulary (the real one is built from the
+        data when training starts)."""
+        model = TextClassifier(1000, 50, 5, self.config.model.hidden)
+        model.new_head(2)
+        model = engines.apply_lora(model, self.config.lora)
+        trainable, total = engines.parameter_counts(model)
+        lines = [f"{n}: {tuple(p.shape)}" for n, p in model.named_parameters() if p.requires_grad]
+        return (
+            "transfer step (vocabulary of 1,000 words for the count; the real one is larger):\n  "
+            + "\n  ".join(lines)
+            + f"\ntrainable {trainable:,} of {total:,}"
+        )
+
+    # ------------------------------------------------------------ a finished run
+    def recall(self, run_dir: Path, summary: dict[str, Any]) -> None:
+        super().recall(run_dir, summary)
+        self.base_dir = run_dir / summary["base_model"]  # "base" (in the run) or an absolute path
+
+    def reload_base(self):
+        """(the base with an untrained head for the run's labels, its vocabulary)."""
+        return transfer_model(self.base_dir, len(self.labels), None)
+
+    def predictor(self, run_dir: Path) -> ClassicPredictor:
+        model, vocab = self.load_adapted(run_dir, self.config.lora.engine)
+        return ClassicPredictor(model, vocab, self.labels, self.config.data.max_length)
 
 
 def _variants(config: Config) -> dict[str, LoraSection | str]:
@@ -257,15 +276,9 @@ def compare(
 class ClassicPredictor:
     """The run's base model with its adapter, ready for texts."""
 
-    def __init__(self, run_dir: Path):
-        run_dir = Path(run_dir)
-        config = load_config(run_dir / "config.toml")
-        summary = read_run_summary(run_dir)
-        self.labels: list[str] = summary["labels"]
-        self.max_length = config.data.max_length
-        base_dir = run_dir / summary["base_model"]  # "base" (in the run) or an absolute path
-        base, self.vocab = transfer_model(base_dir, len(self.labels), None)
-        self.model = engines.load(base, run_dir / "adapter", summary["engine"]).eval()
+    def __init__(self, model, vocab: Vocabulary, labels: list[str], max_length: int):
+        self.model, self.vocab, self.labels = model, vocab, labels
+        self.max_length = max_length
 
     @torch.no_grad()
     def predict_proba(self, texts: list[str], batch_size: int = 256) -> np.ndarray:
@@ -280,20 +293,7 @@ class ClassicPredictor:
         return np.concatenate(out) if out else np.zeros((0, len(self.labels)))
 
 
-def load_predictor(run_dir: Path) -> ClassicPredictor:
-    return ClassicPredictor(run_dir)
-
-
-def dry_run(config: Config) -> str:
-    """The trainable-parameter report of the transfer step, on a small stand-in vocabulary
-    (the real one is built from the data when training starts)."""
-    model = TextClassifier(1000, 50, 5, config.model.hidden)
-    model.new_head(2)
-    model = engines.apply_lora(model, config.lora)
-    trainable, total = engines.parameter_counts(model)
-    lines = [f"{name}: {tuple(p.shape)}" for name, p in model.named_parameters() if p.requires_grad]
-    return (
-        "transfer step (vocabulary of 1,000 words for the count; the real one is larger):\n  "
-        + "\n  ".join(lines)
-        + f"\ntrainable {trainable:,} of {total:,}"
-    )
+RECIPE = Classic
+run = Classic.run
+load_predictor = Classic.load_predictor
+dry_run = Classic.dry_run

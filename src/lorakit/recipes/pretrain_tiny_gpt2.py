@@ -41,7 +41,8 @@ from lorakit.models.tiny_gpt2 import (
 )
 from lorakit.nn.fast_dropout import fast_dropout
 from lorakit.nn.frozen_base import bf16_frozen_base
-from lorakit.recipes import write_reports
+from lorakit.recipes import runner
+from lorakit.recipes.base import Recipe
 from lorakit.rundir import RunDir
 from lorakit.train.metrics import perplexity
 
@@ -62,16 +63,45 @@ def settings_of(config: Config) -> TinyGPT2Settings:
     )
 
 
-def run(config: Config, run_dir: RunDir) -> dict[str, Any]:
-    """Pretrain into RUN_DIR/model; summary.json holds the held-out test perplexity."""
-    settings = settings_of(config)
-    if settings.seq_len > settings.n_positions:
+class PretrainTinyGPT2(Recipe):
+    """Pretraining trains no adapter: the runner's frame (``start`` .. ``finish``) around its
+    own training, with no build, adapter or reload steps."""
+
+    resumable = False
+
+    def load_data(self) -> str:
+        self.settings = settings = settings_of(self.config)
+        if settings.seq_len > settings.n_positions:
+            raise ConfigError(
+                f"pretrain.max_length: {settings.seq_len} exceeds the model's "
+                f"{settings.n_positions} positions"
+            )
+        self.corpus = load_dataset(settings.dataset)
+        return dataset_fingerprint(self.corpus)
+
+    @classmethod
+    def run(cls, config: Config, run_dir: RunDir, resume: Path | None = None) -> dict[str, Any]:
+        """Pretrain into RUN_DIR/model; summary.json holds the held-out test perplexity."""
+        recipe = cls(config)
+        runner.start(recipe, run_dir, resume)
+        summary = pretrain(config, run_dir, recipe.settings, recipe.corpus)
+        return runner.finish(recipe, run_dir, summary)
+
+    def closing_line(self, summary: dict[str, Any], run_dir: RunDir) -> str:
+        cached = summary["cached_as"]
+        return (f"{self.config.recipe}: test perplexity {summary['test_perplexity']:.1f} "
+                f"(validation {summary['validation_perplexity']:.1f}); model in "
+                f"{run_dir.path / MODEL_FOLDER}" + (f", cached as {cached}" if cached else ""))  # fmt: skip
+
+    def predictor(self, run_dir: Path):
         raise ConfigError(
-            f"pretrain.max_length: {settings.seq_len} exceeds the model's {settings.n_positions} "
-            "positions"
+            f"{run_dir} is a pretrained base model, not a classifier; use it as "
+            f'model.name = "{Path(run_dir) / MODEL_FOLDER}" in the causal-lm recipe'
         )
-    corpus = load_dataset(settings.dataset)
-    run_dir.start_environment(config.seed, dataset_fingerprint(corpus))
+
+
+def pretrain(config: Config, run_dir: RunDir, settings: TinyGPT2Settings, corpus) -> dict[str, Any]:
+    """Train, then measure the validation and test perplexity; returns the summary."""
     model_dir = run_dir.path / MODEL_FOLDER
 
     def progress(event: dict) -> None:
@@ -115,11 +145,6 @@ def run(config: Config, run_dir: RunDir) -> dict[str, Any]:
         "seed": config.seed,
         "cached_as": str(cached) if cached else None,
     }
-    run_dir.write_summary(summary)
-    run_dir.finish_environment()
-    write_reports(run_dir.path)
-    print(f"{config.recipe}: test perplexity {test_ppl:.1f} (validation {val_ppl:.1f}); model in "
-          f"{model_dir}" + (f", cached as {cached}" if cached else ""), flush=True)  # fmt: skip
     return summary
 
 
@@ -136,13 +161,6 @@ def _fill_cache(model_dir: Path, settings: TinyGPT2Settings) -> Path | None:
         shutil.rmtree(target)
     tmp.replace(target)
     return target
-
-
-def load_predictor(run_dir: Path):
-    raise ConfigError(
-        f"{run_dir} is a pretrained base model, not a classifier; use it as "
-        f'model.name = "{Path(run_dir) / MODEL_FOLDER}" in the causal-lm recipe'
-    )
 
 
 # ---------------------------------------------------------------- pretraining
@@ -317,3 +335,12 @@ def ensure_base_model(name: str) -> str:
     if name == TINY_GPT2:
         ensure_tiny_gpt2()
     return name
+
+
+RECIPE = PretrainTinyGPT2
+load_predictor = PretrainTinyGPT2.load_predictor
+
+
+def run(config: Config, run_dir: RunDir) -> dict[str, Any]:
+    """No ``resume``: `lorakit train --resume` says this pipeline cannot resume."""
+    return PretrainTinyGPT2.run(config, run_dir)

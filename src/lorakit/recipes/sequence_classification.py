@@ -11,7 +11,6 @@ LoRA for text classification.
 
 from __future__ import annotations
 
-import time
 from pathlib import Path
 from typing import Any
 
@@ -19,17 +18,14 @@ import numpy as np
 import torch
 from transformers import DataCollatorWithPadding
 
-from lorakit import lora
-from lorakit.config import Config, ConfigError, load_config
-from lorakit.data import dataset_fingerprint
+from lorakit.config import Config, ConfigError
 from lorakit.data.tokenize import classification_loaders, tokenize_splits
 from lorakit.models.transformer import load_sequence_classifier, weights_bytes
 from lorakit.nn.frozen_base import set_model_dropout
-from lorakit.recipes import load_task_data, run_summary, write_reports
-from lorakit.rundir import RunDir, read_run_summary
+from lorakit.recipes.base import ClassificationRecipe, lora_report
+from lorakit.rundir import RunDir
 from lorakit.train import engines
-from lorakit.train.loop import evaluate, train_loop
-from lorakit.train.metrics import confusion_matrix
+from lorakit.train.loop import evaluate
 
 
 def load_base(config: Config, labels: list[str]):
@@ -66,103 +62,90 @@ def build_model(config: Config, labels: list[str]):
     return model, tokenizer, resolved
 
 
-def reload_model(run_dir: Path, engine: str, labels: list[str], base: str, seed: int):
-    """A fresh base with the run's adapter loaded by `engine` (`lorakit` or `peft`)."""
-    model, tokenizer, _ = load_sequence_classifier(base, labels, seed)
-    return engines.load(model, run_dir / "adapter", engine).eval(), tokenizer
+class SequenceClassification(ClassificationRecipe):
+    """A transformers encoder with a fresh head for the data's labels, plus LoRA."""
 
+    hf_trainer = True
 
-def run(config: Config, run_dir: RunDir, resume: Path | None = None) -> dict[str, Any]:
-    """Train and test; ``resume``: a checkpoint folder of this run to continue from."""
-    started = time.monotonic()
-    dsd = load_task_data(config)
-    labels = dsd["train"].features["label"].names
-    run_dir.start_environment(config.seed, dataset_fingerprint(dsd))
-    model, tokenizer, resolved = build_model(config, labels)
-    trainable, total = engines.parameter_counts(model)
-    print(f"{config.recipe}: {resolved} + LoRA ({config.lora.engine}): "
-          f"{trainable:,} of {total:,} parameters trainable ({100 * trainable / total:.3f}%)",
-          flush=True)  # fmt: skip
-    train = config.train
-    loaders = data_loaders(config, dsd, tokenizer)
-    if train.trainer == "hf":
-        if resume is not None:
-            raise ConfigError("--resume works with train.trainer = 'lorakit', not 'hf'")
-        from lorakit.train.hf_trainer import train_with_hf_trainer
+    def build_model(self, run_dir: RunDir, resume: Path | None):
+        model, self.tokenizer, self.base_name = build_model(self.config, self.labels)
+        return model
 
-        result = train_with_hf_trainer(
-            model, loaders["train"].dataset, loaders["validation"].dataset,
-            loaders["train"].collate_fn, train, run_dir=run_dir,
-            seed=config.seed, output_dir=str(run_dir / "hf_trainer"),
-        )  # fmt: skip
-    else:
-        result = train_loop(
-            model, loaders["train"], loaders["validation"], train, run_dir=run_dir,
-            seed=config.seed, desc=f"{config.recipe}",
-            checkpoint_dir=run_dir / "checkpoints", resume=resume,
-        )  # fmt: skip
-    model.eval()
-    test = evaluate(model, loaders["test"])
-    run_dir.log("test", step=result.best_step, epoch=None, split="test",
-                loss=test["loss"], accuracy=test["accuracy"])  # fmt: skip
-    adapter_bytes = engines.save(model, run_dir.adapter_dir, resolved)
-    checks = reload_checks(run_dir, labels, resolved, config.seed, loaders["test"], test)
-    summary = {
-        **run_summary(
-            config,
-            result,
-            base_model=resolved,
-            trainable=trainable,
-            total=total,
-            adapter_bytes=adapter_bytes,
-            base_model_bytes=weights_bytes(resolved),
-        ),  # fmt: skip
-        "trainer": train.trainer,
-        "test_accuracy": test["accuracy"],
-        "test_loss": test["loss"],
-        "trainable_percent": round(100 * trainable / total, 4),
-        "steps": result.steps,
-        "labels": labels,
-        "confusion_matrix": confusion_matrix(test["labels"], test["predictions"], len(labels)),
-        **checks,
-        "total_seconds": round(time.monotonic() - started, 2),
-    }
-    run_dir.write_summary(summary)
-    run_dir.finish_environment()
-    write_reports(run_dir.path)
-    print(f"{config.recipe}: test accuracy {test['accuracy']:.4f} (best step {result.best_step}); "
-          f"adapter {adapter_bytes:,} bytes in {run_dir.adapter_dir}", flush=True)  # fmt: skip
-    return summary
+    def trainable_line(self, trainable: int, total: int) -> str:
+        return (f"{self.config.recipe}: {self.base_name} + LoRA ({self.config.lora.engine}): "
+                f"{trainable:,} of {total:,} parameters trainable "
+                f"({100 * trainable / total:.3f}%)")  # fmt: skip
 
+    def loaders(self) -> dict:
+        return data_loaders(self.config, self.data, self.tokenizer)
 
-def reload_checks(run_dir: RunDir, labels, base: str, seed: int, test_loader, test) -> dict:
-    """Reload the saved adapter with both engines: the same prediction for every test example?"""
-    checks = {}
-    for engine in ("lorakit", "peft"):
-        model, _ = reload_model(run_dir.path, engine, labels, base, seed)
-        again = evaluate(model, test_loader)
-        same = again["predictions"] == test["predictions"]
-        checks[f"reload_{engine}_identical"] = same
-        print(f"reloaded with {engine}: test accuracy {again['accuracy']:.4f} "
-              f"({'identical' if same else 'DIFFERENT'} predictions)", flush=True)  # fmt: skip
-    return checks
+    def reload_checks(self, model, loaders: dict, run_dir: RunDir, test) -> dict[str, Any]:
+        """Reload the saved adapter with both engines: the same prediction for every test
+        example?"""
+        checks = {}
+        for engine in ("lorakit", "peft"):
+            again = evaluate(self.load_adapted(run_dir.path, engine)[0], loaders["test"])
+            same = again["predictions"] == test["predictions"]
+            checks[f"reload_{engine}_identical"] = same
+            print(f"reloaded with {engine}: test accuracy {again['accuracy']:.4f} "
+                  f"({'identical' if same else 'DIFFERENT'} predictions)", flush=True)  # fmt: skip
+        return checks
+
+    def summary_base(self, run_dir: RunDir) -> tuple[str, int | None]:
+        return self.base_name, weights_bytes(self.base_name)
+
+    def summary_figures(self, result, test, checks, counts) -> dict[str, Any]:
+        trainable, total = counts
+        return {
+            "trainer": self.config.train.trainer,
+            "test_accuracy": test["accuracy"],
+            "test_loss": test["loss"],
+            "trainable_percent": round(100 * trainable / total, 4),
+            "steps": result.steps,
+            "labels": self.labels,
+            "confusion_matrix": self.confusion_matrix(test),
+            **checks,
+        }
+
+    def closing_line(self, summary: dict[str, Any], run_dir: RunDir) -> str:
+        return (f"{self.config.recipe}: test accuracy {summary['test_accuracy']:.4f} (best step "
+                f"{summary['best_step']}); adapter {summary['adapter_bytes']:,} bytes in "
+                f"{run_dir.adapter_dir}")  # fmt: skip
+
+    def trainable_report(self) -> str:
+        """Uses the real model (and the data, for the labels)."""
+        self.load_data()
+        model, _, resolved = build_model(self.config, self.labels)
+        return lora_report(resolved, model)
+
+    # ------------------------------------------------------------ a finished run
+    def reload_base(self):
+        model, tokenizer, _ = load_sequence_classifier(
+            self.base_name, self.labels, self.config.seed
+        )
+        return model, tokenizer
+
+    @staticmethod
+    def serving_base(name: str):
+        """(model, tokenizer, resolved name) that `lorakit serve` loads this recipe's adapters
+        onto, several at once: its head is for two placeholder labels, each adapter brings its
+        own head."""
+        return load_sequence_classifier(name, ["LABEL_0", "LABEL_1"])
+
+    def predictor(self, run_dir: Path) -> TransformerPredictor:
+        model, tokenizer = self.load_adapted(run_dir)
+        return TransformerPredictor(model, tokenizer, self.labels, self.config)
 
 
 # ---------------------------------------------------------------- inference on a finished run
 class TransformerPredictor:
     """Base model + the run's adapter, ready for texts."""
 
-    def __init__(self, run_dir: Path):
-        run_dir = Path(run_dir)
-        config = load_config(run_dir / "config.toml")
-        summary = read_run_summary(run_dir)
-        self.labels: list[str] = summary["labels"]
+    def __init__(self, model, tokenizer, labels: list[str], config: Config):
+        self.model, self.tokenizer, self.labels = model, tokenizer, labels
         self.max_length = config.data.max_length
         self.batch_size = config.train.eval_batch_size
-        self.model, self.tokenizer = reload_model(
-            run_dir, "lorakit", self.labels, summary["base_model"], summary["seed"]
-        )
-        self.collator = DataCollatorWithPadding(self.tokenizer)
+        self.collator = DataCollatorWithPadding(tokenizer)
 
     @torch.no_grad()
     def predict_proba(self, texts: list[str]) -> np.ndarray:
@@ -179,16 +162,7 @@ class TransformerPredictor:
         return probs
 
 
-def load_predictor(run_dir: Path) -> TransformerPredictor:
-    return TransformerPredictor(run_dir)
-
-
-def dry_run(config: Config) -> str:
-    """The trainable-parameter report, without training (uses the real model)."""
-    dsd = load_task_data(config)
-    model, _, resolved = build_model(config, dsd["train"].features["label"].names)
-    trainable, total = engines.parameter_counts(model)
-    targets = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules()
-                      if isinstance(m, lora.LoraLayer)})  # fmt: skip
-    return (f"{resolved}: LoRA on {', '.join(targets) or '(peft engine)'}; "
-            f"trainable {trainable:,} of {total:,} ({100 * trainable / total:.3f}%)")  # fmt: skip
+RECIPE = SequenceClassification
+run = SequenceClassification.run
+load_predictor = SequenceClassification.load_predictor
+dry_run = SequenceClassification.dry_run

@@ -37,7 +37,7 @@ from lorakit.lora import (
     set_adapter,
 )
 from lorakit.lora.adapter_files import PREFIX
-from lorakit.models.transformer import load_sequence_classifier
+from lorakit.recipes.sequence_classification import SequenceClassification
 from lorakit.rundir import read_run_summary
 
 from .errors import AdapterExistsError, AdapterLoadError, UnknownAdapterError
@@ -117,7 +117,7 @@ class AdapterRegistry:
     """A base sequence classifier with named adapters; `predict` runs one adapter on texts."""
 
     def __init__(self, base: str, *, batch_size: int = 32, max_length: int | None = None):
-        model, tokenizer, resolved = load_sequence_classifier(base, ["LABEL_0", "LABEL_1"])
+        model, tokenizer, resolved = SequenceClassification.serving_base(base)
         self.model = model.eval()
         self.tokenizer = tokenizer
         self.base = resolved

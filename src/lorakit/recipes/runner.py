@@ -1,0 +1,101 @@
+"""The one skeleton every recipe runs: a recipe (``lorakit.recipes.base.Recipe``) says what to
+build and measure, the runner says in which order and writes the run directory.
+
+    start environment -> build -> print trainable -> train (lorakit loop or HF Trainer)
+        -> restore best -> test + log -> save adapter -> reload checks -> summary
+        -> comparison -> finish environment -> reports
+
+A recipe that trains no adapter (pretraining a base model) runs its own middle between
+``start`` and ``finish``.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from lorakit.config import ConfigError
+from lorakit.recipes import run_summary, write_reports
+from lorakit.rundir import RunDir
+from lorakit.train import engines
+from lorakit.train.loop import TrainResult, train_loop
+
+if TYPE_CHECKING:
+    import torch
+
+    from lorakit.recipes.base import Recipe
+
+
+def run(recipe: Recipe, run_dir: RunDir, resume: Path | None = None) -> dict[str, Any]:
+    """Train and test ``recipe``; return the summary (also in ``RUN_DIR/summary.json``)."""
+    config = recipe.config
+    started = time.monotonic()
+    start(recipe, run_dir, resume)
+    model = recipe.build_model(run_dir, resume)
+    trainable, total = engines.parameter_counts(model)
+    print(recipe.trainable_line(trainable, total), flush=True)
+    loaders = recipe.loaders()
+    result = train(recipe, model, loaders, run_dir, resume)
+    model.eval()
+    test = recipe.test(model, loaders)
+    figures = {name: value for name, value in test.items() if isinstance(value, float)}
+    run_dir.log("test", step=result.best_step, epoch=None, split="test", **figures)
+    adapter_bytes = engines.save(model, run_dir.adapter_dir, recipe.base_name)
+    checks = recipe.reload_checks(model, loaders, run_dir, test)
+    base_model, base_model_bytes = recipe.summary_base(run_dir)
+    summary = {
+        **run_summary(
+            config, result, base_model=base_model, trainable=trainable, total=total,
+            adapter_bytes=adapter_bytes, base_model_bytes=base_model_bytes,
+        ),
+        **recipe.summary_figures(result, test, checks, (trainable, total)),
+    }  # fmt: skip
+    if config.compare:
+        recipe.compare(run_dir, summary)
+    summary["total_seconds"] = round(time.monotonic() - started, 2)
+    return finish(recipe, run_dir, summary)
+
+
+def start(recipe: Recipe, run_dir: RunDir, resume: Path | None) -> None:
+    """Refuse a resume the recipe cannot do; load the data; start environment.json."""
+    if resume is not None and not recipe.resumable:
+        raise ConfigError(f"the {recipe.config.recipe!r} recipe's pipeline cannot resume a run yet")
+    run_dir.start_environment(recipe.config.seed, recipe.load_data())
+
+
+def train(
+    recipe: Recipe,
+    model: torch.nn.Module,
+    loaders: dict,
+    run_dir: RunDir,
+    resume: Path | None,
+) -> TrainResult:
+    """Train with lorakit's loop (or transformers' Trainer); leave the best weights in ``model``."""
+    config = recipe.config
+    if recipe.hf_trainer and config.train.trainer == "hf":
+        if resume is not None:
+            raise ConfigError("--resume works with train.trainer = 'lorakit', not 'hf'")
+        from lorakit.train.hf_trainer import train_with_hf_trainer
+
+        return train_with_hf_trainer(
+            model, loaders["train"].dataset, loaders["validation"].dataset,
+            loaders["train"].collate_fn, config.train, run_dir=run_dir,
+            seed=config.seed, output_dir=str(run_dir / "hf_trainer"),
+        )  # fmt: skip
+    return train_loop(
+        model, loaders["train"], loaders["validation"], config.train, run_dir=run_dir,
+        seed=config.seed, checkpoint_dir=run_dir / "checkpoints", resume=resume,
+        **recipe.loop_options(),
+    )  # fmt: skip
+
+
+def finish(recipe: Recipe, run_dir: RunDir, summary: dict[str, Any]) -> dict[str, Any]:
+    """Write summary.json, close environment.json, draw the reports, print the closing line."""
+    run_dir.write_summary(summary)
+    run_dir.finish_environment()
+    write_reports(run_dir.path)
+    line = recipe.closing_line(summary, run_dir)
+    if line:
+        print(line, flush=True)
+    return summary
