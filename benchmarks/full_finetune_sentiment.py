@@ -19,7 +19,8 @@ from pathlib import Path
 
 from lorakit.config import load_config
 from lorakit.data import dataset_fingerprint
-from lorakit.recipes import load_task_data, recipe_path
+from lorakit.recipes import recipe_path
+from lorakit.recipes.base import load_task_data
 from lorakit.recipes.sequence_classification import data_loaders, load_base
 from lorakit.rundir import RunDir
 from lorakit.train.loop import evaluate, train_loop

@@ -132,10 +132,15 @@ def imports_of(module: str) -> list[Import]:
     """Every import of a lorakit module in `module`, at module level or in a function."""
     found = []
     in_function: set[ast.AST] = set()
+    type_only: set[ast.AST] = set()  # under `if TYPE_CHECKING:`: never run, so no dependency
     for node in ast.walk(tree(module)):
         if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.Lambda)):
             in_function.update(n for n in ast.walk(node) if n is not node)
+        if isinstance(node, ast.If) and getattr(node.test, "id", None) == "TYPE_CHECKING":
+            type_only.update(n for n in ast.walk(node) if n is not node)
     for node in ast.walk(tree(module)):
+        if node in type_only:
+            continue
         nested = node in in_function
         if isinstance(node, ast.Import):
             for alias in node.names:

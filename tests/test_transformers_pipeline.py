@@ -14,8 +14,9 @@ from lorakit import api
 from lorakit.config import load_config
 from lorakit.models.transformer import load_sequence_classifier, minilm_path, resolve_model
 from lorakit.network import OfflineError
-from lorakit.recipes import load_task_data, recipe_path
+from lorakit.recipes import recipe_path
 from lorakit.recipes import sequence_classification as pipeline
+from lorakit.recipes.base import load_task_data
 from lorakit.rundir import RunDir
 
 

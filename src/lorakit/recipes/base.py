@@ -25,12 +25,25 @@ import torch
 
 from lorakit import lora
 from lorakit.config import Config, ConfigError, load_config
-from lorakit.data import dataset_fingerprint
-from lorakit.recipes import load_task_data, runner
+from lorakit.data import dataset_fingerprint, load_dataset
+from lorakit.recipes import runner
 from lorakit.rundir import RunDir, read_run_summary
 from lorakit.train import engines
 from lorakit.train.loop import TrainResult, evaluate
 from lorakit.train.metrics import confusion_matrix
+
+
+def load_task_data(config: Config):
+    """The recipe's data (``data`` section), with ``max_train_samples`` applied reproducibly."""
+    dsd = load_dataset(
+        config.data.source,
+        text_column=config.data.text_column,
+        label_column=config.data.label_column,
+    )
+    if config.data.max_train_samples:
+        train = dsd["train"].shuffle(seed=config.seed)
+        dsd["train"] = train.select(range(min(len(train), config.data.max_train_samples)))
+    return dsd
 
 
 class Recipe:

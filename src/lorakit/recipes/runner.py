@@ -15,8 +15,7 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from lorakit.config import ConfigError
-from lorakit.recipes import run_summary, write_reports
+from lorakit.config import Config, ConfigError
 from lorakit.rundir import RunDir
 from lorakit.train import engines
 from lorakit.train.loop import TrainResult, train_loop
@@ -99,3 +98,45 @@ def finish(recipe: Recipe, run_dir: RunDir, summary: dict[str, Any]) -> dict[str
     if line:
         print(line, flush=True)
     return summary
+
+
+def run_summary(
+    config: Config,
+    result,
+    *,
+    base_model: str,
+    trainable: int,
+    total: int,
+    adapter_bytes: int,
+    base_model_bytes: int | None,
+) -> dict:
+    """The summary.json keys every recipe shares (INTERFACE.md); each adds its own figures."""
+    return {
+        "recipe": config.recipe,
+        "task": config.task,
+        "dataset": config.data.source,
+        "base_model": base_model,
+        "engine": config.lora.engine,
+        "trainable_params": trainable,
+        "total_params": total,
+        "adapter_bytes": adapter_bytes,
+        "base_model_bytes": base_model_bytes,
+        "train_seconds": result.train_seconds,
+        "best_step": result.best_step,
+        "best_validation": result.best_metrics,
+        "stopped_early": result.stopped_early,
+        "seed": config.seed,
+    }  # fmt: skip
+
+
+def write_reports(run_dir: Path) -> list[Path]:
+    """Plots and report.html from the run directory's files (``lorakit.report``)."""
+    try:
+        from lorakit.report import html, plots
+    except ImportError:  # the report package is optional for a run
+        return []
+    written = [plots.plot_loss_accuracy(run_dir)]
+    if (Path(run_dir) / "summary.json").is_file():
+        written.append(plots.plot_confusion_matrix(run_dir))
+    written.append(html.write_report(run_dir))
+    return [Path(p) for p in written if p]
