@@ -24,7 +24,7 @@ def run_recipe(tmp_path, overrides, recipe="sentiment"):
     config = load_config(recipe_path(recipe), overrides)
     run_dir = RunDir(tmp_path / "run")
     run_dir.write_config(config)
-    return pipeline.run(config, run_dir), run_dir.path
+    return pipeline.RECIPE.run(config, run_dir), run_dir.path
 
 
 @pytest.mark.parametrize("engine", ["lorakit", "peft"])
@@ -52,7 +52,7 @@ def test_csv_with_string_labels_trains_with_no_code(tmp_path, tiny_bert_dir, sta
     assert api.evaluate(run)["accuracy"] == summary["test_accuracy"]
 
     # the adapter loads in plain PEFT on the base and predicts the same
-    predictor = pipeline.load_predictor(run)
+    predictor = pipeline.RECIPE.load_predictor(run)
     texts = ["wonderful superb film", "dull tedious plot", "average passable scenes"]
     ours = predictor.predict_proba(texts)
     torch.manual_seed(summary["seed"])

@@ -14,6 +14,7 @@ lk.merge("runs/classic-...", "merged/")                       # a standalone mod
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -21,9 +22,9 @@ from typing import Any
 import numpy as np
 
 from lorakit.config import Config, ConfigError, load_config
-from lorakit.recipes import describe, pipeline_module, recipe_names
+from lorakit.launch import DEFAULT_RECIPE, dry_run, resolve_config, resume_point, train
+from lorakit.recipes import describe, recipe_class, recipe_names
 from lorakit.rundir import read_run_summary
-from lorakit.runner import DEFAULT_RECIPE, dry_run, resolve_config, resume_point, train
 
 __all__ = [
     "DEFAULT_RECIPE",
@@ -36,11 +37,14 @@ __all__ = [
     "load_predictor",
     "merge",
     "predict",
+    "read_texts",
     "report",
     "resolve_config",
     "resume_point",
     "sweep",
     "train",
+    "training_errors",
+    "user_errors",
 ]
 
 
@@ -61,7 +65,7 @@ def _finished_run(run_dir: str | Path) -> tuple[Path, Config, dict[str, Any]]:
 def load_predictor(run_dir: str | Path):
     """The run's model with its adapter, ready for ``predict_proba(texts)``."""
     run_dir, config, _ = _finished_run(run_dir)
-    return pipeline_module(config).load_predictor(run_dir)
+    return recipe_class(config).load_predictor(run_dir)
 
 
 def predict(run_dir: str | Path, texts: Sequence[str]) -> list[dict[str, Any]]:
@@ -104,7 +108,7 @@ def evaluate(run_dir: str | Path, data: str | None = None, split: str = "test") 
             f"split: the {split} split of {data or config.data.source} is empty ({sizes}); "
             "choose another --split, or give more rows or a 'split' column"
         )
-    predictor = pipeline_module(config).load_predictor(run_dir)
+    predictor = recipe_class(config).load_predictor(run_dir)
     dataset = dsd[split]
     names = dataset.features["label"].names
     unknown = sorted(set(names) - set(predictor.labels))
@@ -124,6 +128,39 @@ def evaluate(run_dir: str | Path, data: str | None = None, split: str = "test") 
         "loss": float(-np.log(np.clip(picked, 1e-12, 1.0)).mean()),
         "recorded_test_accuracy": summary.get("test_accuracy"),
     }
+
+
+def read_texts(path: str | Path) -> list[str]:
+    """The non-blank lines of a text file, one text each, read as data files are read (any
+    encoding lorakit detects, BOM dropped)."""
+    from lorakit.data.text_io import decode, read_bytes, warn_replaced
+
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"--file: {str(path)!r} does not exist")
+    text, replaced = decode(read_bytes(path))
+    warn_replaced(str(path), replaced)
+    # a line ends at \n (or \r\n, \r), not at U+2028 or U+0085 as splitlines() has it
+    return [line for line in re.split(r"\r\n?|\n", text) if line.strip()]
+
+
+def user_errors() -> tuple[type[BaseException], ...]:
+    """The errors that are the user's to fix: each is one line naming the fix (no traceback)."""
+    from lorakit.data import DataError
+    from lorakit.lora import LoraError
+    from lorakit.models.classic import EmbeddingsError
+    from lorakit.network import OfflineError
+    from lorakit.report.runfiles import ReportError
+
+    return ConfigError, DataError, EmbeddingsError, LoraError, OfflineError, ReportError
+
+
+def training_errors() -> tuple[type[BaseException], ...]:
+    """The errors of a training run that stopped (a damaged checkpoint, a failed process)."""
+    from lorakit.train.checkpoint import CheckpointError
+    from lorakit.train.distributed import DistributedError
+
+    return CheckpointError, DistributedError
 
 
 def list_recipes() -> dict[str, str]:

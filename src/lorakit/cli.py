@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import re
 import sys
 from pathlib import Path
 from typing import Annotated
@@ -45,9 +44,6 @@ def train(
     ] = 1,
 ) -> None:
     """Train a recipe (default: the built-in default recipe) and write a run directory."""
-    from lorakit.train.checkpoint import CheckpointError
-    from lorakit.train.distributed import DistributedError
-
     overrides = set_ or []
     if dry_run:
         typer.echo(api.dry_run(recipe, overrides))
@@ -55,7 +51,7 @@ def train(
     try:
         summary = api.train(recipe, out=out, overrides=overrides, resume=resume,
                             processes=processes)  # fmt: skip
-    except (CheckpointError, DistributedError) as err:
+    except api.training_errors() as err:
         typer.echo(f"error: {err}", err=True)
         raise typer.Exit(1) from None
     if "run_dir" not in summary or processes > 1:  # the main worker printed it already
@@ -97,14 +93,7 @@ def predict(
     """Predict the label of each text, with its probability."""
     texts = list(texts or [])
     if file is not None:
-        from lorakit.data.text_io import decode, read_bytes, warn_replaced
-
-        if not file.is_file():
-            raise api.ConfigError(f"--file: {str(file)!r} does not exist")
-        text, replaced = decode(read_bytes(file))  # as data files are read: BOM dropped
-        warn_replaced(str(file), replaced)
-        # a line ends at \n (or \r\n, \r), not at U+2028 or U+0085 as splitlines() has it
-        texts += [line for line in re.split(r"\r\n?|\n", text) if line.strip()]
+        texts += api.read_texts(file)
     if not texts:
         raise api.ConfigError("predict: give texts as arguments or --file FILE (one text per line)")
     for text, result in zip(texts, api.predict(run_dir, texts), strict=True):
@@ -228,29 +217,6 @@ def report(
     typer.echo(str(api.report(run_dir)))
 
 
-def _clean_errors() -> tuple[type[BaseException], ...]:
-    """Errors that are the user's to fix: one message, no traceback."""
-    errors: list[type[BaseException]] = [api.ConfigError]
-    try:
-        from lorakit.data import DataError
-
-        errors.append(DataError)
-    except ImportError:
-        pass
-    from lorakit.lora import LoraError
-    from lorakit.network import OfflineError
-    from lorakit.report.runfiles import ReportError
-
-    errors += [LoraError, OfflineError, ReportError]
-    try:
-        from lorakit.models.classic import EmbeddingsError
-
-        errors.append(EmbeddingsError)
-    except ImportError:
-        pass
-    return tuple(errors)
-
-
 def expand_set_options(argv: list[str]) -> list[str]:
     """``--set a=1 b=2`` (INTERFACE.md's form) -> ``--set a=1 --set b=2`` for the parser."""
     expanded: list[str] = []
@@ -274,7 +240,7 @@ def main(argv: list[str] | None = None) -> int:
     argv = expand_set_options(sys.argv[1:] if argv is None else list(argv))
     try:
         code = app(args=argv, standalone_mode=False)  # a command's typer.Exit(n) comes back as n
-    except _clean_errors() as err:
+    except api.user_errors() as err:
         typer.echo(f"error: {err}", err=True)
         return 2
     except typer.Exit as done:

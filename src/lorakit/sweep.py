@@ -43,11 +43,11 @@ from typing import Any, get_args, get_origin
 from pydantic import BaseModel
 
 from lorakit.config import Config, ConfigError, parse_value
+from lorakit.launch import DEFAULT_RECIPE, resolve_config, train
 from lorakit.models.classic import is_classic
 from lorakit.report.html import write_report
 from lorakit.report.sweep import collect_run_summary, plot_sweep, write_sweep_table
 from lorakit.rundir import make_out_folder, write_json_atomic
-from lorakit.runner import DEFAULT_RECIPE, resolve_config, train
 
 SWEEP_SETTINGS = ("compare=false",)  # before the user's overrides, which may change them
 SHARED_BASE_BLOCKERS = ("pretrain.", "model.")  # grid keys that change the pretrained base

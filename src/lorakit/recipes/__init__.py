@@ -2,12 +2,12 @@
 
 A recipe's module is ``lorakit.recipes.<pipeline>`` (``pipeline`` in the TOML, default the
 recipe's own name, ``-`` read as ``_``), so several TOMLs can share one pipeline. Its ``RECIPE``
-is a ``lorakit.recipes.base.Recipe`` class (the steps; ``lorakit.recipes.runner`` runs them), and
-the module provides the recipe's entry points:
+is a ``lorakit.recipes.base.Recipe`` class: the steps, which ``lorakit.recipes.runner`` runs in
+one order, and the entry points
 
-    run(config: Config, run_dir: RunDir, resume=None) -> dict   # trains; returns the summary
-    load_predictor(run_dir: Path) -> Predictor          # for `lorakit predict` / `eval`
-    dry_run(config: Config) -> str                      # optional: trainable-parameter report
+    RECIPE.run(config, run_dir, resume=None) -> dict     # trains; returns the summary
+    RECIPE.load_predictor(run_dir) -> Predictor          # for `lorakit predict` / `eval`
+    RECIPE(config).trainable_report() -> str | None      # `lorakit train --dry-run`
 
 ``recipe_class(config)`` is the class; ``recipe_of_run(run_dir)`` the recipe of a finished run,
 whose ``load_adapted(run_dir)`` loads its base model with the adapter.

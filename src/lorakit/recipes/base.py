@@ -68,11 +68,6 @@ class Recipe:
         return cls.of_run(run_dir).predictor(run_dir)
 
     @classmethod
-    def dry_run(cls, config: Config) -> str:
-        """The trainable-parameter report, without training."""
-        return cls(config).trainable_report()
-
-    @classmethod
     def of_run(cls, run_dir: str | Path, config: Config | None = None) -> Recipe:
         """The recipe of a finished run, knowing what its summary.json recorded."""
         run_dir = Path(run_dir)
@@ -134,9 +129,9 @@ class Recipe:
         """The last console line of a run, if the recipe prints one."""
         return None
 
-    def trainable_report(self) -> str:
-        """The trainable-parameter report of ``lorakit train --dry-run``."""
-        raise NotImplementedError
+    def trainable_report(self) -> str | None:
+        """The trainable-parameter report of ``lorakit train --dry-run`` (None: no adapter)."""
+        return None
 
     # ------------------------------------------------------------ a finished run
     def recall(self, run_dir: Path, summary: dict[str, Any]) -> None:

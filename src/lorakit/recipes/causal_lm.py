@@ -396,6 +396,3 @@ def load_generator(run_dir: str | Path):
 
 
 RECIPE = CausalLM
-run = CausalLM.run
-load_predictor = CausalLM.load_predictor
-dry_run = CausalLM.dry_run

@@ -294,6 +294,3 @@ class ClassicPredictor:
 
 
 RECIPE = Classic
-run = Classic.run
-load_predictor = Classic.load_predictor
-dry_run = Classic.dry_run

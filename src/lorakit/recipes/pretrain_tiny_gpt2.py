@@ -338,9 +338,3 @@ def ensure_base_model(name: str) -> str:
 
 
 RECIPE = PretrainTinyGPT2
-load_predictor = PretrainTinyGPT2.load_predictor
-
-
-def run(config: Config, run_dir: RunDir) -> dict[str, Any]:
-    """No ``resume``: `lorakit train --resume` says this pipeline cannot resume."""
-    return PretrainTinyGPT2.run(config, run_dir)

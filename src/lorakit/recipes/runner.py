@@ -58,7 +58,7 @@ def run(recipe: Recipe, run_dir: RunDir, resume: Path | None = None) -> dict[str
 
 def start(recipe: Recipe, run_dir: RunDir, resume: Path | None) -> None:
     """Refuse a resume the recipe cannot do; load the data; start environment.json."""
-    if resume is not None and not recipe.resumable:
+    if resume is not None and not recipe.resumable:  # for callers that skip lorakit.launch
         raise ConfigError(f"the {recipe.config.recipe!r} recipe's pipeline cannot resume a run yet")
     run_dir.start_environment(recipe.config.seed, recipe.load_data())
 

@@ -163,6 +163,3 @@ class TransformerPredictor:
 
 
 RECIPE = SequenceClassification
-run = SequenceClassification.run
-load_predictor = SequenceClassification.load_predictor
-dry_run = SequenceClassification.dry_run

@@ -7,13 +7,12 @@ its grid through them.
 
 from __future__ import annotations
 
-import inspect
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
 from lorakit.config import Config, ConfigError, load_config
-from lorakit.recipes import pipeline_module, recipe_path
+from lorakit.recipes import recipe_class, recipe_path
 from lorakit.rundir import RunDir, default_out, read_run_summary
 
 DEFAULT_RECIPE = "sentiment"
@@ -38,7 +37,7 @@ def resolve_config(
     looks_like_file = source.endswith(".toml") or "/" in source or Path(source).is_file()
     path = Path(source) if looks_like_file else recipe_path(source)
     config = load_config(path, overrides)
-    pipeline_module(config)  # an unknown pipeline fails here, before any work
+    recipe_class(config)  # an unknown pipeline fails here, before any work
     return config
 
 
@@ -48,9 +47,9 @@ def dry_run(recipe_or_config: str | Path | None = None, overrides: Iterable[str]
 
     config = resolve_config(recipe_or_config, overrides)
     text = to_toml(config)
-    module = pipeline_module(config)
-    if hasattr(module, "dry_run"):
-        text += "\n# trainable parameters\n" + module.dry_run(config)
+    report = recipe_class(config)(config).trainable_report()
+    if report:
+        text += "\n# trainable parameters\n" + report
     return text
 
 
@@ -82,19 +81,18 @@ def train(
     else:
         config = _absolute_data_path(resolve_config(recipe_or_config, overrides))
         run_path, checkpoint = _new_run_path(out, config), None
-    module = pipeline_module(config)
-    if checkpoint is not None and "resume" not in inspect.signature(module.run).parameters:
+    recipe = recipe_class(config)
+    if checkpoint is not None and not recipe.resumable:
         raise ConfigError(f"the {config.recipe!r} recipe's pipeline cannot resume a run yet")
-    extra = {"resume": checkpoint} if checkpoint is not None else {}
     if not distributed.is_main_process():
         with distributed.worker_scratch() as scratch:
-            return module.run(config, RunDir(scratch), **extra)
+            return recipe.run(config, RunDir(scratch), checkpoint)
     resumed_at = None if checkpoint is None else checkpoint_step(checkpoint)
     with RunDir.start(
         run_path, config, resume=checkpoint, resumed_at=resumed_at,
         processes=distributed.world_size(),
     ) as run_dir:  # fmt: skip
-        summary = module.run(config, run_dir, **extra)
+        summary = recipe.run(config, run_dir, checkpoint)
     summary.setdefault("run_dir", str(run_path))
     return summary
 
