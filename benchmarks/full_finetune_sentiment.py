@@ -23,7 +23,8 @@ from lorakit.recipes import recipe_path
 from lorakit.recipes.base import load_task_data
 from lorakit.recipes.sequence_classification import data_loaders, load_base
 from lorakit.rundir import RunDir
-from lorakit.train.loop import evaluate, train_loop
+from lorakit.train.loop import train_loop
+from lorakit.train.metrics import evaluate
 
 sys.path.insert(0, str(Path(__file__).parent))
 from common import RESULTS, machine, markdown_table  # noqa: E402

@@ -11,7 +11,8 @@ from lorakit.config import ConfigError, TrainConfig
 from lorakit.data import load_dataset
 from lorakit.models.classic import TextClassifier, build_vocabulary, collate, encode_split
 from lorakit.rundir import RunDir
-from lorakit.train.loop import evaluate, parameter_groups, train_loop
+from lorakit.train.loop import parameter_groups, train_loop
+from lorakit.train.metrics import evaluate
 
 
 @pytest.fixture(autouse=True, scope="module")

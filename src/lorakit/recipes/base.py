@@ -29,8 +29,8 @@ from lorakit.data import dataset_fingerprint, load_dataset
 from lorakit.recipes import runner
 from lorakit.rundir import RunDir, read_run_summary
 from lorakit.train import engines
-from lorakit.train.loop import TrainResult, evaluate
-from lorakit.train.metrics import confusion_matrix
+from lorakit.train.loop import TrainResult
+from lorakit.train.metrics import confusion_matrix, evaluate
 
 
 def load_task_data(config: Config):

@@ -34,7 +34,8 @@ from lorakit.models.classic import (
 from lorakit.recipes.base import ClassificationRecipe
 from lorakit.rundir import RunDir
 from lorakit.train import engines
-from lorakit.train.loop import evaluate, train_loop
+from lorakit.train.loop import train_loop
+from lorakit.train.metrics import evaluate
 
 # The seed's setup: rank 2 on fc1 (alpha picked on the validation split from 2, 8, 16).
 SEED_SETUP = {"r": 2, "lora_alpha": 8, "target_modules": ["fc1"]}

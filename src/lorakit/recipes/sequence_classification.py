@@ -25,7 +25,7 @@ from lorakit.nn.frozen_base import set_model_dropout
 from lorakit.recipes.base import ClassificationRecipe, lora_report
 from lorakit.rundir import RunDir
 from lorakit.train import engines
-from lorakit.train.loop import evaluate
+from lorakit.train.metrics import evaluate
 
 
 def load_base(config: Config, labels: list[str]):

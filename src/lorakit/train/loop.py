@@ -47,6 +47,7 @@ from lorakit.nn.frozen_base import bf16_frozen_base
 from lorakit.rundir import RunDir
 from lorakit.train import checkpoint as ckpt
 from lorakit.train.best import BestEvaluation, load_into, trainable_tensors
+from lorakit.train.metrics import evaluate
 
 # (model, eval_loader, accelerator) -> figures; the float ones are logged, `metric` among them
 EvaluateFn = Callable[[torch.nn.Module, Iterable, Accelerator], dict[str, Any]]
@@ -76,64 +77,6 @@ def make_accelerator(train: TrainConfig) -> Accelerator:
         # are outside its reducer, and every LoRA and head tensor gets a gradient each step.
         dataloader_config=DataLoaderConfiguration(split_batches=True),
     )
-
-
-@torch.no_grad()
-def evaluate(
-    model: torch.nn.Module,
-    loader: Iterable[dict[str, torch.Tensor]],
-    accelerator: Accelerator | None = None,
-) -> dict[str, Any]:
-    """Classification loss and accuracy over a loader, with every prediction and label.
-
-    With an ``accelerator`` running several processes, each evaluates its shard and the
-    figures cover the whole split (``gather_for_metrics`` drops the padding duplicates)."""
-    if accelerator is not None and accelerator.num_processes > 1:
-        return _evaluate_gathered(model, loader, accelerator)
-    was_training = model.training
-    model.eval()
-    total_loss, count, predictions, labels = 0.0, 0, [], []
-    device = next(model.parameters()).device
-    for batch in loader:
-        batch = {k: v.to(device) for k, v in batch.items()}
-        out = model(**batch)
-        size = len(batch["labels"])
-        total_loss += float(out.loss) * size
-        count += size
-        predictions += out.logits.argmax(-1).tolist()
-        labels += batch["labels"].tolist()
-    model.train(was_training)
-    if count == 0:
-        raise ValueError("evaluation split is empty")
-    accuracy = sum(p == t for p, t in zip(predictions, labels, strict=True)) / count
-    return {
-        "loss": total_loss / count,
-        "accuracy": accuracy,
-        "predictions": predictions,
-        "labels": labels,
-    }
-
-
-def _evaluate_gathered(model, loader, accelerator: Accelerator) -> dict[str, Any]:
-    was_training = model.training
-    model.eval()
-    losses, predictions, labels = [], [], []
-    for batch in loader:
-        logits = model(**batch).logits.float()
-        loss = torch.nn.functional.cross_entropy(logits, batch["labels"], reduction="none")
-        gathered = accelerator.gather_for_metrics((loss, logits.argmax(-1), batch["labels"]))
-        for kept, part in zip((losses, predictions, labels), gathered, strict=True):
-            kept.append(part.cpu())
-    model.train(was_training)
-    if not losses:
-        raise ValueError("evaluation split is empty")
-    loss, predicted, truth = (torch.cat(parts) for parts in (losses, predictions, labels))
-    return {
-        "loss": float(loss.mean()),
-        "accuracy": float((predicted == truth).float().mean()),
-        "predictions": predicted.tolist(),
-        "labels": truth.tolist(),
-    }
 
 
 class _Progress:

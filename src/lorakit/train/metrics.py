@@ -8,17 +8,20 @@ Every recipe takes its numbers from here, so a figure means the same in each sum
 - ``accuracy``: the share of predictions equal to their label; ``verdict_accuracy`` the share of
   prompts whose likeliest (or greedily generated) answer is the right one of a closed set.
 - ``confusion_matrix``: counts, rows true labels and columns predictions.
+- ``evaluate``: a classifier's loss and accuracy over a loader, with every prediction.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Iterable, Sequence
+from typing import Any
 
 import datasets
 import numpy as np
 import torch
 import torch.nn.functional as F
+from accelerate import Accelerator
 from torch import nn
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
@@ -120,3 +123,62 @@ def verdict_accuracy(
     else:
         raise ValueError(f"method must be 'loglik' or 'generate', got {method!r}")
     return accuracy(predicted, labels)
+
+
+# ---------------------------------------------------------------- classifiers: loss, accuracy
+@torch.no_grad()
+def evaluate(
+    model: torch.nn.Module,
+    loader: Iterable[dict[str, torch.Tensor]],
+    accelerator: Accelerator | None = None,
+) -> dict[str, Any]:
+    """Classification loss and accuracy over a loader, with every prediction and label.
+
+    With an ``accelerator`` running several processes, each evaluates its shard and the
+    figures cover the whole split (``gather_for_metrics`` drops the padding duplicates)."""
+    if accelerator is not None and accelerator.num_processes > 1:
+        return _evaluate_gathered(model, loader, accelerator)
+    was_training = model.training
+    model.eval()
+    total_loss, count, predictions, labels = 0.0, 0, [], []
+    device = next(model.parameters()).device
+    for batch in loader:
+        batch = {k: v.to(device) for k, v in batch.items()}
+        out = model(**batch)
+        size = len(batch["labels"])
+        total_loss += float(out.loss) * size
+        count += size
+        predictions += out.logits.argmax(-1).tolist()
+        labels += batch["labels"].tolist()
+    model.train(was_training)
+    if count == 0:
+        raise ValueError("evaluation split is empty")
+    accuracy = sum(p == t for p, t in zip(predictions, labels, strict=True)) / count
+    return {
+        "loss": total_loss / count,
+        "accuracy": accuracy,
+        "predictions": predictions,
+        "labels": labels,
+    }
+
+
+def _evaluate_gathered(model, loader, accelerator: Accelerator) -> dict[str, Any]:
+    was_training = model.training
+    model.eval()
+    losses, predictions, labels = [], [], []
+    for batch in loader:
+        logits = model(**batch).logits.float()
+        loss = torch.nn.functional.cross_entropy(logits, batch["labels"], reduction="none")
+        gathered = accelerator.gather_for_metrics((loss, logits.argmax(-1), batch["labels"]))
+        for kept, part in zip((losses, predictions, labels), gathered, strict=True):
+            kept.append(part.cpu())
+    model.train(was_training)
+    if not losses:
+        raise ValueError("evaluation split is empty")
+    loss, predicted, truth = (torch.cat(parts) for parts in (losses, predictions, labels))
+    return {
+        "loss": float(loss.mean()),
+        "accuracy": float((predicted == truth).float().mean()),
+        "predictions": predicted.tolist(),
+        "labels": truth.tolist(),
+    }
