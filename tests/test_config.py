@@ -110,6 +110,20 @@ def test_override_values_are_toml_literals_then_strings():
     assert config.lora.target_modules == ["fc1", "embedding"] and config.lora.r == 4
 
 
+def test_short_names_set_the_one_setting_they_name_as_in_sweeps():
+    config = load_config(
+        recipe_path("sentiment"), ["r=4", "text_column=body", "label_column=stars", "lr=1e-3"]
+    )
+    assert config.lora.r == 4 and config.train.lr == 1e-3
+    assert (config.data.text_column, config.data.label_column) == ("body", "stars")
+    with pytest.raises(
+        ConfigError, match=r"--set name: is ambiguous; write one of data\.name, model\.name"
+    ):
+        load_config(recipe_path("sentiment"), ["name=x"])
+    with pytest.raises(ConfigError, match="unknown key"):
+        load_config(recipe_path("sentiment"), ["rr=4"])
+
+
 def test_resolved_toml_reads_back_identical():
     config = load_config(
         recipe_path("classic"), ["train.lr=0.002", "data.max_train_samples=100", "seed=7",

@@ -5,8 +5,8 @@ import json
 
 import pytest
 
-from lorakit.config import ConfigError
-from lorakit.sweep import combination_name, combinations, parse_grid, resolve_key, sweep
+from lorakit.config import ConfigError, resolve_key
+from lorakit.sweep import combination_name, combinations, parse_grid, sweep
 
 TINY = ["pretrain.epochs=1", "train.epochs=1", "data.max_train_samples=300"]
 

@@ -16,7 +16,7 @@ import re
 import tomllib
 from collections.abc import Iterable, Mapping
 from pathlib import Path
-from typing import Any, Literal, get_type_hints
+from typing import Any, Literal, get_args, get_type_hints
 
 from pydantic import (
     BaseModel,
@@ -256,6 +256,59 @@ class Config(_Section):
 # ---------------------------------------------------------------- loading and overrides
 
 
+# ---------------------------------------------------------------- keys: dotted or short
+def _leaf_fields(model: type[BaseModel], prefix: str = "") -> dict[str, Any]:
+    """Every settable config key (``lora.r``) and its type annotation."""
+    fields: dict[str, Any] = {}
+    for name, field in model.model_fields.items():
+        args = get_args(field.annotation) or (field.annotation,)
+        sections = [a for a in args if isinstance(a, type) and issubclass(a, BaseModel)]
+        if sections:
+            fields.update(_leaf_fields(sections[0], f"{prefix}{name}."))
+        else:
+            fields[prefix + name] = field.annotation
+    return fields
+
+
+CONFIG_KEYS = _leaf_fields(Config)
+
+
+CONFIG_KEYS = _leaf_fields(Config)  # every setting by its dotted key, with its type
+
+
+def short_key_matches(key: str) -> list[str]:
+    """The dotted keys whose last part is ``key`` (``r`` -> ``lora.r``); ``pretrain.*`` only when
+    nothing else matches, since pretraining is shared by the runs of a sweep."""
+    found = [k for k in CONFIG_KEYS if k.rsplit(".", 1)[-1] == key]
+    return [k for k in found if not k.startswith("pretrain.")] or found
+
+
+def resolve_key(key: str, what: str = "grid key") -> str:
+    """``r`` -> ``lora.r``; a dotted key is checked; an unknown or ambiguous one is an error."""
+    key = key.strip()
+    if key in CONFIG_KEYS:
+        return key
+    if "." not in key:
+        found = short_key_matches(key)
+        if len(found) == 1:
+            return found[0]
+        if found:
+            raise ConfigError(f"{what} {key!r} is ambiguous: write one of {', '.join(found)}")
+    in_section = [k for k in CONFIG_KEYS if k.startswith(key + ".")]
+    if in_section:
+        raise ConfigError(
+            f"{what} {key!r} is a section; name one of its settings: {', '.join(in_section)}"
+        )
+    close = difflib.get_close_matches(
+        key, [*CONFIG_KEYS, *{k.rsplit(".")[-1] for k in CONFIG_KEYS}]
+    )
+    hint = f"did you mean {', '.join(close)}? " if close else ""
+    raise ConfigError(
+        f"{what} {key!r} is not a config setting; {hint}use a dotted key such as lora.r, "
+        "lora.lora_alpha, lora.target_modules, train.lr (or its last part: r, lr)"
+    )
+
+
 def parse_value(text: str) -> Any:
     """A ``--set`` value: a TOML literal (``3``, ``1e-3``, ``true``, ``["a","b"]``), ``a,b,c``
     as a list, anything else as a plain string."""
@@ -280,7 +333,8 @@ def _text_keys(model: type[BaseModel], prefix: str = "") -> set[str]:
 
 
 def apply_overrides(data: dict[str, Any], overrides: Iterable[str]) -> list[str]:
-    """Set each ``key.sub=value`` in ``data`` (in place); return one problem line per bad item.
+    """Set each ``key.sub=value`` (or ``sub=value``, its last part, where that names one
+    setting) in ``data`` (in place); return one problem line per bad item.
     A text-only key takes the value as written (``data.label_column=1``, ``data.path=a,b.csv``)
     unless it is a quoted TOML string."""
     text_keys = _text_keys(Config)
@@ -291,6 +345,12 @@ def apply_overrides(data: dict[str, Any], overrides: Iterable[str]) -> list[str]
         if not sep or not key:
             problems.append(f"--set {item!r}: expected KEY=VALUE, e.g. train.lr=1e-3")
             continue
+        if "." not in key and key not in Config.model_fields:  # a short name, as sweeps take
+            found = short_key_matches(key)
+            if len(found) > 1:
+                problems.append(f"--set {key}: is ambiguous; write one of {', '.join(found)}")
+                continue
+            key = found[0] if found else key  # an unknown one is named by the validation
         *parents, leaf = key.split(".")
         node = data
         for i, part in enumerate(parents):

@@ -29,7 +29,6 @@ reuse the first successful run's ``base/`` (``model.pretrained``), unless the gr
 
 from __future__ import annotations
 
-import difflib
 import itertools
 import json
 import re
@@ -40,9 +39,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, get_args, get_origin
 
-from pydantic import BaseModel
-
-from lorakit.config import Config, ConfigError, parse_value
+from lorakit.config import CONFIG_KEYS, Config, ConfigError, parse_value, resolve_key
 from lorakit.launch import DEFAULT_RECIPE, resolve_config, train
 from lorakit.models.classic import is_classic
 from lorakit.report.html import write_report
@@ -55,50 +52,6 @@ VALUE_SEPARATOR = "|"
 
 
 # ---------------------------------------------------------------- grid keys and values
-def _leaf_fields(model: type[BaseModel], prefix: str = "") -> dict[str, Any]:
-    """Every settable config key (``lora.r``) and its type annotation."""
-    fields: dict[str, Any] = {}
-    for name, field in model.model_fields.items():
-        args = get_args(field.annotation) or (field.annotation,)
-        sections = [a for a in args if isinstance(a, type) and issubclass(a, BaseModel)]
-        if sections:
-            fields.update(_leaf_fields(sections[0], f"{prefix}{name}."))
-        else:
-            fields[prefix + name] = field.annotation
-    return fields
-
-
-CONFIG_KEYS = _leaf_fields(Config)
-
-
-def resolve_key(key: str) -> str:
-    """``r`` -> ``lora.r``; a dotted key is checked; an unknown or ambiguous one is an error."""
-    key = key.strip()
-    if key in CONFIG_KEYS:
-        return key
-    if "." not in key:
-        found = [k for k in CONFIG_KEYS if k.rsplit(".", 1)[-1] == key]
-        outside_pretrain = [k for k in found if not k.startswith("pretrain.")]
-        found = outside_pretrain or found
-        if len(found) == 1:
-            return found[0]
-        if found:
-            raise ConfigError(f"grid key {key!r} is ambiguous: write one of {', '.join(found)}")
-    in_section = [k for k in CONFIG_KEYS if k.startswith(key + ".")]
-    if in_section:
-        raise ConfigError(
-            f"grid key {key!r} is a section; name one of its settings: {', '.join(in_section)}"
-        )
-    close = difflib.get_close_matches(
-        key, [*CONFIG_KEYS, *{k.rsplit(".")[-1] for k in CONFIG_KEYS}]
-    )
-    hint = f"did you mean {', '.join(close)}? " if close else ""
-    raise ConfigError(
-        f"grid key {key!r} is not a config setting; {hint}use a dotted key such as lora.r, "
-        "lora.lora_alpha, lora.target_modules, train.lr (or its last part: r, lr)"
-    )
-
-
 def _takes_list(key: str) -> bool:
     annotation = CONFIG_KEYS[key]
     return any(get_origin(a) is list for a in (get_args(annotation) or (annotation,)))
