@@ -87,6 +87,14 @@ def test_early_stopping(news):
     assert result.steps == 3 * len(train)
 
 
+def test_patience_running_out_at_the_last_evaluation_is_no_early_stop(news):
+    model, train, val = make(news)
+    config = TrainConfig(epochs=3, lr=1e-12, early_stopping_patience=2, max_grad_norm=0)
+    result = train_loop(model, train, val, config, seed=0, show_progress=False)
+    assert result.steps == 3 * len(train)  # every planned step ran
+    assert not result.stopped_early
+
+
 def test_bf16_autocast_trains_and_is_removed_after(news):
     model, train, val = make(news)
     config = TrainConfig(epochs=1, lr=1e-2, bf16=True)

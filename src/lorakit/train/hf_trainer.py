@@ -171,6 +171,7 @@ def train_with_hf_trainer(
         best_metrics=recorder.best.metrics,
         steps=trainer.state.global_step,
         train_seconds=round(time.monotonic() - started, 3),
-        stopped_early=recorder.best.should_stop,
+        stopped_early=recorder.best.should_stop
+        and trainer.state.global_step < trainer.state.max_steps,
         history=recorder.history,
     )

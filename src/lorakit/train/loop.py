@@ -457,6 +457,8 @@ class _Trainer:
             best_metrics=self.state.best.metrics,
             steps=self.state.step,
             train_seconds=round(time.monotonic() - self.started, 3),
-            stopped_early=self.state.best.should_stop,
+            # early only when steps were left: patience running out at the last evaluation is
+            # the end of the planned run, not a stop
+            stopped_early=self.state.best.should_stop and self.state.step < self.total,
             history=self.history,
         )
