@@ -66,6 +66,12 @@ def test_recipes_lists_classic(capsys):
     assert any(line.startswith("classic ") for line in capsys.readouterr().out.splitlines())
 
 
+def test_recipes_marks_the_default_once(capsys):
+    assert main(["recipes"]) == 0
+    [default] = [line for line in capsys.readouterr().out.splitlines() if "default" in line]
+    assert default.startswith("sentiment (default) ") and default.count("default") == 1
+
+
 @pytest.mark.parametrize(
     ("args", "message"),
     [

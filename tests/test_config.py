@@ -195,3 +195,16 @@ def test_layer_and_exclude_settings_reach_the_engine(engine, tiny_bert_dir):
     adapted = [n.removeprefix("base_model.model.") for n, m in model.named_modules()
                if hasattr(m, "lora_A")]  # fmt: skip
     assert adapted == ["bert.encoder.layer.1.attention.self.query"]
+
+
+def test_settings_that_do_not_apply_to_the_pipeline_are_left_out_of_the_toml():
+    """MiniLM runs have no GloVe embeddings or hidden width: config.toml (and the report, which
+    shows it) leaves those out; the classic recipe keeps them; input still accepts them."""
+    sentiment = load_config(recipe_path("sentiment"), ["model.hidden=64"])
+    text = to_toml(sentiment)
+    assert "embeddings" not in text and "hidden" not in text
+    assert 'name = "minilm"' in text
+    classic = to_toml(load_config(recipe_path("classic")))
+    assert 'embeddings = "glove-6b-50d"' in classic and "hidden = 128" in classic
+    custom = Config(recipe="mine", pipeline="classic", model={"hidden": 32})
+    assert "hidden = 32" in to_toml(custom)

@@ -66,8 +66,8 @@ def train(
 def recipes() -> None:
     """List the built-in recipes, one line each."""
     for name, description in api.list_recipes().items():
-        marker = " (default)" if name == api.DEFAULT_RECIPE else ""
-        typer.echo(f"{name:<24} {description}{marker}")
+        label = f"{name} (default)" if name == api.DEFAULT_RECIPE else name
+        typer.echo(f"{label:<24} {description}")
 
 
 @app.command("eval")

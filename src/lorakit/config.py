@@ -63,17 +63,25 @@ class DataConfig(_Section):
         return self.path or self.name
 
 
+def only_for(*pipelines: str) -> dict[str, Any]:
+    """``Field(..., **only_for("classic"))``: a setting only those pipelines read. Other
+    pipelines accept it, and ``to_toml`` leaves it out of their configs (and so reports)."""
+    return {"json_schema_extra": {"pipelines": list(pipelines)}}
+
+
 class ModelConfig(_Section):
     name: str = Field(
         "glove-classifier", description="a model folder, a hub id, or the classic model"
     )
     embeddings: str = Field(
-        "glove-6b-50d", description="classic model: 'glove-6b-50d' or a GloVe .txt"
+        "glove-6b-50d",
+        description="classic model: 'glove-6b-50d' or a GloVe .txt",
+        **only_for("classic"),
     )
     pretrained: str | None = Field(
         None, description="an existing base model folder; skips pretraining"
     )
-    hidden: int = Field(128, gt=0)
+    hidden: int = Field(128, gt=0, description="classic model: fc1's width", **only_for("classic"))
     dropout: float | None = Field(
         None,
         ge=0,
@@ -486,10 +494,25 @@ def _toml_value(value: Any) -> str:
     raise TypeError(f"cannot write {type(value).__name__} to TOML")
 
 
+def settings_not_read(config: Config) -> dict[str, set[str]]:
+    """``{section: {setting}}`` of the settings ``config``'s pipeline does not read
+    (``only_for``), as ``model_dump(exclude=...)`` takes them."""
+    pipeline = (config.pipeline or config.recipe).replace("-", "_")
+    excluded: dict[str, set[str]] = {}
+    for section, field in Config.model_fields.items():
+        for sub in _section_types(field.annotation):
+            for name, setting in sub.model_fields.items():
+                readers = (setting.json_schema_extra or {}).get("pipelines")
+                if readers is not None and pipeline not in readers:
+                    excluded.setdefault(section, set()).add(name)
+    return excluded
+
+
 def to_toml(config: Config, *, header: str = "") -> str:
     """The config as TOML: top-level values first, then one table per section. ``None`` values
-    are left out (TOML has no null), so reading the text back gives the same config."""
-    data = config.model_dump(mode="json")
+    (TOML has no null) and settings the pipeline does not read are left out, so reading the
+    text back gives a config that runs the same."""
+    data = config.model_dump(mode="json", exclude=settings_not_read(config))
     lines = [f"# {line}" for line in header.splitlines()]
     sections = []
     for key, value in data.items():
