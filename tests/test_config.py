@@ -208,3 +208,27 @@ def test_settings_that_do_not_apply_to_the_pipeline_are_left_out_of_the_toml():
     assert 'embeddings = "glove-6b-50d"' in classic and "hidden = 128" in classic
     custom = Config(recipe="mine", pipeline="classic", model={"hidden": 32})
     assert "hidden = 32" in to_toml(custom)
+
+
+def test_a_file_of_ones_own_names_the_run_and_its_description():
+    """`--set data.path=docs.csv` on any recipe: the data's name is the file's, the description
+    names the file, the run is named after both; a name given with the path is kept."""
+    config = load_config(recipe_path("sentiment"), ["data.path=/data/docs.csv"])
+    assert config.data.name == "docs" and config.run_name == "sentiment-docs"
+    assert "docs.csv" in config.description and "rotten-tomatoes" not in config.description
+    assert load_config(recipe_path("sentiment")).run_name == "sentiment"
+    named = load_config(recipe_path("topics"), ["data.path=/data/docs.csv", "data.name=news"])
+    assert named.data.name == "news" and named.run_name == "topics-news"
+    # the resolved config (RUN_DIR/config.toml) reads back as it was written
+    again = Config.model_validate(tomllib.loads(to_toml(config)))
+    assert again == config
+
+
+def test_the_classify_recipe_asks_for_a_file():
+    config = load_config(recipe_path("classify"), ["data.path=my docs.csv"])
+    assert config.pipeline == "sequence-classification" and config.model.name == "minilm"
+    assert config.run_name == "classify-my-docs" and config.data.name == "my docs"
+    assert problems([], base="classify") == [
+        "data: give the data: data.path=FILE (a .csv, .jsonl or .parquet file or a folder) "
+        "or data.name=a built-in dataset"
+    ]

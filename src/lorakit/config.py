@@ -8,6 +8,7 @@ resolved config back, so ``lorakit train RUN_DIR/config.toml`` repeats a run.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import difflib
 import json
@@ -61,6 +62,15 @@ class DataConfig(_Section):
     def source(self) -> str:
         """What to pass to ``lorakit.data.load_dataset``."""
         return self.path or self.name
+
+    @model_validator(mode="after")
+    def _some_data(self) -> DataConfig:
+        if not (self.path or self.name):
+            raise ValueError(
+                "give the data: data.path=FILE (a .csv, .jsonl or .parquet file or a folder) "
+                "or data.name=a built-in dataset"
+            )
+        return self
 
 
 def only_for(*pipelines: str) -> dict[str, Any]:
@@ -260,6 +270,13 @@ class Config(_Section):
     lora: LoraSection = LoraSection()
     train: TrainConfig = TrainConfig()
 
+    @property
+    def run_name(self) -> str:
+        """The run's name in its folder and log lines: the recipe, and the data's name when it
+        is a file of the user's (``classify-docs``)."""
+        name = f"{self.recipe}-{self.data.name}" if self.data.path else self.recipe
+        return re.sub(r"[^\w.-]+", "-", name)
+
 
 # ---------------------------------------------------------------- loading and overrides
 
@@ -457,10 +474,30 @@ def read_toml(path: str | Path) -> dict[str, Any]:
         raise ConfigError(f"{path}: not valid TOML ({err})") from None
 
 
+def describe_the_file(data: dict[str, Any], before: Mapping[str, Any]) -> None:
+    """With ``data.path`` set, ``data.name`` and ``description`` (in ``data``, in place) speak
+    of that file, not of the recipe's built-in data, unless they were set with the path:
+    ``before`` is the config as read, ahead of the overrides."""
+    section = data.get("data")
+    path = section.get("path") if isinstance(section, dict) else None
+    if not isinstance(path, str) or not path:
+        return
+    read = before.get("data") if isinstance(before.get("data"), dict) else {}
+    overridden = path != read.get("path")
+    if "name" not in section or (overridden and section.get("name") == read.get("name")):
+        section["name"] = Path(path).stem or Path(path).name
+    if overridden and data.get("description") == before.get("description"):
+        model = data.get("model") if isinstance(data.get("model"), dict) else {}
+        name, recipe = model.get("name", ModelConfig().name), data.get("recipe")
+        data["description"] = f"{name} + LoRA on {Path(path).name} (the {recipe} recipe)"
+
+
 def load_config(path: str | Path, overrides: Iterable[str] = ()) -> Config:
     """Read a TOML config, apply ``--set`` overrides, validate; all problems in one error."""
     data = read_toml(path)
+    before = copy.deepcopy(data)
     problems = apply_overrides(data, overrides)
+    describe_the_file(data, before)
     try:
         config = validate(data)
     except ConfigError as err:

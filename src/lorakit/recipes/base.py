@@ -94,7 +94,7 @@ class Recipe:
 
     def loop_options(self) -> dict[str, Any]:
         """Recipe-specific arguments of ``train_loop`` (``desc``, ``metric``, ``evaluate_fn``)."""
-        return {"desc": self.config.recipe}
+        return {"desc": self.config.run_name}
 
     # ------------------------------------------------------------ measuring
     def test(self, model: torch.nn.Module, loaders: dict) -> dict[str, Any]:

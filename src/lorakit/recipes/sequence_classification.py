@@ -72,7 +72,7 @@ class SequenceClassification(ClassificationRecipe):
         return model
 
     def trainable_line(self, trainable: int, total: int) -> str:
-        return (f"{self.config.recipe}: {self.base_name} + LoRA ({self.config.lora.engine}): "
+        return (f"{self.config.run_name}: {self.base_name} + LoRA ({self.config.lora.engine}): "
                 f"{trainable:,} of {total:,} parameters trainable "
                 f"({100 * trainable / total:.3f}%)")  # fmt: skip
 
@@ -108,7 +108,7 @@ class SequenceClassification(ClassificationRecipe):
         }
 
     def closing_line(self, summary: dict[str, Any], run_dir: RunDir) -> str:
-        return (f"{self.config.recipe}: test accuracy {summary['test_accuracy']:.4f} (best step "
+        return (f"{self.config.run_name}: test accuracy {summary['test_accuracy']:.4f} (best step "
                 f"{summary['best_step']}); adapter {summary['adapter_bytes']:,} bytes in "
                 f"{run_dir.adapter_dir}")  # fmt: skip
 
