@@ -354,3 +354,10 @@ def test_train_on_a_file_whose_columns_are_unclear_names_them(tiny_bert_dir, tmp
     assert main(dry) == 0, capsys.readouterr().err
     out = capsys.readouterr().out
     assert 'text_column = "review"' in out and 'label_column = "stars"' in out
+
+
+def test_merge_help_says_what_loads_each_kind(capsys):
+    assert main(["merge", "--help"]) == 0
+    text = " ".join(capsys.readouterr().out.split())
+    assert "AutoModelForSequenceClassification, or lorakit predict/eval OUT_DIR" in text
+    assert "GloVe classifier (not a transformers model): lorakit predict/eval OUT_DIR" in text

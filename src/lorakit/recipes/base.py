@@ -151,6 +151,12 @@ class Recipe:
         """A ``Predictor`` of the finished run (``lorakit predict`` / ``eval``)."""
         raise ConfigError(f"{run_dir}: the {self.config.recipe!r} recipe makes no predictor")
 
+    @classmethod
+    def merged_predictor(cls, folder: Path, record: dict[str, Any]):
+        """A ``Predictor`` of the model ``lorakit merge`` wrote to ``folder`` (``record``: its
+        merge.json)."""
+        raise ConfigError(f"{folder}: lorakit does not load this merged model")
+
 
 class ClassificationRecipe(Recipe):
     """A recipe for text classification: data with ``text`` and ``label`` columns (the

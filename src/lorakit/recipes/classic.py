@@ -20,7 +20,7 @@ from accelerate.utils import set_seed
 from safetensors.torch import save_file
 from torch.utils.data import DataLoader
 
-from lorakit.config import Config, LoraSection, TrainConfig
+from lorakit.config import Config, DataConfig, LoraSection, TrainConfig
 from lorakit.data import dataset_fingerprint, load_dataset
 from lorakit.models.classic import (
     TextClassifier,
@@ -211,6 +211,12 @@ class Classic(ClassificationRecipe):
     def predictor(self, run_dir: Path) -> ClassicPredictor:
         model, vocab = self.load_adapted(run_dir, self.config.lora.engine)
         return ClassicPredictor(model, vocab, self.labels, self.config.data.max_length)
+
+    @classmethod
+    def merged_predictor(cls, folder: Path, record: dict[str, Any]) -> ClassicPredictor:
+        model, vocab, saved = load_classic(folder)
+        data = DataConfig.model_validate(record.get("data", {}))
+        return ClassicPredictor(model.eval(), vocab, saved["labels"], data.max_length)
 
 
 def _variants(config: Config) -> dict[str, LoraSection | str]:
