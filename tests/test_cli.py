@@ -7,7 +7,9 @@ import pandas as pd
 import pytest
 
 from lorakit.cli import main
+from lorakit.config import load_config
 from lorakit.data import split_of
+from tiny_models import NEGATIVE, POSITIVE, write_reviews_csv
 
 TINY = [
     "pretrain.epochs=1", "pretrain.max_length=64", "data.max_train_samples=1500",
@@ -66,6 +68,12 @@ def test_recipes_lists_classic(capsys):
     assert any(line.startswith("classic ") for line in capsys.readouterr().out.splitlines())
 
 
+def test_recipes_marks_the_default_once(capsys):
+    assert main(["recipes"]) == 0
+    [default] = [line for line in capsys.readouterr().out.splitlines() if "default" in line]
+    assert default.startswith("sentiment (default) ") and default.count("default") == 1
+
+
 @pytest.mark.parametrize(
     ("args", "message"),
     [
@@ -77,7 +85,7 @@ def test_recipes_lists_classic(capsys):
         (["eval"], "Missing argument 'run_dir'"),  # click's usage errors, as typer raises them
         (["train", "--bogus"], "No such option: --bogus"),
         (["serve", "--adapter", "nonsense"], "write NAME=DIR"),  # typer.Exit(2) in the command
-        (["train", "my.csv"], "lorakit train sentiment --set data.path=my.csv data.text_column="),
+        (["train", "my.csv"], "File not found: my.csv"),
     ],
 )
 def test_errors_are_one_clean_message(args, message, capsys):
@@ -303,3 +311,53 @@ def test_eval_on_data_with_unknown_labels_is_a_short_message(csv_run, tmp_path, 
     error = next(line for line in capsys.readouterr().err.splitlines() if "error:" in line)
     assert "and 195 more are not among the model's labels ['bad', 'good', 'so so']" in error
     assert len(error) < 300
+
+
+def test_train_on_a_file_guesses_its_columns_and_names_the_run_after_it(
+    tiny_bert_dir, tmp_path, monkeypatch, capsys
+):
+    """`lorakit train docs.csv`: the classify recipe on the file, its columns guessed and said;
+    the run's folder, log lines, config and report title name the file, not a built-in task."""
+    monkeypatch.chdir(tmp_path)
+    write_reviews_csv(tmp_path / "docs.csv", {"good": POSITIVE, "bad": NEGATIVE}, rows=120,
+                      columns=("body", "verdict"))  # fmt: skip
+    args = ["train", "docs.csv", "--set", f"model.name={tiny_bert_dir}", "train.max_steps=2"]
+    assert main(args) == 0, capsys.readouterr().err
+    out = capsys.readouterr().out
+    assert (
+        "docs.csv: the text column 'body' (the longest free text) and the label column "
+        "'verdict' (2 values); name others with --set text_column=... label_column=..."
+    ) in out
+    [run] = (tmp_path / "runs").iterdir()
+    assert run.name.startswith("classify-docs-")
+    assert "classify-docs: test accuracy" in out
+    config = load_config(run / "config.toml")
+    assert config.data.name == "docs" and config.data.path == str(tmp_path / "docs.csv")
+    assert (config.data.text_column, config.data.label_column) == ("body", "verdict")
+    assert "docs.csv" in config.description and "rotten" not in (run / "config.toml").read_text()
+    assert "<h1>classify on docs.csv</h1>" in (run / "report.html").read_text()
+
+
+def test_train_on_a_file_whose_columns_are_unclear_names_them(tiny_bert_dir, tmp_path, capsys):
+    rows = 60
+    path = tmp_path / "reviews.csv"
+    pd.DataFrame({
+        "review": [f"a review of some length, number {i}" for i in range(rows)],
+        "stars": ["1", "2", "3"] * (rows // 3),
+        "lang": ["en", "fr"] * (rows // 2),
+    }).to_csv(path, index=False)  # fmt: skip
+    assert main(["train", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert "'stars', 'lang' could each be it" in err and "label_column=" in err
+    dry = ["train", str(path), "--dry-run", "--set", "label_column=stars",
+           f"model.name={tiny_bert_dir}"]  # fmt: skip
+    assert main(dry) == 0, capsys.readouterr().err
+    out = capsys.readouterr().out
+    assert 'text_column = "review"' in out and 'label_column = "stars"' in out
+
+
+def test_merge_help_says_what_loads_each_kind(capsys):
+    assert main(["merge", "--help"]) == 0
+    text = " ".join(capsys.readouterr().out.split())
+    assert "AutoModelForSequenceClassification, or lorakit predict/eval OUT_DIR" in text
+    assert "GloVe classifier (not a transformers model): lorakit predict/eval OUT_DIR" in text

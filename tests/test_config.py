@@ -195,3 +195,40 @@ def test_layer_and_exclude_settings_reach_the_engine(engine, tiny_bert_dir):
     adapted = [n.removeprefix("base_model.model.") for n, m in model.named_modules()
                if hasattr(m, "lora_A")]  # fmt: skip
     assert adapted == ["bert.encoder.layer.1.attention.self.query"]
+
+
+def test_settings_that_do_not_apply_to_the_pipeline_are_left_out_of_the_toml():
+    """MiniLM runs have no GloVe embeddings or hidden width: config.toml (and the report, which
+    shows it) leaves those out; the classic recipe keeps them; input still accepts them."""
+    sentiment = load_config(recipe_path("sentiment"), ["model.hidden=64"])
+    text = to_toml(sentiment)
+    assert "embeddings" not in text and "hidden" not in text
+    assert 'name = "minilm"' in text
+    classic = to_toml(load_config(recipe_path("classic")))
+    assert 'embeddings = "glove-6b-50d"' in classic and "hidden = 128" in classic
+    custom = Config(recipe="mine", pipeline="classic", model={"hidden": 32})
+    assert "hidden = 32" in to_toml(custom)
+
+
+def test_a_file_of_ones_own_names_the_run_and_its_description():
+    """`--set data.path=docs.csv` on any recipe: the data's name is the file's, the description
+    names the file, the run is named after both; a name given with the path is kept."""
+    config = load_config(recipe_path("sentiment"), ["data.path=/data/docs.csv"])
+    assert config.data.name == "docs" and config.run_name == "sentiment-docs"
+    assert "docs.csv" in config.description and "rotten-tomatoes" not in config.description
+    assert load_config(recipe_path("sentiment")).run_name == "sentiment"
+    named = load_config(recipe_path("topics"), ["data.path=/data/docs.csv", "data.name=news"])
+    assert named.data.name == "news" and named.run_name == "topics-news"
+    # the resolved config (RUN_DIR/config.toml) reads back as it was written
+    again = Config.model_validate(tomllib.loads(to_toml(config)))
+    assert again == config
+
+
+def test_the_classify_recipe_asks_for_a_file():
+    config = load_config(recipe_path("classify"), ["data.path=my docs.csv"])
+    assert config.pipeline == "sequence-classification" and config.model.name == "minilm"
+    assert config.run_name == "classify-my-docs" and config.data.name == "my docs"
+    assert problems([], base="classify") == [
+        "data: give the data: data.path=FILE (a .csv, .jsonl or .parquet file or a folder) "
+        "or data.name=a built-in dataset"
+    ]

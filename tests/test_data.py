@@ -144,3 +144,47 @@ def test_validation_fraction_moves_the_boundary(data_bbc_news):
     wider = load_dataset("bbc-news", validation_fraction=0.2)
     assert wider["test"]["text"] == data_bbc_news["test"]["text"]
     assert len(wider["validation"]) > 1.5 * len(data_bbc_news["validation"])
+
+
+def _table(path: Path, columns: dict[str, list]) -> Path:
+    import pandas as pd
+
+    pd.DataFrame(columns).to_csv(path, index=False)
+    return path
+
+
+def test_the_columns_of_a_file_are_guessed_longest_text_and_few_labels(tmp_path):
+    """The longest free-text column is the text; the one low-cardinality column the label."""
+    from lorakit.data.columns import guess_columns
+
+    rows = 60
+    path = _table(tmp_path / "docs.csv", {
+        "id": list(range(rows)),
+        "title": [f"title {i}" for i in range(rows)],
+        "body": [f"a much longer body of free text, number {i}, about things" for i in range(rows)],
+        "topic": ["sport", "politics", "tech"] * (rows // 3),
+    })  # fmt: skip
+    guess = guess_columns(path)
+    assert (guess.text_column, guess.label_column) == ("body", "topic")
+    assert "'body'" in guess.line and "'topic'" in guess.line
+    assert "text_column=" in guess.line and "label_column=" in guess.line
+    # a column the user named is kept; the other is still guessed
+    assert guess_columns(path, text_column="title").label_column == "topic"
+    assert guess_columns(path, label_column="id").text_column == "body"
+
+
+def test_an_unsure_guess_is_an_error_naming_the_columns(tmp_path):
+    from lorakit.data.columns import guess_columns
+
+    rows = 60
+    two_labels = _table(tmp_path / "two.csv", {
+        "review": [f"a review of some length, number {i}" for i in range(rows)],
+        "stars": ["1", "2", "3"] * (rows // 3),
+        "lang": ["en", "fr"] * (rows // 2),
+    })  # fmt: skip
+    with pytest.raises(DataError, match=r"label.*'stars', 'lang'.*label_column="):
+        guess_columns(two_labels)
+    no_text = _table(tmp_path / "codes.csv", {"code": [i for i in range(rows)],
+                                              "label": ["a", "b"] * (rows // 2)})  # fmt: skip
+    with pytest.raises(DataError, match=r"text.*columns are \['code', 'label'\].*text_column="):
+        guess_columns(no_text)

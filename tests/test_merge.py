@@ -7,10 +7,11 @@ import torch
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 
 from lorakit import api, lora
+from lorakit.cli import main
 from lorakit.config import Config, to_toml
 from lorakit.merge import MergeError, merge
 from lorakit.models.transformer import minilm_path
-from tiny_models import NEGATIVE, POSITIVE, save_tiny_bert, tiny_gpt2, write_reviews_csv
+from tiny_models import NEGATIVE, NEUTRAL, POSITIVE, save_tiny_bert, tiny_gpt2, write_reviews_csv
 
 
 @pytest.fixture(scope="module")
@@ -48,6 +49,53 @@ def test_merged_folder_loads_in_plain_transformers(tiny_run, tmp_path):
     query = "bert.encoder.layer.0.attention.self.query.weight"
     assert not torch.equal(model.state_dict()[query], base.state_dict()[query])
     assert model.config.id2label == {0: "bad", 1: "good"}
+
+
+def test_merged_transformers_folder_loads_in_lorakit_without_an_adapter(tiny_run, tmp_path, capsys):
+    out = merge(tiny_run, tmp_path / "merged")
+    texts = ["the plot was brilliant and moving", "a dull and tedious ending"]
+    run, merged = api.predict(tiny_run, texts), api.predict(out, texts)
+    assert [r["label"] for r in merged] == [r["label"] for r in run]
+    for ours, theirs in zip(run, merged, strict=True):
+        assert theirs["probability"] == pytest.approx(ours["probability"], abs=1e-4)
+    assert api.evaluate(out)["accuracy"] == api.evaluate(tiny_run)["accuracy"]
+    capsys.readouterr()
+    assert main(["predict", str(out), texts[0]]) == 0
+    assert capsys.readouterr().out.startswith(run[0]["label"] + "\t")
+
+
+@pytest.fixture(scope="module")
+def classic_run(tmp_path_factory):
+    """A finished `classic` run, pretrained on a small 3-class file, transferred to reviews."""
+    root = tmp_path_factory.mktemp("merge-classic")
+    news = write_reviews_csv(root / "news.csv", {"a": POSITIVE, "b": NEGATIVE, "c": NEUTRAL},
+                             rows=150, columns=("text", "label"))  # fmt: skip
+    reviews = write_reviews_csv(root / "reviews.csv", {"good": POSITIVE, "bad": NEGATIVE},
+                                rows=200, columns=("text", "label"))  # fmt: skip
+    api.train("classic", out=root / "run", overrides=[
+        f"pretrain.data={news}", f"data.path={reviews}", "pretrain.epochs=1", "train.epochs=2",
+        "compare=false",
+    ])  # fmt: skip
+    return root / "run"
+
+
+def test_merged_classic_model_loads_in_lorakit_predict_and_eval(classic_run, tmp_path, capsys):
+    """The GloVe classifier is no transformers model: lorakit loads its merged folder."""
+    out = merge(classic_run, tmp_path / "merged")
+    record = json.loads((out / "merge.json").read_text())
+    assert record["loads_with"] == "lorakit.models.classic.load_classic"
+    assert "lorakit predict" in record["load"]
+    texts = ["wonderful superb film", "dull tedious plot", "moving and funny"]
+    run, merged = api.predict(classic_run, texts), api.predict(out, texts)
+    for ours, theirs in zip(run, merged, strict=True):
+        assert theirs["label"] == ours["label"]
+        assert theirs["probability"] == pytest.approx(ours["probability"], abs=1e-5)
+    evaluated = api.evaluate(out)
+    assert evaluated["accuracy"] == api.evaluate(classic_run)["accuracy"]
+    assert evaluated["recorded_test_accuracy"] == record["test_accuracy"]
+    capsys.readouterr()
+    assert main(["predict", str(out), texts[0]]) == 0
+    assert capsys.readouterr().out.startswith(run[0]["label"] + "\t")
 
 
 def test_merge_refuses_an_existing_folder(tiny_run, tmp_path):

@@ -21,9 +21,16 @@ from typing import Any
 
 import numpy as np
 
-from lorakit.config import Config, ConfigError, load_config
+from lorakit.config import Config, ConfigError, DataConfig, load_config
 from lorakit.launch import DEFAULT_RECIPE, dry_run, resolve_config, resume_point, train
-from lorakit.recipes import describe, recipe_class, recipe_names
+from lorakit.recipes import (
+    MERGE_RECORD,
+    describe,
+    is_merged_model,
+    merged_predictor,
+    recipe_class,
+    recipe_names,
+)
 from lorakit.rundir import read_run_summary
 
 __all__ = [
@@ -63,9 +70,22 @@ def _finished_run(run_dir: str | Path) -> tuple[Path, Config, dict[str, Any]]:
 
 
 def load_predictor(run_dir: str | Path):
-    """The run's model with its adapter, ready for ``predict_proba(texts)``."""
+    """The run's model with its adapter (or a folder ``lorakit merge`` wrote), ready for
+    ``predict_proba(texts)``."""
+    if is_merged_model(run_dir):
+        return merged_predictor(run_dir)
     run_dir, config, _ = _finished_run(run_dir)
     return recipe_class(config).load_predictor(run_dir)
+
+
+def _evaluated(run_dir: str | Path) -> tuple[DataConfig, float | None]:
+    """The data settings a run (or a merged folder) is evaluated with, and its recorded test
+    accuracy."""
+    if is_merged_model(run_dir):
+        record = json.loads((Path(run_dir) / MERGE_RECORD).read_text(encoding="utf-8"))
+        return DataConfig.model_validate(record.get("data", {})), record.get("test_accuracy")
+    _, config, summary = _finished_run(run_dir)
+    return config.data, summary.get("test_accuracy")
 
 
 def predict(run_dir: str | Path, texts: Sequence[str]) -> list[dict[str, Any]]:
@@ -84,16 +104,17 @@ def predict(run_dir: str | Path, texts: Sequence[str]) -> list[dict[str, Any]]:
 
 
 def evaluate(run_dir: str | Path, data: str | None = None, split: str = "test") -> dict[str, Any]:
-    """Accuracy and loss of a finished run on a split of its data (or of ``data``)."""
+    """Accuracy and loss of a finished run (or a merged folder) on a split of its data (or of
+    ``data``)."""
     from lorakit.data import DataError, load_dataset
     from lorakit.data.errors import first_few
     from lorakit.data.files import COLUMN_FIX
 
-    run_dir, config, summary = _finished_run(run_dir)
-    text, label = config.data.text_column, config.data.label_column
+    run_data, recorded = _evaluated(run_dir)
+    text, label = run_data.text_column, run_data.label_column
     try:
         dsd = load_dataset(
-            data or config.data.source, text_column=text, label_column=label, training=False
+            data or run_data.source, text_column=text, label_column=label, training=False
         )
     except DataError as error:  # eval takes no --set: the other file must use the run's columns
         if data is None or COLUMN_FIX not in str(error):
@@ -105,10 +126,10 @@ def evaluate(run_dir: str | Path, data: str | None = None, split: str = "test") 
     if len(dsd[split]) == 0:
         sizes = ", ".join(f"{name}={len(part)}" for name, part in dsd.items())
         raise ConfigError(
-            f"split: the {split} split of {data or config.data.source} is empty ({sizes}); "
+            f"split: the {split} split of {data or run_data.source} is empty ({sizes}); "
             "choose another --split, or give more rows or a 'split' column"
         )
-    predictor = recipe_class(config).load_predictor(run_dir)
+    predictor = load_predictor(run_dir)
     dataset = dsd[split]
     names = dataset.features["label"].names
     unknown = sorted(set(names) - set(predictor.labels))
@@ -122,11 +143,11 @@ def evaluate(run_dir: str | Path, data: str | None = None, split: str = "test") 
     picked = probabilities[np.arange(len(truth)), truth]
     return {
         "split": split,
-        "dataset": data or config.data.source,
+        "dataset": data or run_data.source,
         "examples": len(truth),
         "accuracy": float((predictions == truth).mean()),
         "loss": float(-np.log(np.clip(picked, 1e-12, 1.0)).mean()),
-        "recorded_test_accuracy": summary.get("test_accuracy"),
+        "recorded_test_accuracy": recorded,
     }
 
 

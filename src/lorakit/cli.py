@@ -18,6 +18,8 @@ app = typer.Typer(
     help="LoRA fine-tuning: small, fast, correct and easy to see into.",
 )
 
+MODEL_FOLDER = "a run directory written by `lorakit train`, or a folder `lorakit merge` wrote"
+
 
 @app.command()
 def train(
@@ -66,13 +68,13 @@ def train(
 def recipes() -> None:
     """List the built-in recipes, one line each."""
     for name, description in api.list_recipes().items():
-        marker = " (default)" if name == api.DEFAULT_RECIPE else ""
-        typer.echo(f"{name:<24} {description}{marker}")
+        label = f"{name} (default)" if name == api.DEFAULT_RECIPE else name
+        typer.echo(f"{label:<24} {description}")
 
 
 @app.command("eval")
 def eval_(
-    run_dir: Annotated[Path, typer.Argument(help="a run directory written by `lorakit train`")],
+    run_dir: Annotated[Path, typer.Argument(help=MODEL_FOLDER)],
     data: Annotated[
         str | None, typer.Option(help="a dataset name or path (default: the run's)")
     ] = None,
@@ -85,7 +87,7 @@ def eval_(
 
 @app.command()
 def predict(
-    run_dir: Annotated[Path, typer.Argument(help="a run directory written by `lorakit train`")],
+    run_dir: Annotated[Path, typer.Argument(help=MODEL_FOLDER)],
     texts: Annotated[list[str] | None, typer.Argument(help="texts to classify")] = None,
     file: Annotated[Path | None, typer.Option(help="a file with one text per line")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="one JSON object per text")] = False,
@@ -181,7 +183,16 @@ def merge(
         bool, typer.Option("--force", help="replace OUT_DIR if it is not empty")
     ] = False,
 ) -> None:
-    """Write a standalone model with the adapter merged in (plain transformers loads it)."""
+    """Write a standalone model with the adapter merged in (no adapter to load).
+
+    Transformers classifiers (sentiment, topics, classify): transformers'
+    AutoModelForSequenceClassification, or lorakit predict/eval OUT_DIR.
+
+    Causal LMs: transformers' AutoModelForCausalLM.
+
+    The classic recipe's GloVe classifier (not a transformers model): lorakit
+    predict/eval OUT_DIR, or lorakit.models.classic.load_classic.
+    """
     typer.echo(str(api.merge(run_dir, out_dir, force=force)))
 
 

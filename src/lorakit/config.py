@@ -8,6 +8,7 @@ resolved config back, so ``lorakit train RUN_DIR/config.toml`` repeats a run.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import difflib
 import json
@@ -62,18 +63,35 @@ class DataConfig(_Section):
         """What to pass to ``lorakit.data.load_dataset``."""
         return self.path or self.name
 
+    @model_validator(mode="after")
+    def _some_data(self) -> DataConfig:
+        if not (self.path or self.name):
+            raise ValueError(
+                "give the data: data.path=FILE (a .csv, .jsonl or .parquet file or a folder) "
+                "or data.name=a built-in dataset"
+            )
+        return self
+
+
+def only_for(*pipelines: str) -> dict[str, Any]:
+    """``Field(..., **only_for("classic"))``: a setting only those pipelines read. Other
+    pipelines accept it, and ``to_toml`` leaves it out of their configs (and so reports)."""
+    return {"json_schema_extra": {"pipelines": list(pipelines)}}
+
 
 class ModelConfig(_Section):
     name: str = Field(
         "glove-classifier", description="a model folder, a hub id, or the classic model"
     )
     embeddings: str = Field(
-        "glove-6b-50d", description="classic model: 'glove-6b-50d' or a GloVe .txt"
+        "glove-6b-50d",
+        description="classic model: 'glove-6b-50d' or a GloVe .txt",
+        **only_for("classic"),
     )
     pretrained: str | None = Field(
         None, description="an existing base model folder; skips pretraining"
     )
-    hidden: int = Field(128, gt=0)
+    hidden: int = Field(128, gt=0, description="classic model: fc1's width", **only_for("classic"))
     dropout: float | None = Field(
         None,
         ge=0,
@@ -251,6 +269,13 @@ class Config(_Section):
     causal: CausalConfig | None = None
     lora: LoraSection = LoraSection()
     train: TrainConfig = TrainConfig()
+
+    @property
+    def run_name(self) -> str:
+        """The run's name in its folder and log lines: the recipe, and the data's name when it
+        is a file of the user's (``classify-docs``)."""
+        name = f"{self.recipe}-{self.data.name}" if self.data.path else self.recipe
+        return re.sub(r"[^\w.-]+", "-", name)
 
 
 # ---------------------------------------------------------------- loading and overrides
@@ -449,10 +474,30 @@ def read_toml(path: str | Path) -> dict[str, Any]:
         raise ConfigError(f"{path}: not valid TOML ({err})") from None
 
 
+def describe_the_file(data: dict[str, Any], before: Mapping[str, Any]) -> None:
+    """With ``data.path`` set, ``data.name`` and ``description`` (in ``data``, in place) speak
+    of that file, not of the recipe's built-in data, unless they were set with the path:
+    ``before`` is the config as read, ahead of the overrides."""
+    section = data.get("data")
+    path = section.get("path") if isinstance(section, dict) else None
+    if not isinstance(path, str) or not path:
+        return
+    read = before.get("data") if isinstance(before.get("data"), dict) else {}
+    overridden = path != read.get("path")
+    if "name" not in section or (overridden and section.get("name") == read.get("name")):
+        section["name"] = Path(path).stem or Path(path).name
+    if overridden and data.get("description") == before.get("description"):
+        model = data.get("model") if isinstance(data.get("model"), dict) else {}
+        name, recipe = model.get("name", ModelConfig().name), data.get("recipe")
+        data["description"] = f"{name} + LoRA on {Path(path).name} (the {recipe} recipe)"
+
+
 def load_config(path: str | Path, overrides: Iterable[str] = ()) -> Config:
     """Read a TOML config, apply ``--set`` overrides, validate; all problems in one error."""
     data = read_toml(path)
+    before = copy.deepcopy(data)
     problems = apply_overrides(data, overrides)
+    describe_the_file(data, before)
     try:
         config = validate(data)
     except ConfigError as err:
@@ -486,10 +531,25 @@ def _toml_value(value: Any) -> str:
     raise TypeError(f"cannot write {type(value).__name__} to TOML")
 
 
+def settings_not_read(config: Config) -> dict[str, set[str]]:
+    """``{section: {setting}}`` of the settings ``config``'s pipeline does not read
+    (``only_for``), as ``model_dump(exclude=...)`` takes them."""
+    pipeline = (config.pipeline or config.recipe).replace("-", "_")
+    excluded: dict[str, set[str]] = {}
+    for section, field in Config.model_fields.items():
+        for sub in _section_types(field.annotation):
+            for name, setting in sub.model_fields.items():
+                readers = (setting.json_schema_extra or {}).get("pipelines")
+                if readers is not None and pipeline not in readers:
+                    excluded.setdefault(section, set()).add(name)
+    return excluded
+
+
 def to_toml(config: Config, *, header: str = "") -> str:
     """The config as TOML: top-level values first, then one table per section. ``None`` values
-    are left out (TOML has no null), so reading the text back gives the same config."""
-    data = config.model_dump(mode="json")
+    (TOML has no null) and settings the pipeline does not read are left out, so reading the
+    text back gives a config that runs the same."""
+    data = config.model_dump(mode="json", exclude=settings_not_read(config))
     lines = [f"# {line}" for line in header.splitlines()]
     sections = []
     for key, value in data.items():

@@ -7,38 +7,57 @@ its grid through them.
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
-from lorakit.config import Config, ConfigError, load_config
+from lorakit.config import Config, ConfigError, load_config, resolve_key
 from lorakit.recipes import recipe_class, recipe_path
 from lorakit.rundir import RunDir, default_out, read_run_summary
 
 DEFAULT_RECIPE = "sentiment"
+FILE_RECIPE = "classify"  # `lorakit train my.csv`: the recipe for a file of one's own
 
 
 def resolve_config(
     recipe_or_config: str | Path | None = None, overrides: Iterable[str] = ()
 ) -> Config:
     """A recipe name (``classic``) or a config file (``my.toml``, ``RUN_DIR/config.toml``) with
-    ``--set`` overrides applied, validated."""
+    ``--set`` overrides applied, validated. A data file (``my.csv``) is trained with the
+    ``classify`` recipe, its text and label columns guessed unless ``--set`` names them."""
     source = str(recipe_or_config or DEFAULT_RECIPE)
-    suffix = Path(source).suffix.lower()
-    if suffix not in ("", ".toml"):
-        from lorakit.data.files import FILE_SUFFIXES
-
-        if suffix in FILE_SUFFIXES:
-            raise ConfigError(
-                f"{source!r} is a data file, not a recipe or a .toml config; train a recipe on "
-                f"it: lorakit train {DEFAULT_RECIPE} --set data.path={source} "
-                "data.text_column=... data.label_column=..."
-            )
+    overrides = list(overrides)
+    if Path(source).suffix.lower() not in ("", ".toml") and _is_data_file(source):
+        overrides = [f"data.path={source}", *_file_columns(source, overrides), *overrides]
+        source = FILE_RECIPE
     looks_like_file = source.endswith(".toml") or "/" in source or Path(source).is_file()
     path = Path(source) if looks_like_file else recipe_path(source)
     config = load_config(path, overrides)
     recipe_class(config)  # an unknown pipeline fails here, before any work
     return config
+
+
+def _is_data_file(name: str) -> bool:
+    from lorakit.data.files import FILE_SUFFIXES  # pandas: only for a file's name
+
+    return Path(name).suffix.lower() in FILE_SUFFIXES
+
+
+def _file_columns(path: str, overrides: list[str]) -> list[str]:
+    """``--set`` items for the text and label columns of the data file at ``path`` that
+    ``overrides`` leaves unnamed, guessed from the file; what was guessed is printed."""
+    from lorakit.data.columns import guess_columns
+
+    named = {}
+    for item in overrides:
+        key, _, value = item.partition("=")
+        with contextlib.suppress(ConfigError):  # an unknown key is named by the validation
+            named[resolve_key(key, "--set")] = value.strip()
+    guess = guess_columns(path, named.get("data.text_column"), named.get("data.label_column"))
+    if guess.line:
+        print(guess.line, flush=True)
+    return [f"data.text_column={guess.text_column}", f"data.label_column={guess.label_column}"]
 
 
 def dry_run(recipe_or_config: str | Path | None = None, overrides: Iterable[str] = ()) -> str:
@@ -130,7 +149,7 @@ def _refuse_settings_with_resume(recipe_or_config, out, overrides: list[str]) ->
 
 
 def _new_run_path(out: str | Path | None, config: Config) -> Path:
-    return Path(out or config.out or default_out(config.recipe))
+    return Path(out or config.out or default_out(config.run_name))
 
 
 def _absolute_data_path(config: Config) -> Config:

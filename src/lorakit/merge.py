@@ -1,19 +1,26 @@
 """`lorakit merge RUN_DIR OUT_DIR`: the adapter written into the base weights, as a standalone
-model folder that needs neither lorakit nor PEFT to load.
+model folder that needs no adapter (and no PEFT) to load.
 
 ```python
 from lorakit.merge import merge
 merge("runs/sentiment-...", "merged/")   # AutoModelForSequenceClassification.from_pretrained("merged/")
 ```
 
-Transformers runs (``sentiment``, ``topics``, causal-LM runs: ``task = "causal-lm"`` in
-summary.json) give a transformers folder (``model.safetensors``, ``config.json``, the
-tokenizer); the ``classic`` recipe's GloVe classifier is not a transformers model and is written
-in its own format (``model.safetensors``, ``config.json``, ``vocab.txt``; load it with
-``lorakit.models.classic.load_classic``). Before anything is kept, the saved folder is loaded
-back and its outputs on a few real texts are compared with base + adapter: the largest absolute
-difference goes into ``OUT_DIR/merge.json``, and above ``TOLERANCE`` the merge fails. The folder
-is written under a temporary name and renamed when complete, so OUT_DIR is never half written.
+What loads each kind (``load`` in ``OUT_DIR/merge.json`` says it too):
+- transformers classifiers (``sentiment``, ``topics``, ``classify``, the seeds): plain
+  transformers (``AutoModelForSequenceClassification``, ``AutoTokenizer``), and lorakit:
+  ``lorakit predict OUT_DIR``, ``lorakit eval OUT_DIR``;
+- causal LMs (``task = "causal-lm"``): ``AutoModelForCausalLM``;
+- the ``classic`` recipe's GloVe classifier, which is not a transformers model, in its own
+  format (``model.safetensors``, ``config.json``, ``vocab.txt``): lorakit only, ``lorakit
+  predict OUT_DIR``, ``lorakit eval OUT_DIR``, or ``lorakit.models.classic.load_classic``.
+``lorakit serve`` serves adapters on a base model; it serves the run itself, not a merged folder.
+
+Before anything is kept, the saved folder is loaded back and its outputs on a few real texts are
+compared with base + adapter: the largest absolute difference goes into ``OUT_DIR/merge.json``,
+and above ``TOLERANCE`` the merge fails. ``merge.json`` also keeps the run's data settings and
+test accuracy, so ``lorakit eval OUT_DIR`` evaluates on the run's data. The folder is written
+under a temporary name and renamed when complete, so OUT_DIR is never half written.
 """
 
 from __future__ import annotations
@@ -30,9 +37,17 @@ import torch
 
 from lorakit import lora
 from lorakit.config import Config, ConfigError, load_config
+from lorakit.recipes import MERGE_RECORD
 from lorakit.rundir import read_run_summary
 
 TOLERANCE = 1e-4
+CLASSIC_LOADER = "lorakit.models.classic.load_classic"
+LOADS = {  # what loads a merged folder, by the class or function that reads it
+    CLASSIC_LOADER: f"lorakit predict/eval MERGED_DIR, or {CLASSIC_LOADER}(MERGED_DIR)",
+    "AutoModelForSequenceClassification": "transformers' AutoModelForSequenceClassification, "
+    "or lorakit predict/eval MERGED_DIR",
+    "AutoModelForCausalLM": "transformers' AutoModelForCausalLM",
+}
 SAMPLE_SIZE = 8
 # Used when the run's own data cannot be read (a moved file) and for causal-LM runs.
 FALLBACK_TEXTS = [
@@ -101,7 +116,7 @@ def _merge_classic(model, vocab, run_dir: Path, config: Config, summary, texts, 
     merged = lora.merge_and_unload(model)
     save_classic(merged, vocab, tmp, labels=summary["labels"], merged_from=str(run_dir))
     reloaded, _, _ = load_classic(tmp)
-    return reference, reloaded.eval()(**batch).logits, "classic"
+    return reference, reloaded.eval()(**batch).logits, CLASSIC_LOADER
 
 
 def _merge_transformers(model, tokenizer, config: Config, summary, texts, tmp: Path):
@@ -166,20 +181,24 @@ def merge(run_dir: str | Path, out_dir: str | Path, force: bool = False) -> Path
             "base_model": summary.get("base_model"),
             "engine": summary.get("engine"),
             "loads_with": loads_with,
+            "load": LOADS[loads_with],
             "texts": len(texts),
             "texts_from": texts_from,
             "max_abs_diff": diff,
             "tolerance": TOLERANCE,
+            "data": config.data.model_dump(mode="json"),  # for `lorakit eval MERGED_DIR`
+            "eval_batch_size": config.train.eval_batch_size,
+            "test_accuracy": summary.get("test_accuracy"),
             "lorakit_version": lora.lorakit_version(),
             "created": datetime.now(UTC).isoformat(timespec="seconds"),
         }
-        (tmp / "merge.json").write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
+        (tmp / MERGE_RECORD).write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
         _move_into_place(tmp, out_dir)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    print(f"merged {run_dir} into {out_dir} ({loads_with}); max |difference| {diff:.2e} "
-          f"on {len(texts)} texts", flush=True)  # fmt: skip
+    print(f"merged {run_dir} into {out_dir}; max |difference| {diff:.2e} on {len(texts)} "
+          f"texts; load it with {LOADS[loads_with]}", flush=True)  # fmt: skip
     return out_dir
 
 

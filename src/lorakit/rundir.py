@@ -43,9 +43,9 @@ def utc_now() -> str:
     return datetime.now(UTC).isoformat(timespec="seconds")
 
 
-def default_out(recipe: str) -> Path:
-    """``runs/<recipe>-<UTC timestamp>``."""
-    return Path("runs") / f"{recipe}-{datetime.now(UTC).strftime('%Y%m%d-%H%M%S')}"
+def default_out(name: str) -> Path:
+    """``runs/<name>-<UTC timestamp>``; ``name`` is the config's ``run_name``."""
+    return Path("runs") / f"{name}-{datetime.now(UTC).strftime('%Y%m%d-%H%M%S')}"
 
 
 def write_json_atomic(path: Path, data: Any) -> None:

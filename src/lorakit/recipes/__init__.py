@@ -10,7 +10,8 @@ one order, and the entry points
     RECIPE(config).trainable_report() -> str | None      # `lorakit train --dry-run`
 
 ``recipe_class(config)`` is the class; ``recipe_of_run(run_dir)`` the recipe of a finished run,
-whose ``load_adapted(run_dir)`` loads its base model with the adapter.
+whose ``load_adapted(run_dir)`` loads its base model with the adapter. ``merged_predictor(folder)``
+is the predictor of a folder ``lorakit merge`` wrote (no adapter: the weights hold it).
 
 A ``Predictor`` has ``labels`` (class names) and ``predict_proba(texts) -> array (n, classes)``.
 """
@@ -19,6 +20,7 @@ from __future__ import annotations
 
 import difflib
 import importlib
+import json
 from pathlib import Path
 from types import ModuleType
 from typing import TYPE_CHECKING, Protocol
@@ -31,6 +33,7 @@ if TYPE_CHECKING:
     from lorakit.recipes.base import Recipe
 
 RECIPES_DIR = Path(__file__).parent
+MERGE_RECORD = "merge.json"  # beside a merged model: what `lorakit merge` made it from
 TASK_PIPELINES = {"classification": "sequence_classification", "causal-lm": "causal_lm"}
 
 
@@ -92,3 +95,26 @@ def recipe_of_run(run_dir: str | Path) -> Recipe:
         name = TASK_PIPELINES[config.task]
         recipe = importlib.import_module(f"lorakit.recipes.{name}").RECIPE
     return recipe.of_run(run_dir, config)
+
+
+def is_merged_model(folder: str | Path) -> bool:
+    """Whether ``folder`` is a merged model that ``lorakit merge`` wrote."""
+    return (Path(folder) / MERGE_RECORD).is_file()
+
+
+def merged_predictor(folder: str | Path) -> Predictor:
+    """The predictor of a merged classifier folder: the classic recipe's GloVe classifier or a
+    transformers classifier, loaded as it is (no adapter)."""
+    from lorakit.models.classic import is_classic
+
+    folder = Path(folder)
+    record = json.loads((folder / MERGE_RECORD).read_text(encoding="utf-8"))
+    if record.get("task") == "causal-lm":
+        raise ConfigError(
+            f"{folder} is a merged causal LM; `lorakit predict` and `eval` classify: load it with "
+            "transformers' AutoModelForCausalLM, or `lorakit generate` its run"
+        )
+    name = "classic" if is_classic(folder) else TASK_PIPELINES["classification"]
+    return importlib.import_module(f"lorakit.recipes.{name}").RECIPE.merged_predictor(
+        folder, record
+    )

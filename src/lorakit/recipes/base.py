@@ -94,7 +94,7 @@ class Recipe:
 
     def loop_options(self) -> dict[str, Any]:
         """Recipe-specific arguments of ``train_loop`` (``desc``, ``metric``, ``evaluate_fn``)."""
-        return {"desc": self.config.recipe}
+        return {"desc": self.config.run_name}
 
     # ------------------------------------------------------------ measuring
     def test(self, model: torch.nn.Module, loaders: dict) -> dict[str, Any]:
@@ -150,6 +150,12 @@ class Recipe:
     def predictor(self, run_dir: Path):
         """A ``Predictor`` of the finished run (``lorakit predict`` / ``eval``)."""
         raise ConfigError(f"{run_dir}: the {self.config.recipe!r} recipe makes no predictor")
+
+    @classmethod
+    def merged_predictor(cls, folder: Path, record: dict[str, Any]):
+        """A ``Predictor`` of the model ``lorakit merge`` wrote to ``folder`` (``record``: its
+        merge.json)."""
+        raise ConfigError(f"{folder}: lorakit does not load this merged model")
 
 
 class ClassificationRecipe(Recipe):

@@ -228,7 +228,7 @@ class CausalLM(Recipe):
         eval_bs = config.train.eval_batch_size
         self.base_ppl = perplexity(model, self.data["splits"]["test"], eval_bs)
         self.base_verdicts = _verdicts(model, self.tokenizer, self.data["test_pairs"], eval_bs)
-        print(f"{config.recipe}: base model {self.base_name}: test perplexity "
+        print(f"{config.run_name}: base model {self.base_name}: test perplexity "
               f"{self.base_ppl:.2f}", flush=True)  # fmt: skip
         torch.manual_seed(config.seed)  # LoRA's A matrices start random: from the run's seed
         return engines.apply_lora(
@@ -236,7 +236,7 @@ class CausalLM(Recipe):
         )
 
     def trainable_line(self, trainable: int, total: int) -> str:
-        return (f"{self.config.recipe}: LoRA ({self.config.lora.engine}): {trainable:,} of "
+        return (f"{self.config.run_name}: LoRA ({self.config.lora.engine}): {trainable:,} of "
                 f"{total:,} parameters trainable ({100 * trainable / total:.3f}%)")  # fmt: skip
 
     def loaders(self) -> dict[str, DataLoader]:
@@ -245,7 +245,7 @@ class CausalLM(Recipe):
     def loop_options(self) -> dict[str, Any]:
         eval_bs = self.config.train.eval_batch_size
         return {
-            "desc": self.config.recipe,
+            "desc": self.config.run_name,
             "metric": causal_section(self.config).select_by,
             "evaluate_fn": validation_figures(self.data, self.tokenizer, self.positions, eval_bs),
         }
@@ -306,13 +306,13 @@ class CausalLM(Recipe):
         rows = comparison_rows(
             config, self.data["splits"], summary, self.data["test_pairs"], self.tokenizer
         )
-        run_dir.write_comparison(rows, title=f"{config.recipe}: LoRA vs full fine-tuning")
+        run_dir.write_comparison(rows, title=f"{config.run_name}: LoRA vs full fine-tuning")
         summary["full_ft_test_perplexity"] = rows[-1]["test_perplexity"]
 
     def closing_line(self, summary: dict[str, Any], run_dir: RunDir) -> str:
         verdicts = summary.get("test_verdict_accuracy")
         extra = "" if verdicts is None else f", verdict accuracy {verdicts:.4f}"
-        return (f"{self.config.recipe}: test perplexity {summary['base_test_perplexity']:.2f} -> "
+        return (f"{self.config.run_name}: test perplexity {summary['base_test_perplexity']:.2f} -> "
                 f"{summary['test_perplexity']:.2f}{extra} (best step {summary['best_step']}); "
                 f"adapter in {run_dir.adapter_dir}")  # fmt: skip
 
@@ -355,7 +355,7 @@ def comparison_rows(config: Config, splits, summary, test_pairs, tokenizer) -> l
     )
     loaders = _loaders(splits, config)
     print(
-        f"{config.recipe}: full fine-tuning for the comparison (lr {full_train.lr:g})", flush=True
+        f"{config.run_name}: full fine-tuning for the comparison (lr {full_train.lr:g})", flush=True
     )
     result = train_loop(
         model, loaders["train"], loaders["validation"], full_train, seed=config.seed,

@@ -20,7 +20,7 @@ from accelerate.utils import set_seed
 from safetensors.torch import save_file
 from torch.utils.data import DataLoader
 
-from lorakit.config import Config, LoraSection, TrainConfig
+from lorakit.config import Config, DataConfig, LoraSection, TrainConfig
 from lorakit.data import dataset_fingerprint, load_dataset
 from lorakit.models.classic import (
     TextClassifier,
@@ -133,14 +133,14 @@ class Classic(ClassificationRecipe):
         return model
 
     def trainable_line(self, trainable: int, total: int) -> str:
-        source = self.config.data.source
-        return f"transfer to {source}: {trainable:,} of {total:,} parameters trainable"
+        data = self.config.data.name
+        return f"transfer to {data}: {trainable:,} of {total:,} parameters trainable"
 
     def loaders(self) -> dict[str, DataLoader]:
         return _loaders(self.encoded, self.config.train, self.config.seed)
 
     def loop_options(self) -> dict[str, Any]:
-        return {"desc": f"LoRA {self.config.data.source}"}
+        return {"desc": f"LoRA {self.config.data.name}"}
 
     def reload_checks(self, model, loaders: dict, run_dir: RunDir, test) -> dict[str, Any]:
         """Reload the adapter with the run's engine: the same prediction for every example?"""
@@ -171,7 +171,7 @@ class Classic(ClassificationRecipe):
 
     def compare(self, run_dir: RunDir, summary: dict[str, Any]) -> None:
         rows = compare(self.config, self.base_dir, self.encoded, len(self.labels), run_dir)
-        title = f"classic: transfer to {self.config.data.source}"
+        title = f"{self.config.run_name}: transfer to {self.config.data.name}"
         print(run_dir.write_comparison(rows, title=title), flush=True)
 
     @classmethod
@@ -211,6 +211,12 @@ class Classic(ClassificationRecipe):
     def predictor(self, run_dir: Path) -> ClassicPredictor:
         model, vocab = self.load_adapted(run_dir, self.config.lora.engine)
         return ClassicPredictor(model, vocab, self.labels, self.config.data.max_length)
+
+    @classmethod
+    def merged_predictor(cls, folder: Path, record: dict[str, Any]) -> ClassicPredictor:
+        model, vocab, saved = load_classic(folder)
+        data = DataConfig.model_validate(record.get("data", {}))
+        return ClassicPredictor(model.eval(), vocab, saved["labels"], data.max_length)
 
 
 def _variants(config: Config) -> dict[str, LoraSection | str]:

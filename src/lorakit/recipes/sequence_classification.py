@@ -11,6 +11,7 @@ LoRA for text classification.
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
@@ -18,7 +19,7 @@ import numpy as np
 import torch
 from transformers import DataCollatorWithPadding
 
-from lorakit.config import Config, ConfigError
+from lorakit.config import Config, ConfigError, DataConfig, TrainConfig
 from lorakit.data.tokenize import classification_loaders, tokenize_splits
 from lorakit.models.transformer import load_sequence_classifier, weights_bytes
 from lorakit.nn.frozen_base import set_model_dropout
@@ -72,7 +73,7 @@ class SequenceClassification(ClassificationRecipe):
         return model
 
     def trainable_line(self, trainable: int, total: int) -> str:
-        return (f"{self.config.recipe}: {self.base_name} + LoRA ({self.config.lora.engine}): "
+        return (f"{self.config.run_name}: {self.base_name} + LoRA ({self.config.lora.engine}): "
                 f"{trainable:,} of {total:,} parameters trainable "
                 f"({100 * trainable / total:.3f}%)")  # fmt: skip
 
@@ -108,7 +109,7 @@ class SequenceClassification(ClassificationRecipe):
         }
 
     def closing_line(self, summary: dict[str, Any], run_dir: RunDir) -> str:
-        return (f"{self.config.recipe}: test accuracy {summary['test_accuracy']:.4f} (best step "
+        return (f"{self.config.run_name}: test accuracy {summary['test_accuracy']:.4f} (best step "
                 f"{summary['best_step']}); adapter {summary['adapter_bytes']:,} bytes in "
                 f"{run_dir.adapter_dir}")  # fmt: skip
 
@@ -134,17 +135,26 @@ class SequenceClassification(ClassificationRecipe):
 
     def predictor(self, run_dir: Path) -> TransformerPredictor:
         model, tokenizer = self.load_adapted(run_dir)
-        return TransformerPredictor(model, tokenizer, self.labels, self.config)
+        settings = self.config.data.max_length, self.config.train.eval_batch_size
+        return TransformerPredictor(model, tokenizer, self.labels, *settings)
+
+    @classmethod
+    def merged_predictor(cls, folder: Path, record: dict[str, Any]) -> TransformerPredictor:
+        saved = json.loads((folder / "config.json").read_text(encoding="utf-8"))
+        labels = [saved["id2label"][str(i)] for i in range(len(saved["id2label"]))]
+        model, tokenizer, _ = load_sequence_classifier(str(folder), labels)
+        data = DataConfig.model_validate(record.get("data", {}))
+        batch_size = record.get("eval_batch_size") or TrainConfig().eval_batch_size
+        return TransformerPredictor(model.eval(), tokenizer, labels, data.max_length, batch_size)
 
 
 # ---------------------------------------------------------------- inference on a finished run
 class TransformerPredictor:
     """Base model + the run's adapter, ready for texts."""
 
-    def __init__(self, model, tokenizer, labels: list[str], config: Config):
+    def __init__(self, model, tokenizer, labels: list[str], max_length: int, batch_size: int):
         self.model, self.tokenizer, self.labels = model, tokenizer, labels
-        self.max_length = config.data.max_length
-        self.batch_size = config.train.eval_batch_size
+        self.max_length, self.batch_size = max_length, batch_size
         self.collator = DataCollatorWithPadding(tokenizer)
 
     @torch.no_grad()

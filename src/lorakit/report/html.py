@@ -165,6 +165,8 @@ def _run_header(run_dir: Path, summary: dict[str, Any] | None, env: dict[str, An
     summary = summary or {}
     recipe = summary.get("recipe") or "run"
     dataset = summary.get("dataset")
+    if dataset:  # a file of the user's: its name, not the whole path
+        dataset = str(dataset).replace("\\", "/").rstrip("/").rsplit("/", 1)[-1]
     title = f"{recipe} on {dataset}" if dataset else str(recipe)
     facts = [
         f"base model {summary['base_model']}" if summary.get("base_model") else None,
