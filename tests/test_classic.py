@@ -64,7 +64,8 @@ def test_run_directory_contract(run):
     matrix = on_disk["confusion_matrix"]
     assert sum(map(sum, matrix)) == len(load_dataset("rotten-tomatoes")["test"])
     adapter = sorted(p.name for p in (out / "adapter").iterdir())
-    assert adapter == ["adapter_config.json", "adapter_model.safetensors"]
+    assert adapter == ["adapter_config.json", "adapter_model.safetensors", "labels.json"]
+    assert on_disk["base_model"] == "base"  # the run's own, relative to it
     assert on_disk["adapter_bytes"] < on_disk["base_model_bytes"] / 4
     events = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert {"train", "eval", "epoch", "test"} <= {e["event"] for e in events}

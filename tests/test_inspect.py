@@ -63,8 +63,12 @@ def test_inspect_adapter_folder_shows_config_and_fingerprint(tmp_path):
     model = lora.inject(Tiny(), lora.LoraConfig(r=3, lora_alpha=6, target_modules=["blocks.1", "head"],
                                                  modules_to_save=["embedding"]))  # fmt: skip
     fingerprint = lora.base_fingerprint(model)
-    lora.save_adapter(model, tmp_path / "adapter", base_model_name_or_path="tiny-test")
+    lora.save_adapter(
+        model, tmp_path / "adapter", base_model_name_or_path="org/tiny-test",
+        base_model_path="/models/tiny-test",
+    )  # fmt: skip
     info = describe_adapter(tmp_path / "adapter")
+    assert info["base_model"] == "org/tiny-test" and info["base_model_path"] == "/models/tiny-test"
     assert info["r"] == 3 and info["scaling"] == 2.0
     assert info["base_fingerprint"] == fingerprint
     assert info["lora_modules"] == ["blocks.1", "head"]
@@ -72,7 +76,7 @@ def test_inspect_adapter_folder_shows_config_and_fingerprint(tmp_path):
     assert info["saved_module_params"] == 50 * 8
     assert info["tensors"] == 5
     text = inspect(tmp_path / "adapter")
-    assert fingerprint in text and "tiny-test" in text
+    assert fingerprint in text and "org/tiny-test" in text and "/models/tiny-test" in text
     assert "r " in text and " 3" in text
 
 

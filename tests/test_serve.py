@@ -346,6 +346,24 @@ def test_adapters_that_cannot_load_are_refused_and_the_server_goes_on(server, fi
     assert np.abs(predict(server, "sentiment", TEXTS) - before).max() == 0
 
 
+def test_an_adapter_for_another_kind_of_base_names_both_bases(files, tmp_path):
+    from lorakit.models.classic import TextClassifier
+
+    classic = TextClassifier(50, 8, 5, hidden=16)
+    classic.new_head(2)
+    config = LoraConfig(r=2, target_modules=["fc1"], modules_to_save=["fc2"])
+    recorded = str(tmp_path / "runs" / "classic" / "base")
+    save_adapter(inject(classic, config), tmp_path / "classic", base_model_name_or_path=recorded)
+    registry = AdapterRegistry(str(files["base"]))
+    with pytest.raises(AdapterLoadError) as err:
+        registry.load("c", tmp_path / "classic")
+    message = str(err.value)
+    assert f"made for the base model {recorded}" in message
+    assert f"this server's base is {files['base'].resolve()}" in message
+    assert "fc2" in message and "\n" not in message
+    assert registry.names() == []
+
+
 def test_health_openapi_and_unknown_routes(server, files):
     assert server.get("/healthz").json() == {
         "status": "ok",

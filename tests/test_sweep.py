@@ -2,9 +2,11 @@
 
 import csv
 import json
+import shutil
 
 import pytest
 
+from lorakit import api
 from lorakit.config import ConfigError, resolve_key
 from lorakit.sweep import combination_name, combinations, parse_grid, sweep
 
@@ -101,12 +103,12 @@ def test_classic_sweep_survives_a_failing_combination(tmp_path, capsys):
     assert all("matched no module" in r["error"] and "fc1" in r["error"] for r in failed)
     assert (out / "r=1,target_modules=nothing" / "error.txt").is_file()
 
-    # pretrained once: later runs point at the first run's base
+    # pretrained once, and shared from a folder of the sweep's own
     settings = json.loads((out / "sweep.json").read_text())
     assert settings["succeeded"] == 2 and settings["failed"] == 2
-    assert settings["shared_base"].endswith("r=1,target_modules=fc1/base")
+    assert settings["shared_base"] == str((out / "shared-base").resolve())
     second = json.loads((out / "r=2,target_modules=fc1" / "summary.json").read_text())
-    assert second["base_model"] == settings["shared_base"]
+    assert second["base_model"] == "../shared-base"  # beside the run: the sweep folder can move
     assert "pretrain_seconds" not in second
     assert not (out / "r=2,target_modules=fc1" / "comparison.json").exists()  # compare=false
 
@@ -118,3 +120,8 @@ def test_classic_sweep_survives_a_failing_combination(tmp_path, capsys):
     progress = capsys.readouterr().out
     assert "sweep [2/4] r=1,target_modules=nothing: FAILED" in progress
     assert "sweep [4/4] r=2,target_modules=nothing" in progress
+
+    # deleting the run that pretrained the base, or moving the sweep, breaks no other run
+    shutil.rmtree(out / "r=1,target_modules=fc1")
+    moved = shutil.move(out, tmp_path / "moved")
+    assert api.evaluate(moved / "r=2,target_modules=fc1")["accuracy"] == second["test_accuracy"]

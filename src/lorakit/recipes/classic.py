@@ -11,6 +11,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any
 
@@ -155,8 +156,11 @@ class Classic(ClassificationRecipe):
         return {"reload_test_accuracy": again["accuracy"], "reload_identical": identical}
 
     def summary_base(self, run_dir: RunDir) -> tuple[str, int | None]:
-        in_run = self.base_dir == run_dir / "base"
-        name = "base" if in_run else str(self.base_dir.resolve())
+        """The base folder relative to the run when it is the run's own (``base``) or beside
+        it (a sweep's ``../shared-base``), so that the folder holding both can move; else its
+        absolute path."""
+        base, run = self.base_dir.resolve(), run_dir.path.resolve()
+        name = os.path.relpath(base, run) if base.parent in (run, run.parent) else str(base)
         return name, (self.base_dir / "model.safetensors").stat().st_size
 
     def summary_figures(self, result, test, checks, counts) -> dict[str, Any]:

@@ -40,7 +40,10 @@ def run(recipe: Recipe, run_dir: RunDir, resume: Path | None = None) -> dict[str
     test = recipe.test(model, loaders)
     figures = {name: value for name, value in test.items() if isinstance(value, float)}
     run_dir.log("test", step=result.best_step, epoch=None, split="test", **figures)
-    adapter_bytes = engines.save(model, run_dir.adapter_dir, recipe.base_name)
+    adapter_bytes = engines.save(
+        model, run_dir.adapter_dir, recipe.base_name, base_path=recipe.base_path,
+        labels=recipe.labels,
+    )  # fmt: skip
     checks = recipe.reload_checks(model, loaders, run_dir, test)
     base_model, base_model_bytes = recipe.summary_base(run_dir)
     summary = {

@@ -21,7 +21,7 @@ from transformers import DataCollatorWithPadding
 
 from lorakit.config import Config, ConfigError, DataConfig, TrainConfig
 from lorakit.data.tokenize import classification_loaders, tokenize_splits
-from lorakit.models.transformer import load_sequence_classifier, weights_bytes
+from lorakit.models.transformer import load_sequence_classifier, public_name, weights_bytes
 from lorakit.nn.frozen_base import set_model_dropout
 from lorakit.recipes.base import ClassificationRecipe, lora_report
 from lorakit.rundir import RunDir
@@ -69,7 +69,8 @@ class SequenceClassification(ClassificationRecipe):
     hf_trainer = True
 
     def build_model(self, run_dir: RunDir, resume: Path | None):
-        model, self.tokenizer, self.base_name = build_model(self.config, self.labels)
+        model, self.tokenizer, self.base_path = build_model(self.config, self.labels)
+        self.base_name = public_name(self.base_path)  # the packaged MiniLM: its hub id
         return model
 
     def trainable_line(self, trainable: int, total: int) -> str:
@@ -93,12 +94,13 @@ class SequenceClassification(ClassificationRecipe):
         return checks
 
     def summary_base(self, run_dir: RunDir) -> tuple[str, int | None]:
-        return self.base_name, weights_bytes(self.base_name)
+        return self.base_name, weights_bytes(self.base_path)
 
     def summary_figures(self, result, test, checks, counts) -> dict[str, Any]:
         trainable, total = counts
         return {
             "trainer": self.config.train.trainer,
+            "base_model_path": self.base_path,
             "test_accuracy": test["accuracy"],
             "test_loss": test["loss"],
             "trainable_percent": round(100 * trainable / total, 4),

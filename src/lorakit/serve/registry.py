@@ -37,6 +37,7 @@ from lorakit.lora import (
     set_adapter,
 )
 from lorakit.lora.adapter_files import PREFIX
+from lorakit.models.transformer import public_name
 from lorakit.recipes.sequence_classification import SequenceClassification
 from lorakit.rundir import read_run_summary
 
@@ -179,17 +180,27 @@ class AdapterRegistry:
         try:  # the modules load_adapter will save whole: the same rule, the same errors
             heads = modules_to_save_names(self.model, config)
         except LoraError as e:
-            raise AdapterLoadError(str(e)) from None
+            raise self._load_error(adapter_dir, config, e) from None
         originals = self._shape_heads(heads, tensors)
         try:
             with warnings.catch_warnings(record=True) as caught:
                 warnings.simplefilter("always", FingerprintWarning)
                 load_adapter(self.model, adapter_dir, adapter_name=name)
         except LoraError as e:
-            raise AdapterLoadError(str(e)) from None
+            raise self._load_error(adapter_dir, config, e) from None
         finally:
             self._restore_heads(originals)
         return [str(w.message) for w in caught if issubclass(w.category, FingerprintWarning)]
+
+    def _load_error(self, adapter_dir, config, error: LoraError) -> AdapterLoadError:
+        """The engine's reason, led by the base the adapter records when it is not this one."""
+        recorded, served = config.base_model_name_or_path, public_name(self.base)
+        if not recorded or public_name(recorded) == served:
+            return AdapterLoadError(str(error))
+        return AdapterLoadError(
+            f"adapter {adapter_dir} was made for the base model {recorded}, but this server's "
+            f"base is {served}; it loads only on its own base ({error})"
+        )
 
     def _shape_heads(self, heads: list[str], tensors) -> dict[str, nn.Module]:
         """Gives each head the adapter's output sizes; returns the originals to put back."""

@@ -1,16 +1,20 @@
 """Two LoRA engines behind one config section: lorakit's own (default) and PEFT.
 
 Both write PEFT's adapter format (``adapter_config.json`` + ``adapter_model.safetensors``), so
-either engine's adapter loads in the other.
+either engine's adapter loads in the other. A classifier's adapter folder also holds
+``labels.json``: ``id2label`` and ``label2id`` as a transformers ``config.json`` has them (PEFT
+warns of keys it does not know in ``adapter_config.json``, so they are not there).
 """
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import torch
 
 from lorakit import lora
+from lorakit.atomic import write_atomically
 from lorakit.config import LoraSection
 
 
@@ -46,16 +50,45 @@ def _peft_model(model: torch.nn.Module, config: lora.LoraConfig) -> torch.nn.Mod
         raise lora.LoraError(f"PEFT refused lora.target_modules: {err}") from None
 
 
-def save(model: torch.nn.Module, directory: str | Path, base_name: str | None = None) -> int:
-    """Save the adapter alone (whichever engine added it); return its size in bytes."""
+LABELS_NAME = "labels.json"
+
+
+def save(
+    model: torch.nn.Module,
+    directory: str | Path,
+    base_name: str | None = None,
+    *,
+    base_path: str | None = None,
+    labels: list[str] | None = None,
+) -> int:
+    """Save the adapter alone (whichever engine added it), and ``labels`` beside it; return its
+    size in bytes. ``base_name``: the base's public name (``base_model_name_or_path``);
+    ``base_path``: the folder it was read from (lorakit's engine records it in the header)."""
     directory = Path(directory)
     if hasattr(model, "peft_config"):
+        if base_name:  # PEFT records the folder the model was read from
+            for config in model.peft_config.values():
+                config.base_model_name_or_path = base_name
         # PEFT would add the whole (tied) embedding matrix when lm_head or an embedding is a
         # target; lorakit never resizes the vocabulary, so the base has it already
         model.save_pretrained(directory, save_embedding_layers=False)
     else:
-        lora.save_adapter(model, directory, base_model_name_or_path=base_name)
+        lora.save_adapter(
+            model, directory, base_model_name_or_path=base_name, base_model_path=base_path
+        )
+    if labels is not None:
+        write_labels(directory, labels)
     return folder_bytes(directory)
+
+
+def write_labels(directory: str | Path, labels: list[str]) -> Path:
+    """``labels.json``: what ``AutoModelForSequenceClassification.from_pretrained(base,
+    id2label=..., label2id=...)`` takes (JSON keys are strings: ``int()`` the id2label keys)."""
+    fields = {
+        "id2label": {str(i): label for i, label in enumerate(labels)},
+        "label2id": {label: i for i, label in enumerate(labels)},
+    }
+    return write_atomically(Path(directory) / LABELS_NAME, json.dumps(fields, indent=2) + "\n")
 
 
 def load(model: torch.nn.Module, directory: str | Path, engine: str = "lorakit") -> torch.nn.Module:
