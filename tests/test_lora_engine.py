@@ -2,6 +2,7 @@
 options, target matching, adapter files and their errors, fingerprints, rank and alpha patterns."""
 
 import json
+import time
 import warnings
 
 import pytest
@@ -9,6 +10,7 @@ import torch
 from torch import nn
 
 import lorakit.lora as lora
+from lorakit.lora.patterns import MATCH_SECONDS
 from tiny_models import tiny_bert, tiny_gpt2
 
 
@@ -394,6 +396,61 @@ def test_for_module_takes_the_first_matching_pattern():
         .r
         == 8
     )
+
+
+# a pattern that backtracks without end on a module name: Python's `re` never returns
+CATASTROPHIC = "(.|..)*y."
+
+
+@pytest.mark.parametrize(
+    ("options", "setting"),
+    [
+        ({"target_modules": CATASTROPHIC}, "target_modules"),
+        ({"target_modules": ".*query", "exclude_modules": CATASTROPHIC}, "exclude_modules"),
+        ({"rank_pattern": {CATASTROPHIC: 2}}, "rank_pattern"),
+        ({"alpha_pattern": {CATASTROPHIC: 2}}, "alpha_pattern"),
+        (
+            {"layers_to_transform": [0], "layers_pattern": CATASTROPHIC},
+            "layers_pattern",
+        ),
+    ],
+)
+def test_a_pattern_that_backtracks_without_end_is_refused_in_bounded_time(options, setting):
+    """Module-name regexes come from adapter files: matching them is bounded in time, and the
+    model is left as it was."""
+    config = lora.LoraConfig(**{"target_modules": ["query", "value"], **options})
+    model = tiny_bert(num_labels=3)
+    types_before = {n: type(m) for n, m in model.named_modules()}
+    start = time.monotonic()
+    with pytest.raises(lora.LoraConfigError) as err:
+        lora.inject(model, config)
+    assert time.monotonic() - start < 3 * MATCH_SECONDS + 1
+    assert err.value.key == setting
+    assert str(err.value).startswith(f"{setting} {CATASTROPHIC!r} takes too long")
+    assert "\n" not in str(err.value)
+    assert {n: type(m) for n, m in model.named_modules()} == types_before
+
+
+def test_regex_settings_must_compile():
+    for options, setting in [
+        ({"target_modules": "(query"}, "target_modules"),
+        ({"target_modules": ["query"], "exclude_modules": "[x"}, "exclude_modules"),
+        (
+            {"target_modules": ["query"], "layers_to_transform": 0, "layers_pattern": "(l"},
+            "layers_pattern",
+        ),
+    ]:
+        with pytest.raises(lora.LoraConfigError, match="is not a regular expression") as err:
+            lora.LoraConfig(**options)
+        assert err.value.key == setting
+
+
+def test_the_issue_pattern_matches_nothing_quickly():
+    """`(.*.*)*Z` froze `re` for minutes; here it fails as any pattern that matches nothing."""
+    start = time.monotonic()
+    with pytest.raises(lora.TargetModulesError, match="matched no module"):
+        lora.inject(tiny_bert(num_labels=3), lora.LoraConfig(target_modules="(.*.*)*Z"))
+    assert time.monotonic() - start < 3 * MATCH_SECONDS + 1
 
 
 def test_a_merged_adapter_saves_and_loads_with_its_outputs(tmp_path):

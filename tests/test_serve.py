@@ -130,6 +130,7 @@ def server(files):
         {"sentiment": files["run"], "topics": files["topics"]},
         api_key=KEY,
         settings=settings,
+        adapter_roots=[files["base"].parent],
     )
     with LoopbackServer(app) as running, httpx.Client(base_url=running.url, timeout=30) as client:
         yield client
@@ -227,6 +228,7 @@ def test_load_and_unload_at_run_time(server, files):
     listed = server.get("/v1/adapters").json()
     assert [a["name"] for a in listed["adapters"]] == ["sentiment", "sentiment2", "topics"]
     assert all(a["warnings"] == [] for a in listed["adapters"])
+    assert [(a["num_labels"], a["rank"]) for a in listed["adapters"]] == [(2, 4), (2, 4), (5, 4)]
 
     loaded = predict(server, "sentiment2", TEXTS)
     assert (
@@ -334,8 +336,8 @@ def test_adapters_that_cannot_load_are_refused_and_the_server_goes_on(server, fi
 
     before = predict(server, "sentiment", TEXTS)
     assert_error(load("wide", files["wide"]), 422, "adapter_does_not_fit", "different base model")
-    assert_error(load("gone", tmp_path / "missing"), 422, "adapter_does_not_fit", "does not exist")
-    assert_error(load("empty", tmp_path), 422, "adapter_does_not_fit", "adapter_config.json")
+    for path in (files["base"].parent / "missing", tmp_path, files["base"]):
+        assert_error(load("x", path), 422, "not_an_adapter", "not a loadable adapter under")
     assert_error(load("nohead", files["no_head"]), 422, "adapter_does_not_fit", "modules_to_save")
     assert_error(load("a.b", files["other"]), 422, "adapter_does_not_fit", "not allowed")
     assert_error(

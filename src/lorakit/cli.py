@@ -116,23 +116,42 @@ def serve(
     port: Annotated[int, typer.Option(help="port to bind")] = 8000,
     api_key: Annotated[
         str | None,
-        typer.Option(envvar="LORAKIT_API_KEY", help="key for loading/unloading adapters"),
+        typer.Option(
+            envvar="LORAKIT_API_KEY",
+            help="key for loading/unloading adapters (without it they are closed)",
+        ),
     ] = None,
     max_texts: Annotated[int, typer.Option(help="texts per request, at most")] = 64,
     max_text_chars: Annotated[int, typer.Option(help="characters per text, at most")] = 5000,
+    adapter_root: Annotated[
+        list[Path] | None,
+        typer.Option(help="a folder that run-time loads (POST /v1/adapters) may come from"),
+    ] = None,
+    max_adapter_rank: Annotated[int, typer.Option(help="LoRA rank of an adapter, at most")] = 256,
+    max_adapter_bytes: Annotated[
+        int, typer.Option(help="bytes of an adapter's weights file, at most")
+    ] = 256 * 2**20,
+    max_labels: Annotated[int, typer.Option(help="labels of an adapter's head, at most")] = 1000,
+    allow_unauthenticated_admin: Annotated[
+        bool,
+        typer.Option(help="without --api-key, let anyone load and unload adapters (warned)"),
+    ] = False,
     log_level: Annotated[
         str, typer.Option(help="uvicorn's: warning hides the access log")
     ] = "info",
 ) -> None:
     """Serve many LoRA adapters on one base model over HTTP (FastAPI + uvicorn)."""
     # the server is a shell beside this one (python -m lorakit.serve), not a call of the API
-    from lorakit.serve import ServeError, ServeSettings, parse_adapter_options
+    from lorakit.serve import AdapterLimits, ServeError, ServeSettings, parse_adapter_options
     from lorakit.serve import serve as run_server
 
     try:
         settings = ServeSettings(max_texts=max_texts, max_text_chars=max_text_chars)
+        limits = AdapterLimits(max_adapter_rank, max_adapter_bytes, max_labels)
         run_server(base, parse_adapter_options(adapter or []), host=host, port=port,
-                   api_key=api_key, settings=settings, log_level=log_level)  # fmt: skip
+                   api_key=api_key, settings=settings, log_level=log_level,
+                   adapter_roots=adapter_root or [], adapter_limits=limits,
+                   allow_unauthenticated_admin=allow_unauthenticated_admin)  # fmt: skip
     except ServeError as err:
         typer.echo(f"error: {err}", err=True)
         raise typer.Exit(2) from None

@@ -247,10 +247,12 @@ def load_adapter(
     directory: str | os.PathLike,
     adapter_name: str = "default",
     is_trainable: bool = False,
+    files: tuple[LoraConfig, dict[str, torch.Tensor], dict] | None = None,
 ) -> nn.Module:
     """Loads an adapter saved by lorakit or PEFT into `model` (adding LoRA layers if needed);
-    for inference (in eval mode, as PEFT does) unless `is_trainable`."""
-    config, tensors, metadata = read_adapter(directory)
+    for inference (in eval mode, as PEFT does) unless `is_trainable`. `files`: what
+    `read_adapter(directory)` gave, when the folder was read already."""
+    config, tensors, metadata = files if files is not None else read_adapter(directory)
     config.inference_mode = not is_trainable
     recorded = metadata.get("base_fingerprint")
     if recorded:

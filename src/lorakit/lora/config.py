@@ -10,11 +10,11 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import re
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from .errors import LoraConfigError, LoraError
+from .patterns import MatchBudget, check_pattern, matches_end
 
 ALL_LINEAR = "all-linear"
 
@@ -148,6 +148,9 @@ class LoraConfig:
                     + (" (or a regex string)" if regex else "")
                     + f", got {value!r}",
                 )
+        for key in ("target_modules", "exclude_modules"):
+            if isinstance(getattr(self, key), str):
+                check_pattern(getattr(self, key), key)
         targets = self.target_modules if isinstance(self.target_modules, list) else []
         both = [m for m in self.saved if m in targets]
         if both:
@@ -167,12 +170,7 @@ class LoraConfig:
                     key, f"{key} must be a dict of module pattern -> value, e.g. {example}"
                 )
             for pattern, value in values.items():
-                try:
-                    re.compile(pattern)
-                except (re.error, TypeError):
-                    raise LoraConfigError(
-                        key, f"{key}: {pattern!r} is not a regular expression"
-                    ) from None
+                check_pattern(pattern, key)
                 if not ok(value):
                     raise LoraConfigError(
                         key, f"{key}: {pattern!r} -> {value!r} is not valid; e.g. {example}"
@@ -194,6 +192,8 @@ class LoraConfig:
                 "layers_pattern",
                 f"layers_pattern must be a name such as 'layers' or a list, got {pattern!r}",
             )
+        for entry in [pattern] if isinstance(pattern, str) else pattern or []:
+            check_pattern(entry, "layers_pattern")
         if isinstance(self.target_modules, str) and (layers is not None or pattern is not None):
             raise LoraConfigError(
                 "target_modules",
@@ -206,13 +206,15 @@ class LoraConfig:
                 "layers_pattern is set without layers_to_transform; set both or neither",
             )
 
-    def for_module(self, module_name: str) -> LoraConfig:
+    def for_module(self, module_name: str, budget: MatchBudget | None = None) -> LoraConfig:
         """This config with the r and lora_alpha that rank_pattern / alpha_pattern give
-        `module_name` (a full name such as "transformer.h.0.attn.c_attn")."""
-        r = self.rank_pattern.get(_pattern_key(self.rank_pattern, module_name), self.r)
-        alpha = self.alpha_pattern.get(
-            _pattern_key(self.alpha_pattern, module_name), self.lora_alpha
-        )
+        `module_name` (a full name such as "transformer.h.0.attn.c_attn"); the patterns match
+        within `budget` (`lorakit.lora.patterns`)."""
+        budget = budget or MatchBudget()
+        rank_key = _pattern_key(self.rank_pattern, module_name, "rank_pattern", budget)
+        alpha_key = _pattern_key(self.alpha_pattern, module_name, "alpha_pattern", budget)
+        r = self.rank_pattern.get(rank_key, self.r)
+        alpha = self.alpha_pattern.get(alpha_key, self.lora_alpha)
         if (r, alpha) == (self.r, self.lora_alpha):
             return self
         return dataclasses.replace(self, r=r, lora_alpha=alpha)
@@ -272,13 +274,10 @@ class LoraConfig:
         return cls(**known, extra=extra)
 
 
-def _pattern_key(patterns: dict, module_name: str) -> str | None:
+def _pattern_key(patterns: dict, module_name: str, setting: str, budget: MatchBudget) -> str | None:
     """The first key of `patterns` that matches the end of `module_name` after a dot, as in
     PEFT's `get_pattern_key`."""
-    for key in patterns:
-        if re.match(rf"(.*\.)?({key})$", module_name):
-            return key
-    return None
+    return next((key for key in patterns if matches_end(key, module_name, setting, budget)), None)
 
 
 def _is_index(value) -> bool:

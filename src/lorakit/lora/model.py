@@ -19,6 +19,7 @@ from torch import nn
 from .config import LoraConfig
 from .errors import LoraError
 from .layers import LoraLayer, ModulesToSaveWrapper, make_lora_layer
+from .patterns import MatchBudget
 from .targeting import find_targets, modules_to_save_names
 
 CONFIGS_ATTR = "lorakit_configs"  # {adapter_name: LoraConfig} kept on the model
@@ -94,9 +95,10 @@ def add_adapter(model: nn.Module, adapter_name: str, config: LoraConfig) -> nn.M
     config = config.with_task_head()  # stored so: the saved adapter_config.json lists the head
     targets = find_targets(model, config)
     saved = modules_to_save_names(model, config)  # its errors come before the model changes
-    for name in targets:
+    budget = MatchBudget()  # each target's own r / lora_alpha, if a pattern says so
+    module_configs = {name: config.for_module(name, budget) for name in targets}
+    for name, module_config in module_configs.items():
         module = model.get_submodule(name)
-        module_config = config.for_module(name)  # its own r / lora_alpha, if a pattern says so
         if isinstance(module, LoraLayer):
             module.update_layer(adapter_name, module_config)
         else:

@@ -1,7 +1,8 @@
 """Which modules of a model get LoRA, and which are saved whole: PEFT's name matching.
 
     target_modules       a list entry matches a module whose full name equals it or ends with
-                         "." + entry; a string is a regex that must match the whole name;
+                         "." + entry; a string is a regex that must match the whole name
+                         (in bounded time: `lorakit.lora.patterns`);
                          "all-linear" takes every linear layer except the output head
     exclude_modules      the same forms; never targeted
     layers_to_transform  only the modules of these layer indices (with `layers_pattern`)
@@ -22,17 +23,24 @@ from .config import ALL_LINEAR, TASK_HEADS, LoraConfig
 from .errors import TargetModulesError
 from .layers import Conv1D, LoraLayer, ModulesToSaveWrapper, supported_types
 from .layers import Linear as LoraLinear
+from .patterns import MatchBudget, fullmatch, layer_index
 
 HEAD_NAMES = ("lm_head", "classifier", "score")  # output heads that "all-linear" leaves alone
 
 
-def name_matches(name: str, patterns: list[str] | str | None) -> bool:
-    """PEFT's rule: a regex string must match the whole name; a list entry must equal the name
-    or be its suffix after a dot."""
+def name_matches(
+    name: str,
+    patterns: list[str] | str | None,
+    setting: str = "target_modules",
+    budget: MatchBudget | None = None,
+) -> bool:
+    """PEFT's rule: a regex string must match the whole name (within `budget`: a `setting`
+    error when it takes too long); a list entry must equal the name or be its suffix after a
+    dot."""
     if not patterns:
         return False
     if isinstance(patterns, str):
-        return re.fullmatch(patterns, name) is not None
+        return fullmatch(patterns, name, setting, budget)
     return any(name == p or name.endswith("." + p) for p in patterns)
 
 
@@ -47,11 +55,13 @@ def find_targets(model: nn.Module, config: LoraConfig) -> list[str]:
     """Names of the modules `config` puts LoRA on; a clear error when there are none."""
     inside = _inside_adapters(model)
     candidates = _targetable(model, inside)
+    budget = MatchBudget()
     if config.target_modules == ALL_LINEAR:
         names = _all_linear(model, candidates, config.saved)
     else:
-        names = _named(model, config, inside, candidates)
-    names = [n for n in names if not name_matches(n, config.exclude_modules)]
+        names = _named(model, config, inside, candidates, budget)
+    excluded = config.exclude_modules
+    names = [n for n in names if not name_matches(n, excluded, "exclude_modules", budget)]
     kept = [n for n in names if not _within(n, config.saved)]
     _check_not_saved(kept, config.saved)
     if names and not kept:
@@ -102,14 +112,14 @@ def _output_head_names(model: nn.Module) -> set[str]:
     return heads
 
 
-def _named(model, config: LoraConfig, inside: set[str], candidates) -> list[str]:
+def _named(model, config: LoraConfig, inside: set[str], candidates, budget) -> list[str]:
     """The modules a list or regex target_modules names, in the layers asked for; an error
     when one of them has no LoRA layer."""
     names = [
         n
         for n, _ in model.named_modules()
-        if name_matches(n, config.target_modules)
-        and (n in config.target_modules or _in_layers(n, config))
+        if name_matches(n, config.target_modules, "target_modules", budget)
+        and (n in config.target_modules or _in_layers(n, config, budget))
         and n not in inside
     ]
     targetable = dict(candidates)
@@ -124,23 +134,24 @@ def _named(model, config: LoraConfig, inside: set[str], candidates) -> list[str]
     return names
 
 
-def _in_layers(name: str, config: LoraConfig) -> bool:
+def _in_layers(name: str, config: LoraConfig, budget: MatchBudget) -> bool:
     """Is `name` in one of config.layers_to_transform? PEFT's `check_target_module_exists`: the
     index follows a layers_pattern entry, or else is the first number between dots; a name that
     equals a target_modules entry is taken whatever its layer."""
     wanted, patterns = config.layers_to_transform, config.layers_pattern
     if wanted is None or wanted == []:
         return True
+    index = None
     if not patterns:
         match = re.match(r".*?\.[^.]*\.(?P<idx>\d+)\.", name)
+        index = None if match is None else int(match.group("idx"))
     else:
         for pattern in [patterns] if isinstance(patterns, str) else patterns:
-            match = re.match(rf"(?:^|.*?\.){pattern}\.(?P<idx>\d+)\.", name)
-            if match is not None:
+            index = layer_index(pattern, name, "layers_pattern", budget)
+            if index is not None:
                 break
-    if match is None:
+    if index is None:
         return False
-    index = int(match.group("idx"))
     return index == wanted if isinstance(wanted, int) else index in wanted
 
 

@@ -1,11 +1,15 @@
 """The HTTP API: a FastAPI app over one `AdapterRegistry` and its `MicroBatcher`.
 
     POST   /v1/predict          {"adapter", "texts"} -> labels and probabilities
-    GET    /v1/adapters         the loaded adapters
-    POST   /v1/adapters         {"name", "path"}: load one (API key, when one is set)
-    DELETE /v1/adapters/{name}  unload one (API key, when one is set)
+    GET    /v1/adapters         the loaded adapters: names and facts, no paths
+    POST   /v1/adapters         {"name", "path"}: load one from under an adapter root (API key)
+    DELETE /v1/adapters/{name}  unload one (API key)
     GET    /healthz             liveness
     GET    /openapi.json        the schema (FastAPI's)
+
+Loading and unloading need the API key; a server without one refuses them (403) unless it was
+started with `allow_unauthenticated_admin`. Loads run in a thread of their own, so predictions
+go on meanwhile.
 
 Every error is JSON `{"error": CODE, "detail": MESSAGE}` with a 4xx status that fits it.
 """
@@ -15,7 +19,8 @@ from __future__ import annotations
 import asyncio
 import hmac
 import logging
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,8 +31,10 @@ from fastapi.responses import JSONResponse
 from fastapi.security import APIKeyHeader, HTTPAuthorizationCredentials, HTTPBearer
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from .admission import AdapterLimits, AdapterRoots
 from .batcher import MicroBatcher
 from .errors import (
+    AdminClosedError,
     BodyTooLargeError,
     ServeError,
     TextTooLongError,
@@ -130,8 +137,9 @@ def _install_error_handlers(app: FastAPI) -> None:
         return _error(500, "internal_error", f"{type(exc).__name__}: {exc}")
 
 
-def _key_guard(api_key: str | None):
-    """A dependency that lets a request through when it carries the key (or none is set)."""
+def _key_guard(api_key: str | None, allow_unauthenticated: bool):
+    """A dependency that lets a request through when it carries the key; without a key set, it
+    lets every request through if `allow_unauthenticated`, none otherwise."""
     bearer = HTTPBearer(auto_error=False)
     header = APIKeyHeader(name="X-API-Key", auto_error=False)
 
@@ -140,7 +148,12 @@ def _key_guard(api_key: str | None):
         key: str | None = Depends(header),  # noqa: B008
     ) -> None:
         if api_key is None:
-            return
+            if allow_unauthenticated:
+                return
+            raise AdminClosedError(
+                "loading and unloading adapters is closed on this server: start it with "
+                "--api-key KEY (or --allow-unauthenticated-admin)"
+            )
         given = credentials.credentials if credentials else key
         if not given or not hmac.compare_digest(given.encode(), api_key.encode()):
             raise UnauthorizedError(
@@ -154,8 +167,9 @@ def _key_guard(api_key: str | None):
 def _describe(info: AdapterInfo) -> AdapterDescription:
     return AdapterDescription(
         name=info.name,
-        path=info.path,
         labels=info.labels,
+        num_labels=len(info.labels),
+        rank=info.rank,
         max_length=info.max_length,
         warnings=info.warnings,
     )
@@ -167,17 +181,29 @@ def create_app(
     *,
     api_key: str | None = None,
     settings: ServeSettings | None = None,
+    adapter_roots: Iterable[str | Path] = (),
+    adapter_limits: AdapterLimits | None = None,
+    allow_unauthenticated_admin: bool = False,
 ) -> FastAPI:
     """The serving app: `base` (a model name or folder, or a ready registry) with `adapters`
-    ({name: adapter folder or run directory}) loaded before it answers anything."""
+    ({name: adapter folder or run directory}, trusted as given) loaded before it answers
+    anything. At run time, adapters load from under `adapter_roots` only, within
+    `adapter_limits`, and with `api_key` (or `allow_unauthenticated_admin` without one)."""
     settings = settings or ServeSettings()
+    roots = AdapterRoots(adapter_roots)
     registry = (
         base
         if isinstance(base, AdapterRegistry)
-        else AdapterRegistry(base, batch_size=settings.batch_size, max_length=settings.max_length)
+        else AdapterRegistry(
+            base,
+            batch_size=settings.batch_size,
+            max_length=settings.max_length,
+            limits=adapter_limits,
+        )
     )
     for name, path in (adapters or {}).items():
         registry.load(name, path)
+    loader = ThreadPoolExecutor(1, thread_name_prefix="lorakit-loader")
     batcher = MicroBatcher(
         registry, window=settings.batch_window_ms / 1000, max_texts=4 * settings.batch_size
     )
@@ -189,6 +215,7 @@ def create_app(
             yield
         finally:
             batcher.stop()
+            loader.shutdown(wait=False, cancel_futures=True)
 
     errors = {status: {"model": ErrorBody} for status in (400, 401, 404, 409, 413, 422)}
     app = FastAPI(
@@ -200,7 +227,7 @@ def create_app(
     app.state.registry = registry
     app.state.settings = settings
     _install_error_handlers(app)
-    require_key = _key_guard(api_key)
+    require_key = _key_guard(api_key, allow_unauthenticated_admin)
 
     @app.middleware("http")
     async def limit_body(request: Request, call_next):
@@ -241,7 +268,8 @@ def create_app(
 
     @app.get("/v1/adapters", response_model=AdapterList)
     def list_adapters() -> AdapterList:
-        return AdapterList(base=registry.base, adapters=[_describe(i) for i in registry.infos()])
+        adapters = [_describe(i) for i in registry.infos()]
+        return AdapterList(base=registry.base_name, adapters=adapters)
 
     @app.post(
         "/v1/adapters",
@@ -249,9 +277,10 @@ def create_app(
         status_code=201,
         dependencies=[Depends(require_key)],
     )
-    def load_adapter(body: LoadAdapterRequest) -> AdapterDescription:
-        """Loads an adapter from the server's disk onto the base."""
-        return _describe(registry.load(body.name, body.path, body.labels))
+    async def load_adapter(body: LoadAdapterRequest) -> AdapterDescription:
+        """Loads an adapter from under the server's adapter roots onto the base."""
+        load = loader.submit(_load_from_roots, registry, roots, body)
+        return _describe(await asyncio.wrap_future(load))
 
     @app.delete(
         "/v1/adapters/{name}",
@@ -263,6 +292,18 @@ def create_app(
         return _describe(registry.unload(name))
 
     return app
+
+
+def _load_from_roots(
+    registry: AdapterRegistry, roots: AdapterRoots, body: LoadAdapterRequest
+) -> AdapterInfo:
+    """A run-time load; its errors name the adapter by the path the client gave, not the
+    server's."""
+    path = roots.resolve(body.path)
+    try:
+        return registry.load(body.name, path, body.labels)
+    except ServeError as e:
+        raise type(e)(str(e).replace(str(path), body.path)) from None
 
 
 def _check_limits(texts: list[str], settings: ServeSettings) -> None:

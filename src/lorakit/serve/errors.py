@@ -48,3 +48,23 @@ class UnauthorizedError(ServeError):
 class BodyTooLargeError(ServeError):
     status = 413
     code = "body_too_large"
+
+
+class NotAnAdapterError(AdapterLoadError):
+    """A run-time load whose path is no adapter under the adapter roots (one message for all)."""
+
+    code = "not_an_adapter"
+
+
+class AdapterOverLimitError(AdapterLoadError):
+    """An adapter with more rank, bytes or labels than the server takes."""
+
+    code = "adapter_over_limit"
+
+
+class AdminClosedError(ServeError):
+    """Loading and unloading on a server started with neither a key nor
+    --allow-unauthenticated-admin."""
+
+    status = 403
+    code = "admin_closed"

@@ -7,7 +7,9 @@ template is shaped to the label count in the adapter's own file (only the output
 head's Linear layers changes; their input size must fit the base, or the engine says why not).
 So adapters for 2 and for 5 labels share one base, and the base's own random head is never used.
 
-The model is shared: loading, unloading and every forward pass hold `lock`.
+The model is shared: every forward pass, and every change to the model, holds `lock`. A load
+does its slow parts without it (limits from the file's header, reading the files, shaping the
+head), one load or unload at a time (`admin_lock`), so predictions for other adapters go on.
 """
 
 from __future__ import annotations
@@ -41,6 +43,7 @@ from lorakit.models.transformer import public_name
 from lorakit.recipes.sequence_classification import SequenceClassification
 from lorakit.rundir import read_run_summary
 
+from .admission import AdapterLimits, check_adapter_files
 from .errors import AdapterExistsError, AdapterLoadError, UnknownAdapterError
 
 ADAPTER_NAME = re.compile(r"[A-Za-z0-9_-]{1,64}")
@@ -51,9 +54,10 @@ class AdapterInfo:
     """What the server knows of a loaded adapter."""
 
     name: str
-    path: str
+    path: str  # on the server's disk: for the operator, never sent to clients
     labels: list[str]
     max_length: int
+    rank: int
     warnings: list[str] = field(default_factory=list)
 
 
@@ -92,18 +96,20 @@ def locate_adapter(path: str | Path) -> AdapterSource:
     return source
 
 
-def _shaped_like(original: nn.Module, path: str, tensors: dict[str, torch.Tensor]) -> nn.Module:
-    """`original`, or a copy whose Linear layers have the output sizes stored in `tensors`."""
+def _shaped_like(original: nn.Module, path: str, shapes: dict[str, list[int]]) -> nn.Module:
+    """`original`, or a copy whose Linear layers have the output sizes stored in the adapter
+    (`shapes`: from its file's header)."""
     shaped = original
     for sub_name, sub in list(original.named_modules()):
         if not isinstance(sub, nn.Linear):
             continue
-        stored = tensors.get(f"{PREFIX}{'.'.join(filter(None, [path, sub_name]))}.weight")
-        if stored is None or stored.ndim != 2 or stored.shape[1] != sub.in_features:
+        key = f"{PREFIX}{'.'.join(filter(None, [path, sub_name]))}.weight"
+        stored = shapes.get(key)
+        if stored is None or len(stored) != 2 or stored[1] != sub.in_features:
             continue  # a wrong input size is the engine's to report
-        if stored.shape[0] == sub.out_features:
+        if stored[0] == sub.out_features:
             continue
-        new = nn.Linear(sub.in_features, stored.shape[0], bias=sub.bias is not None)
+        new = nn.Linear(sub.in_features, stored[0], bias=sub.bias is not None)
         new = new.to(dtype=sub.weight.dtype, device=sub.weight.device)
         if not sub_name:
             return new
@@ -117,16 +123,32 @@ def _shaped_like(original: nn.Module, path: str, tensors: dict[str, torch.Tensor
 class AdapterRegistry:
     """A base sequence classifier with named adapters; `predict` runs one adapter on texts."""
 
-    def __init__(self, base: str, *, batch_size: int = 32, max_length: int | None = None):
+    def __init__(
+        self,
+        base: str,
+        *,
+        batch_size: int = 32,
+        max_length: int | None = None,
+        limits: AdapterLimits | None = None,
+    ):
         model, tokenizer, resolved = SequenceClassification.serving_base(base)
         self.model = model.eval()
+        # the base's own shapes: an adapter's head may differ from them in its label count only
+        self.base_shapes = {name: list(p.shape) for name, p in model.named_parameters()}
         self.tokenizer = tokenizer
         self.base = resolved
         self.batch_size = batch_size
-        limits = [tokenizer.model_max_length, getattr(model.config, "max_position_embeddings", 0)]
-        self.max_length = max_length or min(x for x in limits if x and x > 0)
+        self.limits = limits or AdapterLimits()
+        sizes = [tokenizer.model_max_length, getattr(model.config, "max_position_embeddings", 0)]
+        self.max_length = max_length or min(x for x in sizes if x and x > 0)
         self.adapters: dict[str, AdapterInfo] = {}
-        self.lock = threading.Lock()
+        self.lock = threading.Lock()  # the model: forward passes and changes
+        self.admin_lock = threading.Lock()  # one load or unload at a time
+
+    @property
+    def base_name(self) -> str:
+        """The base model's name as clients see it: a folder's own name, never its path."""
+        return Path(self.base).name if Path(self.base).is_absolute() else self.base
 
     # ------------------------------------------------------------ loading and unloading
     def names(self) -> list[str]:
@@ -137,87 +159,113 @@ class AdapterRegistry:
         return [snapshot[name] for name in sorted(snapshot)]
 
     def load(self, name: str, path: str | Path, labels: list[str] | None = None) -> AdapterInfo:
-        """Loads the adapter at `path` (adapter folder or run directory) under `name`."""
+        """Loads the adapter at `path` (adapter folder or run directory) under `name`.
+
+        Its limits are checked from its config and header, then its files are read and its head
+        shaped without the model's lock, so predictions go on meanwhile; only putting the
+        adapter on the model (and one probe) holds the lock."""
         if not ADAPTER_NAME.fullmatch(name):
             raise AdapterLoadError(
                 f"adapter name {name!r} is not allowed; use 1-64 letters, digits, '_' or '-'"
             )
+        if labels is not None:
+            self.limits.check_labels(len(labels), "the request")
         source = locate_adapter(path)
-        try:
-            config, tensors, _ = read_adapter(source.adapter_dir)
-        except LoraError as e:
-            raise AdapterLoadError(str(e)) from None
-        if not config.modules_to_save:
-            raise AdapterLoadError(
-                f"adapter {source.adapter_dir} has no classification head (modules_to_save); "
-                "serve adapters trained with modules_to_save=['classifier'], as lorakit's "
-                "classification recipes save them"
-            )
-        with self.lock:
-            if name in self.adapters:
-                raise AdapterExistsError(
-                    f"an adapter named {name!r} is already loaded; DELETE /v1/adapters/{name} "
-                    "first or pick another name"
-                )
-            notes = self._load_into_model(name, source.adapter_dir, config, tensors)
+        with self.admin_lock:
+            self._check_free(name)
+            shapes = check_adapter_files(source.adapter_dir, self.limits, self.base_shapes)
             try:
-                num_labels = self._forward(name, ["probe"], self.max_length).shape[1]
-                labels = labels or source.labels or [f"LABEL_{i}" for i in range(num_labels)]
-                if len(labels) != num_labels:
-                    raise AdapterLoadError(
-                        f"adapter {source.adapter_dir} predicts {num_labels} classes but "
-                        f"{len(labels)} labels were given ({labels})"
-                    )
-            except Exception:
-                delete_adapter(self.model, name)
-                raise
-            max_length = source.max_length or self.max_length
-            info = AdapterInfo(name, str(source.adapter_dir), list(labels), max_length, notes)
+                files = read_adapter(source.adapter_dir)
+            except LoraError as e:
+                raise AdapterLoadError(str(e)) from None
+            try:  # the modules load_adapter will save whole: the same rule, the same errors
+                heads = modules_to_save_names(self.model, files[0])
+            except LoraError as e:
+                raise self._load_error(files[0], e) from None
+            if not files[0].modules_to_save:
+                raise AdapterLoadError(
+                    f"adapter {source.adapter_dir} has no classification head (modules_to_save); "
+                    "serve adapters trained with modules_to_save=['classifier'], as lorakit's "
+                    "classification recipes save them"
+                )
+            shaped = self._shaped_heads(heads, shapes)
+            with self.lock:
+                notes = self._load_into_model(name, source.adapter_dir, files, shaped)
+                try:
+                    num_labels = self._forward(name, ["probe"], self.max_length).shape[1]
+                except Exception:
+                    delete_adapter(self.model, name)
+                    raise
+            labels = labels or source.labels or [f"LABEL_{i}" for i in range(num_labels)]
+            if len(labels) != num_labels:
+                self._delete(name)
+                raise AdapterLoadError(
+                    f"adapter {source.adapter_dir} predicts {num_labels} classes but "
+                    f"{len(labels)} labels were given ({labels})"
+                )
+            info = AdapterInfo(
+                name,
+                str(source.adapter_dir),
+                list(labels),
+                source.max_length or self.max_length,
+                files[0].r,
+                notes,
+            )
             self.adapters[name] = info
         return info
 
-    def _load_into_model(self, name, adapter_dir, config, tensors) -> list[str]:
-        try:  # the modules load_adapter will save whole: the same rule, the same errors
-            heads = modules_to_save_names(self.model, config)
-        except LoraError as e:
-            raise self._load_error(adapter_dir, config, e) from None
-        originals = self._shape_heads(heads, tensors)
+    def _check_free(self, name: str) -> None:
+        if name in self.adapters:
+            raise AdapterExistsError(
+                f"an adapter named {name!r} is already loaded; DELETE /v1/adapters/{name} "
+                "first or pick another name"
+            )
+
+    def _shaped_heads(self, heads: list[str], shapes) -> dict[str, nn.Module]:
+        """Each head that the adapter's output sizes change, shaped so (the model unchanged)."""
+        shaped = {}
+        for path in heads:
+            original = self._head(path)
+            head = _shaped_like(original, path, shapes)
+            if head is not original:
+                shaped[path] = head
+        return shaped
+
+    def _load_into_model(self, name, adapter_dir, files, shaped) -> list[str]:
+        """Caller holds the lock. The shaped heads are templates of the adapter's own copies
+        only: the originals are back when this returns."""
+        originals = {path: self._head(path) for path in shaped}
+        for path, head in shaped.items():
+            self._put_head(path, head)
         try:
             with warnings.catch_warnings(record=True) as caught:
                 warnings.simplefilter("always", FingerprintWarning)
-                load_adapter(self.model, adapter_dir, adapter_name=name)
+                load_adapter(self.model, adapter_dir, adapter_name=name, files=files)
         except LoraError as e:
-            raise self._load_error(adapter_dir, config, e) from None
+            raise self._load_error(files[0], e) from None
         finally:
-            self._restore_heads(originals)
-        return [str(w.message) for w in caught if issubclass(w.category, FingerprintWarning)]
+            for path, original in originals.items():
+                self._put_head(path, original)
+        if any(issubclass(w.category, FingerprintWarning) for w in caught):
+            return [
+                "trained on a base model with other weights (its base fingerprint differs): "
+                "outputs may differ from training"
+            ]
+        return []
 
-    def _load_error(self, adapter_dir, config, error: LoraError) -> AdapterLoadError:
+    def _load_error(self, config, error: LoraError) -> AdapterLoadError:
         """The engine's reason, led by the base the adapter records when it is not this one."""
         recorded, served = config.base_model_name_or_path, public_name(self.base)
         if not recorded or public_name(recorded) == served:
             return AdapterLoadError(str(error))
         return AdapterLoadError(
-            f"adapter {adapter_dir} was made for the base model {recorded}, but this server's "
-            f"base is {served}; it loads only on its own base ({error})"
+            f"this adapter was made for the base model {recorded}, but this server's base is "
+            f"{served}; it loads only on its own base ({error})"
         )
 
-    def _shape_heads(self, heads: list[str], tensors) -> dict[str, nn.Module]:
-        """Gives each head the adapter's output sizes; returns the originals to put back."""
-        originals = {}
-        for path in heads:
-            module = self.model.get_submodule(path)
-            wrapped = isinstance(module, ModulesToSaveWrapper)
-            original = module.original_module if wrapped else module
-            shaped = _shaped_like(original, path, tensors)
-            if shaped is not original:
-                self._put_head(path, shaped)
-                originals[path] = original
-        return originals
-
-    def _restore_heads(self, originals: dict[str, nn.Module]) -> None:
-        for path, original in originals.items():
-            self._put_head(path, original)
+    def _head(self, path: str) -> nn.Module:
+        module = self.model.get_submodule(path)
+        return module.original_module if isinstance(module, ModulesToSaveWrapper) else module
 
     def _put_head(self, path: str, head: nn.Module) -> None:
         module = self.model.get_submodule(path)
@@ -228,10 +276,14 @@ class AdapterRegistry:
             setattr(self.model.get_submodule(parent) if parent else self.model, child, head)
 
     def unload(self, name: str) -> AdapterInfo:
-        with self.lock:
+        with self.admin_lock:
             self.info(name)
-            delete_adapter(self.model, name)
+            self._delete(name)
             return self.adapters.pop(name)
+
+    def _delete(self, name: str) -> None:
+        with self.lock:
+            delete_adapter(self.model, name)
 
     def info(self, name: str) -> AdapterInfo:
         """The loaded adapter `name`, or an error that lists the loaded ones."""

@@ -27,7 +27,10 @@ class LoadAdapterRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     name: str = Field(description="name to serve the adapter under: letters, digits, '_', '-'")
-    path: str = Field(description="an adapter folder or a run directory, on the server's disk")
+    path: str = Field(
+        description="an adapter folder or a run directory under one of the server's adapter "
+        "roots: relative to a root, or absolute inside one"
+    )
     labels: list[str] | None = Field(
         None, description="class names in label order (default: the run's, else LABEL_0...)"
     )
@@ -35,14 +38,15 @@ class LoadAdapterRequest(BaseModel):
 
 class AdapterDescription(BaseModel):
     name: str
-    path: str
     labels: list[str]
+    num_labels: int
+    rank: int = Field(description="r of the adapter's LoRA layers")
     max_length: int = Field(description="tokens per text; longer texts are truncated")
     warnings: list[str] = Field(default_factory=list)
 
 
 class AdapterList(BaseModel):
-    base: str
+    base: str = Field(description="the base model's name (a folder's name, not its path)")
     adapters: list[AdapterDescription]
 
 

@@ -5,11 +5,12 @@ from __future__ import annotations
 import ipaddress
 import socket
 import sys
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 
 import uvicorn
 
+from .admission import AdapterLimits
 from .app import ServeSettings, create_app
 
 DEFAULT_HOST = "127.0.0.1"  # loopback unless told otherwise
@@ -47,14 +48,27 @@ def serve(
     api_key: str | None = None,
     settings: ServeSettings | None = None,
     log_level: str = "info",
+    adapter_roots: Iterable[str | Path] = (),
+    adapter_limits: AdapterLimits | None = None,
+    allow_unauthenticated_admin: bool = False,
 ) -> None:
     """Loads `base` and `adapters` ({name: adapter folder or run directory}) and serves them
-    until interrupted. Adapters that do not load stop it before it binds."""
-    app = create_app(base, adapters, api_key=api_key, settings=settings)
-    if not is_loopback(host) and not api_key:
+    until interrupted. Adapters that do not load stop it before it binds. At run time, adapters
+    load from under `adapter_roots`, with `api_key`."""
+    app = create_app(
+        base,
+        adapters,
+        api_key=api_key,
+        settings=settings,
+        adapter_roots=adapter_roots,
+        adapter_limits=adapter_limits,
+        allow_unauthenticated_admin=allow_unauthenticated_admin,
+    )
+    if allow_unauthenticated_admin and not api_key:
+        where = "" if is_loopback(host) else f" on {host}"
         print(
-            f"warning: serving on {host} without --api-key: anyone who reaches this port can "
-            "load and unload adapters",
+            f"warning: --allow-unauthenticated-admin{where}: anyone who reaches this port can "
+            "load adapters from the adapter roots and unload any adapter",
             file=sys.stderr,
         )
     uvicorn.run(app, host=host, port=port, log_level=log_level)
