@@ -7,14 +7,14 @@
     GET    /healthz             liveness
     GET    /openapi.json        the schema (FastAPI's)
 
-Every error is JSON `{"error": CODE, "detail": MESSAGE}` with a 4xx status that fits it.
+Every error is JSON `{"error": CODE, "detail": MESSAGE}` with a 4xx status that fits it; an
+unexpected one is a 500 whose detail is only a request id (the server's log has the rest).
 """
 
 from __future__ import annotations
 
 import asyncio
 import hmac
-import logging
 from collections.abc import Mapping
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -28,12 +28,12 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from .batcher import MicroBatcher
 from .errors import (
-    BodyTooLargeError,
     ServeError,
     TextTooLongError,
     TooManyTextsError,
     UnauthorizedError,
 )
+from .middleware import BodyLimit, InternalErrors
 from .registry import AdapterInfo, AdapterRegistry
 from .schemas import (
     AdapterDescription,
@@ -45,8 +45,6 @@ from .schemas import (
     PredictRequest,
     PredictResponse,
 )
-
-log = logging.getLogger("lorakit.serve")
 
 
 @dataclass(frozen=True)
@@ -84,7 +82,7 @@ def _describe_validation(exc: RequestValidationError, content_type: str) -> tupl
             return 400, "malformed_json", f"the request body is not valid JSON: {reason}"
     parts = []
     for err in errors:
-        where = ".".join(str(x) for x in err.get("loc", ()) if x != "body")
+        where = _location(err.get("loc", ()))
         if not where:  # the body as a whole: missing, not JSON, or not an object
             if err.get("type") == "missing":
                 return (
@@ -102,8 +100,20 @@ def _describe_validation(exc: RequestValidationError, content_type: str) -> tupl
                     ),
                 )
             return 422, "invalid_input", f"the body must be a JSON object: {err.get('msg')}"
-        parts.append(f"{where}: {err.get('msg')}")
+        reason = err.get("ctx", {}).get("error") if err.get("type") == "value_error" else None
+        parts.append(f"{where}: {reason or err.get('msg')}")
     return 422, "invalid_input", "; ".join(parts)
+
+
+def _location(loc) -> str:
+    """("body", "texts", 3) -> "texts[3]": where in the body an error is."""
+    where = ""
+    for part in loc:
+        if isinstance(part, int):
+            where += f"[{part}]"
+        elif part != "body":
+            where += f".{part}" if where else str(part)
+    return where
 
 
 def _install_error_handlers(app: FastAPI) -> None:
@@ -123,11 +133,6 @@ def _install_error_handlers(app: FastAPI) -> None:
         if exc.status_code == 404:
             detail = f"no route {request.url.path}; see /openapi.json for the API"
         return _error(exc.status_code, code, str(detail), getattr(exc, "headers", None))
-
-    @app.exception_handler(Exception)
-    async def internal_error(_: Request, exc: Exception) -> JSONResponse:
-        log.exception("internal error", exc_info=exc)
-        return _error(500, "internal_error", f"{type(exc).__name__}: {exc}")
 
 
 def _key_guard(api_key: str | None):
@@ -190,7 +195,7 @@ def create_app(
         finally:
             batcher.stop()
 
-    errors = {status: {"model": ErrorBody} for status in (400, 401, 404, 409, 413, 422)}
+    errors = {status: {"model": ErrorBody} for status in (400, 401, 404, 409, 413, 422, 500)}
     app = FastAPI(
         title="lorakit serve",
         summary="One base model, many LoRA adapters: text classification over HTTP.",
@@ -202,18 +207,9 @@ def create_app(
     _install_error_handlers(app)
     require_key = _key_guard(api_key)
 
-    @app.middleware("http")
-    async def limit_body(request: Request, call_next):
-        length = request.headers.get("content-length", "")
-        if length.isdigit() and int(length) > settings.max_body_bytes():
-            return _error(
-                413,
-                BodyTooLargeError.code,
-                f"the request body has {int(length):,} bytes; at most "
-                f"{settings.max_body_bytes():,} are read (at most {settings.max_texts} texts "
-                f"of {settings.max_text_chars:,} characters)",
-            )
-        return await call_next(request)
+    hint = f" (at most {settings.max_texts} texts of {settings.max_text_chars:,} characters)"
+    app.add_middleware(BodyLimit, max_bytes=settings.max_body_bytes(), hint=hint)
+    app.add_middleware(InternalErrors)  # added last, so it wraps the body limit too
 
     @app.get("/healthz", response_model=Health)
     def healthz() -> Health:

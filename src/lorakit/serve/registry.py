@@ -91,6 +91,26 @@ def locate_adapter(path: str | Path) -> AdapterSource:
     return source
 
 
+LORA_TENSOR = re.compile(r"(?P<module>.+)\.(lora_A\.weight|lora_B\.weight|lora_embedding_[AB])")
+
+
+def base_tensors(model: nn.Module, heads: list[str], names) -> list[str]:
+    """The tensors of an adapter file (by `names`) that would be copied into the base model:
+    all but its LoRA weights and its own copies of the heads it saves whole (`heads`)."""
+    own_heads = set()
+    for path in heads:
+        module = model.get_submodule(path)
+        head = module.original_module if isinstance(module, ModulesToSaveWrapper) else module
+        own_heads |= {f"{PREFIX}{path}.{key}" for key in head.state_dict()}
+    foreign = []
+    for name in names:
+        lora = LORA_TENSOR.fullmatch(name.removeprefix(PREFIX))
+        wrapped = lora and {"base_layer", "lora_A", "lora_B"} & set(lora["module"].split("."))
+        if name not in own_heads and (not lora or wrapped):
+            foreign.append(name)
+    return foreign
+
+
 def _shaped_like(original: nn.Module, path: str, tensors: dict[str, torch.Tensor]) -> nn.Module:
     """`original`, or a copy whose Linear layers have the output sizes stored in `tensors`."""
     shaped = original
@@ -180,6 +200,7 @@ class AdapterRegistry:
             heads = modules_to_save_names(self.model, config)
         except LoraError as e:
             raise AdapterLoadError(str(e)) from None
+        self._refuse_base_tensors(adapter_dir, config, heads, tensors)
         originals = self._shape_heads(heads, tensors)
         try:
             with warnings.catch_warnings(record=True) as caught:
@@ -190,6 +211,22 @@ class AdapterRegistry:
         finally:
             self._restore_heads(originals)
         return [str(w.message) for w in caught if issubclass(w.category, FingerprintWarning)]
+
+    def _refuse_base_tensors(self, adapter_dir, config, heads, tensors) -> None:
+        """Every adapter shares the base: one that would write into it is refused (keeping its
+        base tensors apart would mean a base per adapter; merge it into a model of its own)."""
+        foreign = base_tensors(self.model, heads, tensors)
+        if config.bias == "none" and not foreign:
+            return
+        what = f"trains base biases (bias={config.bias!r})" if config.bias != "none" else ""
+        if foreign:
+            what += " and " if what else ""
+            what += f"carries {len(foreign)} tensor(s) of the base, first: {foreign[0]}"
+        raise AdapterLoadError(
+            f"adapter {adapter_dir} {what}; the server never changes the base that every adapter "
+            "shares: serve adapters saved with bias='none' and only LoRA and head weights, or "
+            "merge this one (lorakit merge) and serve the merged model as its own base"
+        )
 
     def _shape_heads(self, heads: list[str], tensors) -> dict[str, nn.Module]:
         """Gives each head the adapter's output sizes; returns the originals to put back."""
