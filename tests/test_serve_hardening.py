@@ -130,6 +130,21 @@ def test_a_lone_surrogate_is_refused_at_the_edge_naming_the_text(client):
     assert response.status_code == 200, response.text
 
 
+@pytest.mark.parametrize(
+    ("body", "status", "code", "fragment"),
+    [
+        (b'{"adapter": "topics", "texts": ["\xff\xfe"]}', 400, "malformed_json", "UTF-8"),
+        (b'{"adapter": "\\ud800", "texts": ["x"]}', 422, "invalid_input", "adapter: character 0"),
+        (b'{"adapter": "topics", "texts": ["x"], "\\udc00": 1}', 422, "invalid_input", ""),
+    ],
+)
+def test_bodies_that_are_not_unicode_get_a_json_4xx(client, body, status, code, fragment):
+    response = client.post(
+        "/v1/predict", content=body, headers={"Content-Type": "application/json"}
+    )
+    assert_error(response, status, code, fragment)
+
+
 def test_bad_texts_among_16_clients_fail_alone(live):
     good = [("sentiment" if i % 2 else "topics", texts) for i, texts in enumerate(GOOD)]
     bad = b'{"adapter": "topics", "texts": ["ok", "\\udfff"]}'

@@ -130,7 +130,13 @@ def _install_error_handlers(app: FastAPI) -> None:
     async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
         code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
         detail = exc.detail
-        if exc.status_code == 404:
+        if isinstance(exc.__cause__, UnicodeDecodeError):  # FastAPI's "error parsing the body"
+            code, cause = "malformed_json", exc.__cause__
+            detail = (
+                f"the request body is not UTF-8 ({cause.reason} at byte {cause.start}); "
+                "send JSON encoded as UTF-8"
+            )
+        elif exc.status_code == 404:
             detail = f"no route {request.url.path}; see /openapi.json for the API"
         return _error(exc.status_code, code, str(detail), getattr(exc, "headers", None))
 
