@@ -5,6 +5,7 @@ admission.py where run-time loads may come from (adapter roots) and the limits o
 batcher.py   micro-batching: requests arriving together run together, grouped by adapter
 schemas.py   the JSON bodies (pydantic)
 app.py       the FastAPI app: routes, API key, limits, JSON errors
+middleware.py  the ASGI layer: the body limit as bytes stream in, the generic 500
 server.py    `serve(...)`: uvicorn on 127.0.0.1 unless told otherwise
 """
 

@@ -11,14 +11,14 @@ Loading and unloading need the API key; a server without one refuses them (403) 
 started with `allow_unauthenticated_admin`. Loads run in a thread of their own, so predictions
 go on meanwhile.
 
-Every error is JSON `{"error": CODE, "detail": MESSAGE}` with a 4xx status that fits it.
+Every error is JSON `{"error": CODE, "detail": MESSAGE}` with a 4xx status that fits it; an
+unexpected one is a 500 whose detail is only a request id (the server's log has the rest).
 """
 
 from __future__ import annotations
 
 import asyncio
 import hmac
-import logging
 from collections.abc import Iterable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
@@ -35,12 +35,12 @@ from .admission import AdapterLimits, AdapterRoots
 from .batcher import MicroBatcher
 from .errors import (
     AdminClosedError,
-    BodyTooLargeError,
     ServeError,
     TextTooLongError,
     TooManyTextsError,
     UnauthorizedError,
 )
+from .middleware import BodyLimit, InternalErrors
 from .registry import AdapterInfo, AdapterRegistry
 from .schemas import (
     AdapterDescription,
@@ -52,8 +52,6 @@ from .schemas import (
     PredictRequest,
     PredictResponse,
 )
-
-log = logging.getLogger("lorakit.serve")
 
 
 @dataclass(frozen=True)
@@ -91,7 +89,7 @@ def _describe_validation(exc: RequestValidationError, content_type: str) -> tupl
             return 400, "malformed_json", f"the request body is not valid JSON: {reason}"
     parts = []
     for err in errors:
-        where = ".".join(str(x) for x in err.get("loc", ()) if x != "body")
+        where = _location(err.get("loc", ()))
         if not where:  # the body as a whole: missing, not JSON, or not an object
             if err.get("type") == "missing":
                 return (
@@ -109,8 +107,20 @@ def _describe_validation(exc: RequestValidationError, content_type: str) -> tupl
                     ),
                 )
             return 422, "invalid_input", f"the body must be a JSON object: {err.get('msg')}"
-        parts.append(f"{where}: {err.get('msg')}")
+        reason = err.get("ctx", {}).get("error") if err.get("type") == "value_error" else None
+        parts.append(f"{where}: {reason or err.get('msg')}")
     return 422, "invalid_input", "; ".join(parts)
+
+
+def _location(loc) -> str:
+    """("body", "texts", 3) -> "texts[3]": where in the body an error is."""
+    where = ""
+    for part in loc:
+        if isinstance(part, int):
+            where += f"[{part}]"
+        elif part != "body":
+            where += f".{part}" if where else str(part)
+    return where
 
 
 def _install_error_handlers(app: FastAPI) -> None:
@@ -127,14 +137,15 @@ def _install_error_handlers(app: FastAPI) -> None:
     async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
         code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
         detail = exc.detail
-        if exc.status_code == 404:
+        if isinstance(exc.__cause__, UnicodeDecodeError):  # FastAPI's "error parsing the body"
+            code, cause = "malformed_json", exc.__cause__
+            detail = (
+                f"the request body is not UTF-8 ({cause.reason} at byte {cause.start}); "
+                "send JSON encoded as UTF-8"
+            )
+        elif exc.status_code == 404:
             detail = f"no route {request.url.path}; see /openapi.json for the API"
         return _error(exc.status_code, code, str(detail), getattr(exc, "headers", None))
-
-    @app.exception_handler(Exception)
-    async def internal_error(_: Request, exc: Exception) -> JSONResponse:
-        log.exception("internal error", exc_info=exc)
-        return _error(500, "internal_error", f"{type(exc).__name__}: {exc}")
 
 
 def _key_guard(api_key: str | None, allow_unauthenticated: bool):
@@ -217,7 +228,7 @@ def create_app(
             batcher.stop()
             loader.shutdown(wait=False, cancel_futures=True)
 
-    errors = {status: {"model": ErrorBody} for status in (400, 401, 404, 409, 413, 422)}
+    errors = {status: {"model": ErrorBody} for status in (400, 401, 404, 409, 413, 422, 500)}
     app = FastAPI(
         title="lorakit serve",
         summary="One base model, many LoRA adapters: text classification over HTTP.",
@@ -229,18 +240,9 @@ def create_app(
     _install_error_handlers(app)
     require_key = _key_guard(api_key, allow_unauthenticated_admin)
 
-    @app.middleware("http")
-    async def limit_body(request: Request, call_next):
-        length = request.headers.get("content-length", "")
-        if length.isdigit() and int(length) > settings.max_body_bytes():
-            return _error(
-                413,
-                BodyTooLargeError.code,
-                f"the request body has {int(length):,} bytes; at most "
-                f"{settings.max_body_bytes():,} are read (at most {settings.max_texts} texts "
-                f"of {settings.max_text_chars:,} characters)",
-            )
-        return await call_next(request)
+    hint = f" (at most {settings.max_texts} texts of {settings.max_text_chars:,} characters)"
+    app.add_middleware(BodyLimit, max_bytes=settings.max_body_bytes(), hint=hint)
+    app.add_middleware(InternalErrors)  # added last, so it wraps the body limit too
 
     @app.get("/healthz", response_model=Health)
     def healthz() -> Health:

@@ -3,7 +3,9 @@
 One worker thread owns inference. It takes the first waiting request, waits up to `window`
 seconds for more (until `max_texts` texts are queued), groups them by adapter, and runs each
 group as one call of `AdapterRegistry.predict` (one `set_adapter`, the texts batched). Each
-request's future gets its own rows back, or the error of its group.
+request's future gets its own rows back. When a group fails, its requests run again one by one,
+so an error reaches only the request that caused it (and every request, when the adapter is the
+cause: it was unloaded meanwhile).
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from .errors import ServeError
 from .registry import AdapterInfo, AdapterRegistry
 
 
@@ -91,14 +94,21 @@ class MicroBatcher:
             if job.future.set_running_or_notify_cancel():
                 groups[job.adapter].append(job)
         for adapter, group in groups.items():
-            texts = [text for job in group for text in job.texts]
-            try:
-                info, probs = self.registry.predict(adapter, texts)
-            except Exception as error:  # each caller of the group gets the error
+            self._run_group(adapter, group)
+
+    def _run_group(self, adapter: str, group: list[_Job]) -> None:
+        texts = [text for job in group for text in job.texts]
+        try:
+            info, probs = self.registry.predict(adapter, texts)
+        except Exception as error:
+            if len(group) > 1 and not isinstance(error, ServeError):
+                for job in group:  # one request broke the batch: each runs alone, fails alone
+                    self._run_group(adapter, [job])
+            else:  # a ServeError is the adapter's (unloaded meanwhile): the group's
                 for job in group:
                     job.future.set_exception(error)
-                continue
-            self._deliver(group, info, probs)
+            return
+        self._deliver(group, info, probs)
 
     @staticmethod
     def _deliver(group: list[_Job], info: AdapterInfo, probs: np.ndarray) -> None:

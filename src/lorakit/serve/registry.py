@@ -96,6 +96,26 @@ def locate_adapter(path: str | Path) -> AdapterSource:
     return source
 
 
+LORA_TENSOR = re.compile(r"(?P<module>.+)\.(lora_A\.weight|lora_B\.weight|lora_embedding_[AB])")
+
+
+def base_tensors(model: nn.Module, heads: list[str], names) -> list[str]:
+    """The tensors of an adapter file (by `names`) that would be copied into the base model:
+    all but its LoRA weights and its own copies of the heads it saves whole (`heads`)."""
+    own_heads = set()
+    for path in heads:
+        module = model.get_submodule(path)
+        head = module.original_module if isinstance(module, ModulesToSaveWrapper) else module
+        own_heads |= {f"{PREFIX}{path}.{key}" for key in head.state_dict()}
+    foreign = []
+    for name in names:
+        lora = LORA_TENSOR.fullmatch(name.removeprefix(PREFIX))
+        wrapped = lora and {"base_layer", "lora_A", "lora_B"} & set(lora["module"].split("."))
+        if name not in own_heads and (not lora or wrapped):
+            foreign.append(name)
+    return foreign
+
+
 def _shaped_like(original: nn.Module, path: str, shapes: dict[str, list[int]]) -> nn.Module:
     """`original`, or a copy whose Linear layers have the output sizes stored in the adapter
     (`shapes`: from its file's header)."""
@@ -182,6 +202,7 @@ class AdapterRegistry:
                 heads = modules_to_save_names(self.model, files[0])
             except LoraError as e:
                 raise self._load_error(files[0], e) from None
+            self._refuse_base_tensors(path, files[0], heads, files[1])
             if not files[0].modules_to_save:
                 raise AdapterLoadError(
                     f"adapter {source.adapter_dir} has no classification head (modules_to_save); "
@@ -261,6 +282,22 @@ class AdapterRegistry:
         return AdapterLoadError(
             f"this adapter was made for the base model {recorded}, but this server's base is "
             f"{served}; it loads only on its own base ({error})"
+        )
+
+    def _refuse_base_tensors(self, adapter_dir, config, heads, tensors) -> None:
+        """Every adapter shares the base: one that would write into it is refused (keeping its
+        base tensors apart would mean a base per adapter; merge it into a model of its own)."""
+        foreign = base_tensors(self.model, heads, tensors)
+        if config.bias == "none" and not foreign:
+            return
+        what = f"trains base biases (bias={config.bias!r})" if config.bias != "none" else ""
+        if foreign:
+            what += " and " if what else ""
+            what += f"carries {len(foreign)} tensor(s) of the base, first: {foreign[0]}"
+        raise AdapterLoadError(
+            f"adapter {adapter_dir} {what}; the server never changes the base that every adapter "
+            "shares: serve adapters saved with bias='none' and only LoRA and head weights, or "
+            "merge this one (lorakit merge) and serve the merged model as its own base"
         )
 
     def _head(self, path: str) -> nn.Module:

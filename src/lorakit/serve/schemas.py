@@ -2,14 +2,34 @@
 
 from __future__ import annotations
 
-from pydantic import BaseModel, ConfigDict, Field
+from typing import Annotated
+
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field
+
+
+def _unicode(text: str) -> str:
+    """JSON may escape half of a UTF-16 surrogate pair alone ("\\ud83d": a JavaScript string cut
+    inside an emoji); that is no Unicode text, and no tokenizer takes it. Every other string
+    tokenizes (NUL, noncharacters and the like become [UNK] or nothing)."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise ValueError(
+            f"character {e.start} is half of a UTF-16 surrogate pair "
+            f"(U+{ord(text[e.start]):04X}), which is not text: send valid UTF-8 "
+            "(was a string cut inside an emoji?)"
+        ) from None
+    return text
+
+
+Text = Annotated[str, AfterValidator(_unicode)]
 
 
 class PredictRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    adapter: str = Field(description="name of a loaded adapter (GET /v1/adapters lists them)")
-    texts: list[str] = Field(min_length=1, description="texts to classify")
+    adapter: Text = Field(description="name of a loaded adapter (GET /v1/adapters lists them)")
+    texts: list[Text] = Field(min_length=1, description="texts to classify")
 
 
 class Prediction(BaseModel):
@@ -26,12 +46,12 @@ class PredictResponse(BaseModel):
 class LoadAdapterRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    name: str = Field(description="name to serve the adapter under: letters, digits, '_', '-'")
-    path: str = Field(
+    name: Text = Field(description="name to serve the adapter under: letters, digits, '_', '-'")
+    path: Text = Field(
         description="an adapter folder or a run directory under one of the server's adapter "
         "roots: relative to a root, or absolute inside one"
     )
-    labels: list[str] | None = Field(
+    labels: list[Text] | None = Field(
         None, description="class names in label order (default: the run's, else LABEL_0...)"
     )
 
