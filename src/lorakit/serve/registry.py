@@ -37,7 +37,7 @@ from lorakit.lora import (
     set_adapter,
 )
 from lorakit.lora.adapter_files import PREFIX
-from lorakit.recipes.sequence_classification import SequenceClassification
+from lorakit.recipes.sequence_classification import SequenceClassification, check_max_length
 from lorakit.rundir import read_run_summary
 
 from .errors import AdapterExistsError, AdapterLoadError, UnknownAdapterError
@@ -143,8 +143,10 @@ class AdapterRegistry:
             )
         source = locate_adapter(path)
         try:
+            if source.max_length is not None:  # as training checks it: else every request fails
+                check_max_length(source.max_length, self.model, self.base)
             config, tensors, _ = read_adapter(source.adapter_dir)
-        except LoraError as e:
+        except (ConfigError, LoraError) as e:
             raise AdapterLoadError(str(e)) from None
         if not config.modules_to_save:
             raise AdapterLoadError(
