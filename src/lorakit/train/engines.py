@@ -9,6 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 
 from lorakit import lora
 from lorakit.config import LoraSection
@@ -50,9 +51,15 @@ def save(model: torch.nn.Module, directory: str | Path, base_name: str | None = 
     """Save the adapter alone (whichever engine added it); return its size in bytes."""
     directory = Path(directory)
     if hasattr(model, "peft_config"):
-        # PEFT would add the whole (tied) embedding matrix when lm_head or an embedding is a
-        # target; lorakit never resizes the vocabulary, so the base has it already
-        model.save_pretrained(directory, save_embedding_layers=False)
+        try:
+            # PEFT would add the whole (tied) embedding matrix when lm_head or an embedding is
+            # a target; lorakit never resizes the vocabulary, so the base has it already
+            model.save_pretrained(directory, save_embedding_layers=False)
+        except (OSError, SafetensorError) as err:  # a full disk: one line, as lorakit's own
+            raise lora.AdapterFileError(
+                f"could not write the adapter to {directory} ({err}); free space (or fix the "
+                "folder's permissions) and save it again"
+            ) from None
     else:
         lora.save_adapter(model, directory, base_model_name_or_path=base_name)
     return folder_bytes(directory)
