@@ -361,3 +361,44 @@ def test_merge_help_says_what_loads_each_kind(capsys):
     text = " ".join(capsys.readouterr().out.split())
     assert "AutoModelForSequenceClassification, or lorakit predict/eval OUT_DIR" in text
     assert "GloVe classifier (not a transformers model): lorakit predict/eval OUT_DIR" in text
+
+
+def strict_json(text: str):
+    def refuse(name):
+        raise ValueError(f"{name} is not JSON")
+
+    return json.loads(text, parse_constant=refuse)
+
+
+def test_json_output_is_strict_json_with_a_note_for_values_that_are_not_finite(monkeypatch, capsys):
+    """`lorakit eval` printed "loss": NaN, which no JSON parser reads."""
+    from lorakit import api
+
+    monkeypatch.setattr(
+        api, "evaluate", lambda *a, **k: {"accuracy": 0.5, "loss": float("nan"), "split": "test"}
+    )
+    nan, inf = float("nan"), float("inf")
+    row = {"label": "pos", "probability": nan, "probabilities": {"neg": nan, "pos": inf}}
+    monkeypatch.setattr(api, "predict", lambda run_dir, texts: [row for _ in texts])
+    assert main(["eval", "runs/a"]) == 0
+    captured = capsys.readouterr()
+    assert strict_json(captured.out) == {"accuracy": 0.5, "loss": None, "split": "test"}
+    assert "loss (nan) is not finite; printed as null" in captured.err
+    assert main(["predict", "runs/a", "a film", "--json"]) == 0
+    captured = capsys.readouterr()
+    assert strict_json(captured.out)["probabilities"] == {"neg": None, "pos": None}
+    assert "probability (nan), probabilities.neg (nan), probabilities.pos (inf)" in captured.err
+
+
+def test_force_is_passed_on_and_named_where_a_folder_holds_a_run(monkeypatch, tmp_path, capsys):
+    from lorakit import api
+
+    calls = []
+    monkeypatch.setattr(api, "train", lambda *a, **k: calls.append(k) or {})
+    assert main(["train", "classic", "--out", str(tmp_path), "--force"]) == 0
+    assert calls[0]["force"] is True and calls[0]["out"] == tmp_path
+    monkeypatch.undo()
+    (tmp_path / "config.toml").write_text("")
+    assert main(["train", "classic", "--out", str(tmp_path), "--set", "train.log_to=[]"]) == 2
+    err = capsys.readouterr().err
+    assert "already holds a run" in err and "add --force to start over in it" in err

@@ -344,7 +344,7 @@ def test_save_is_atomic_when_writing_fails(tmp_path, monkeypatch):
         raise OSError(28, "No space left on device")
 
     monkeypatch.setattr("lorakit.lora.adapter_files.save_file", fail)
-    with pytest.raises(OSError, match="No space"):
+    with pytest.raises(lora.AdapterFileError, match="No space"):
         lora.save_adapter(adapted(r=2), tmp_path)
     assert (tmp_path / lora.WEIGHTS_NAME).read_bytes() == before
     assert sorted(p.name for p in tmp_path.iterdir()) == [lora.CONFIG_NAME, lora.WEIGHTS_NAME]

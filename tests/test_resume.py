@@ -178,3 +178,53 @@ def test_resume_refuses_what_it_cannot_continue(reference, tmp_path):
         api.train(resume=tmp_path)
     with pytest.raises(ConfigError, match="leave out the recipe"):
         api.train("sentiment", resume=reference)
+
+
+def stopped_run(folder: Path, recipe: str, *overrides: str) -> Path:
+    """The folder of a run killed before its first checkpoint."""
+    from lorakit.config import load_config, to_toml
+    from lorakit.recipes import recipe_path
+
+    folder.mkdir(parents=True)
+    config = load_config(recipe_path(recipe), ["train.log_to=[]", *overrides])
+    (folder / "config.toml").write_text(to_toml(config))
+    (folder / "metrics.jsonl").write_text("")
+    return folder
+
+
+def test_a_run_stopped_before_its_first_checkpoint_is_told_to_start_over_with_force(tmp_path):
+    run = stopped_run(tmp_path / "run", "sentiment")
+    with pytest.raises(ConfigError) as err:
+        api.train(resume=run)
+    message = str(err.value)
+    assert "holds no complete checkpoint" in message and "\n" not in message
+    assert f"lorakit train {run / 'config.toml'} --out {run} --force" in message
+    with pytest.raises(ConfigError, match="--force starts a run over, --resume continues one"):
+        api.train(resume=run, force=True)
+
+
+def test_a_classic_run_stopped_after_pretraining_is_told_how_to_keep_its_base(tmp_path):
+    run = stopped_run(tmp_path / "run", "classic")
+    with pytest.raises(ConfigError) as err:
+        api.train(resume=run)
+    assert "model.pretrained" not in str(err.value)  # nothing pretrained yet
+    (run / "base").mkdir()
+    for name in ("model.safetensors", "config.json", "vocab.txt"):
+        (run / "base" / name).write_text("")
+    with pytest.raises(ConfigError) as err:
+        api.train(resume=run)
+    message = str(err.value)
+    assert "--force pretrains the base again" in message
+    assert f"--out NEW --set model.pretrained={run / 'base'}" in message
+
+
+def test_resume_of_a_run_still_training_before_its_first_checkpoint_says_it_is_live(tmp_path):
+    """A live run has no checkpoint yet: --resume said "start it again", inviting a second
+    process into the folder."""
+    from lorakit.rundir import RunDir
+
+    run = tmp_path / "run"
+    config = api.resolve_config("sentiment", ["train.log_to=[]"])
+    with RunDir.start(run, config):
+        with pytest.raises(ConfigError, match=r"--resume: .* is in use by a running `lorakit"):
+            api.train(resume=run)

@@ -222,3 +222,65 @@ def test_read_run_summary_names_a_missing_or_damaged_file(tmp_path):
     (tmp_path / "summary.json").write_text("[1, 2]")
     with pytest.raises(ConfigError, match=r"summary\.json is damaged"):
         read_run_summary(tmp_path)
+
+
+def test_a_lock_whose_process_was_killed_never_blocks(tmp_path, fake_trackers):
+    """The lock is flock's: the OS gives it back when its holder dies, even by SIGKILL, so a
+    stale lock of a dead run never blocks `--resume` or `--force`."""
+    import signal
+    import subprocess
+    import sys
+    import textwrap
+
+    from lorakit.rundir import check_not_running
+
+    out, config = tmp_path / "run", classic_config()
+    holder = textwrap.dedent(f"""
+        import sys, time
+        from lorakit.config import load_config
+        from lorakit.recipes import recipe_path
+        from lorakit.rundir import RunDir
+        config = load_config(recipe_path("classic"), ["train.log_to=[]"])
+        with RunDir.start({str(out)!r}, config):
+            print("holding", flush=True)
+            time.sleep(600)
+    """)
+    process = subprocess.Popen([sys.executable, "-c", holder], stdout=subprocess.PIPE, text=True)
+    try:
+        assert process.stdout.readline().strip() == "holding"
+        for option, start in (
+            ("--resume", {"resume": out / "checkpoints" / "step-1", "resumed_at": 1}),
+            ("out", {"force": True}),
+        ):
+            with pytest.raises(ConfigError, match=rf"{option}: .* is in use by a running"):
+                with RunDir.start(out, config, **start):
+                    pass
+            with pytest.raises(ConfigError, match=rf"{option}: .* is in use by a running"):
+                check_not_running(out, option)
+        assert sorted(os.listdir(out)) == ["config.toml"]  # --force removed nothing
+    finally:
+        process.send_signal(signal.SIGKILL)
+        process.wait()
+    assert process.returncode == -signal.SIGKILL
+    check_not_running(out, "--resume")  # the dead holder's lock is gone, and left no file
+    with RunDir.start(out, config, resume=out / "checkpoints" / "step-1", resumed_at=1):
+        pass
+
+
+def test_force_starts_over_removing_the_old_runs_files_only(tmp_path, fake_trackers):
+    out, config = tmp_path / "run", classic_config()
+    with RunDir.start(out, config) as run:
+        run.log("train", step=1, loss=0.5)
+        run.write_summary({"test_accuracy": 0.5})
+    for folder in ("checkpoints/step-3", "adapter", "base"):
+        (out / folder).mkdir(parents=True)
+        (out / folder / "file").write_text("old")
+    (out / ".summary.json.abc.tmp").write_text("half")
+    (out / "notes.txt").write_text("mine")
+    with pytest.raises(ConfigError, match="already holds a run; .* add --force to start over"):
+        with RunDir.start(out, config):
+            pass
+    with RunDir.start(out, classic_config("seed=7"), force=True) as run:
+        assert sorted(os.listdir(out)) == ["config.toml", "notes.txt", "tensorboard"]
+        assert "seed = 7" in (out / "config.toml").read_text()
+        assert run.read_metrics() == []

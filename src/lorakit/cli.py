@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import sys
 from pathlib import Path
 from typing import Annotated
@@ -44,6 +45,12 @@ def train(
         int,
         typer.Option(help="data-parallel processes on this machine (train.batch_size is global)"),
     ] = 1,
+    force: Annotated[
+        bool,
+        typer.Option(
+            "--force", help="start over in an --out that holds a run no process runs (files go)"
+        ),
+    ] = False,
 ) -> None:
     """Train a recipe (default: the built-in default recipe) and write a run directory."""
     overrides = set_ or []
@@ -52,7 +59,7 @@ def train(
         return
     try:
         summary = api.train(recipe, out=out, overrides=overrides, resume=resume,
-                            processes=processes)  # fmt: skip
+                            processes=processes, force=force)  # fmt: skip
     except api.training_errors() as err:
         typer.echo(f"error: {err}", err=True)
         raise typer.Exit(1) from None
@@ -81,8 +88,7 @@ def eval_(
     split: Annotated[str, typer.Option(help="train, validation or test")] = "test",
 ) -> None:
     """Evaluate a run's adapter on a split."""
-    result = api.evaluate(run_dir, data=data, split=split)
-    typer.echo(json.dumps(result, indent=2))
+    echo_json(api.evaluate(run_dir, data=data, split=split), indent=2)
 
 
 @app.command()
@@ -100,9 +106,31 @@ def predict(
         raise api.ConfigError("predict: give texts as arguments or --file FILE (one text per line)")
     for text, result in zip(texts, api.predict(run_dir, texts), strict=True):
         if as_json:
-            typer.echo(json.dumps({"text": text, **result}))
+            echo_json({"text": text, **result})
         else:
             typer.echo(f"{result['label']}\t{result['probability']:.3f}\t{text}")
+
+
+def echo_json(data, **options) -> None:
+    """``data`` as strict JSON on stdout: a number that is not finite (NaN, infinity), which
+    JSON cannot hold, is printed as null, and a note on stderr names it."""
+    not_finite: list[str] = []
+
+    def finite(value, where: str):
+        if isinstance(value, float) and not math.isfinite(value):
+            not_finite.append(f"{where} ({value})")
+            return None
+        if isinstance(value, dict):
+            return {k: finite(v, f"{where}.{k}" if where else str(k)) for k, v in value.items()}
+        if isinstance(value, (list, tuple)):
+            return [finite(v, f"{where}[{i}]") for i, v in enumerate(value)]
+        return value
+
+    text = json.dumps(finite(data, ""), allow_nan=False, **options)
+    if not_finite:
+        verb = "is" if len(not_finite) == 1 else "are"
+        typer.echo(f"note: {', '.join(not_finite)} {verb} not finite; printed as null", err=True)
+    typer.echo(text)
 
 
 @app.command()

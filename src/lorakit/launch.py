@@ -14,7 +14,7 @@ from typing import Any
 
 from lorakit.config import Config, ConfigError, load_config, resolve_key
 from lorakit.recipes import recipe_class, recipe_path
-from lorakit.rundir import RunDir, default_out, read_run_summary
+from lorakit.rundir import RunDir, check_not_running, default_out, read_run_summary
 
 DEFAULT_RECIPE = "sentiment"
 FILE_RECIPE = "classify"  # `lorakit train my.csv`: the recipe for a file of one's own
@@ -79,12 +79,15 @@ def train(
     *,
     resume: str | Path | None = None,
     processes: int = 1,
+    force: bool = False,
 ) -> dict[str, Any]:
     """Run a recipe; return its summary (also in ``RUN_DIR/summary.json``).
 
     ``resume``: a run directory whose training stopped (crash, kill); it continues from the
-    newest checkpoint in ``RUN_DIR/checkpoints`` with the run's own config. ``processes``: train
-    data-parallel in that many processes on this machine (``batch_size`` is the global batch).
+    newest checkpoint in ``RUN_DIR/checkpoints`` with the run's own config. ``force``: start
+    over in an ``out`` that holds a run (one no live process holds), removing its files.
+    ``processes``: train data-parallel in that many processes on this machine (``batch_size``
+    is the global batch).
     """
     from lorakit.train import distributed  # torch and accelerate: only when training
     from lorakit.train.checkpoint import checkpoint_step
@@ -92,8 +95,10 @@ def train(
     overrides = list(overrides)
     if processes < 1:
         raise ConfigError(f"processes: {processes} must be 1 or more")
+    if force and resume is not None:
+        raise ConfigError("--force starts a run over, --resume continues one: give one of them")
     if processes > 1 and distributed.world_size() == 1:
-        return _train_in_processes(recipe_or_config, out, overrides, resume, processes)
+        return _train_in_processes(recipe_or_config, out, overrides, resume, processes, force)
     if resume is not None:
         _refuse_settings_with_resume(recipe_or_config, out, overrides)
         run_path, config, checkpoint = resume_point(resume)
@@ -109,7 +114,7 @@ def train(
     resumed_at = None if checkpoint is None else checkpoint_step(checkpoint)
     with RunDir.start(
         run_path, config, resume=checkpoint, resumed_at=resumed_at,
-        processes=distributed.world_size(),
+        processes=distributed.world_size(), force=force,
     ) as run_dir:  # fmt: skip
         summary = recipe.run(config, run_dir, checkpoint)
     summary.setdefault("run_dir", str(run_path))
@@ -126,6 +131,7 @@ def resume_point(run_dir: str | Path) -> tuple[Path, Config, Path]:
             f"--resume: {str(run_path)!r} is not a run directory (no config.toml); give the "
             "folder `lorakit train` was writing"
         )
+    check_not_running(run_path, "--resume")  # a live run has no checkpoint yet, or a newer one
     if (run_path / "summary.json").exists():
         raise ConfigError(f"--resume: the run in {run_path} has finished; nothing to resume")
     config = load_config(run_path / "config.toml")
@@ -134,8 +140,9 @@ def resume_point(run_dir: str | Path) -> tuple[Path, Config, Path]:
         every = config.train.checkpoint_every
         raise ConfigError(
             f"--resume: {run_path} holds no complete checkpoint (train.checkpoint_every = "
-            f"{every}{', off' if every == 0 else ''}); the run stopped before its first one, "
-            "so start it again"
+            f"{every}{', off' if every == 0 else ''}): the run stopped before its first one. "
+            f"Start it over in its folder with `lorakit train {run_path / 'config.toml'} --out "
+            f"{run_path} --force`{recipe_class(config)(config).restart_note(run_path)}"
         )
     return run_path, config, checkpoint
 
@@ -163,7 +170,7 @@ def _absolute_data_path(config: Config) -> Config:
 
 
 def _train_in_processes(
-    recipe_or_config, out, overrides: list[str], resume, processes: int
+    recipe_or_config, out, overrides: list[str], resume, processes: int, force: bool
 ) -> dict[str, Any]:
     """Start ``processes`` training processes (torch.distributed's launcher) and wait; each runs
     ``train`` again, the main one inside the run's ``RunDir``."""
@@ -179,6 +186,7 @@ def _train_in_processes(
         args += ["--out", str(run_path)]
         for item in overrides:
             args += ["--set", item]
+        args += ["--force"] if force else []
     for name in ("batch_size", "eval_batch_size"):
         size = getattr(config.train, name)
         if size % processes:

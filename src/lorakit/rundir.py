@@ -78,6 +78,12 @@ def versions() -> dict[str, str | None]:
 # is removed, so that the same --out works once the input is fixed.
 _SETUP_FILES = {"config.toml", "environment.json", "tensorboard", "wandb"}
 
+# Everything a run writes in its folder (recipes included): what `train --force` removes
+RUN_FILES = frozenset({
+    *_SETUP_FILES, "metrics.jsonl", "summary.json", "comparison.json", "comparison.md",
+    "comparison", "report.html", "plots", "adapter", "base", "model", "checkpoints", "hf_trainer",
+})  # fmt: skip
+
 
 class RunDir:
     """A run directory, created on construction; refuses a non-empty folder holding a run."""
@@ -86,7 +92,8 @@ class RunDir:
         self.path = Path(path)
         if (self.path / "config.toml").exists() and not exist_ok:
             raise ConfigError(
-                f"out: {str(self.path)!r} already holds a run; choose a new --out folder"
+                f"out: {str(self.path)!r} already holds a run; choose a new --out folder, or "
+                "add --force to start over in it (its files are removed)"
             )
         make_out_folder(self.path)
         self._started_clock = time.monotonic()
@@ -103,6 +110,7 @@ class RunDir:
         resume: Path | None = None,
         resumed_at: int | None = None,
         processes: int = 1,
+        force: bool = False,
     ) -> Iterator[RunDir]:
         """The run directory of one training run, held for the ``with`` block.
 
@@ -110,7 +118,8 @@ class RunDir:
         before any work), the folder is made and locked (a folder a live run holds is a
         ConfigError), a new run's ``config.toml`` is written and the trackers are opened.
         ``resume``: the checkpoint folder a stopped run continues from (its folder then holds a
-        run already), at optimizer step ``resumed_at``.
+        run already), at optimizer step ``resumed_at``. ``force``: start over in a folder that
+        holds a run, whose files (``RUN_FILES``) are removed once the lock is held.
 
         On exit the trackers are closed first (their writers still write into the folder). A new
         run that failed before writing more than its setup files is removed; a run that got
@@ -123,6 +132,9 @@ class RunDir:
         before = set(os.listdir(path)) if path.is_dir() else None
         make_out_folder(path)
         with _locked(path, "--resume" if resume else "out"):
+            if force and resume is None:
+                _remove_run(path)
+                before = set(os.listdir(path))
             run_dir = cls(path, exist_ok=resume is not None)
             first = _read_environment(path) if resume else {}
             if resume is None:
@@ -260,6 +272,14 @@ def make_out_folder(path: Path, what: str = "folder") -> None:
         ) from None
 
 
+def check_not_running(path: str | Path, option: str) -> None:
+    """A ConfigError when a live `lorakit train` holds the folder (its lock is taken and given
+    back at once); a lock whose process died went with it."""
+    if Path(path).is_dir():
+        with _locked(Path(path), option):
+            pass
+
+
 @contextlib.contextmanager
 def _locked(path: Path, option: str) -> Iterator[None]:
     """An exclusive lock on the folder itself while the run lives (so no lock file is left
@@ -290,6 +310,18 @@ def _locked(path: Path, option: str) -> Iterator[None]:
 def _read_environment(path: Path) -> dict[str, Any]:
     environment = path / "environment.json"
     return json.loads(environment.read_text()) if environment.exists() else {}
+
+
+def _remove_run(path: Path) -> None:
+    """Remove what a run wrote in ``path`` (and the temporary files of its atomic writes);
+    anything else in the folder stays."""
+    for child in path.iterdir():
+        name = child.name
+        ours = name in RUN_FILES or any(name.startswith(f".{n}.") for n in RUN_FILES)
+        if ours and child.is_dir() and not child.is_symlink():
+            shutil.rmtree(child)
+        elif ours:
+            child.unlink()
 
 
 def _discard_unstarted(path: Path, before: set[str] | None) -> None:

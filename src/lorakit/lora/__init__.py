@@ -28,7 +28,7 @@ _EXPORTS = {
         "base_fingerprint", "load_adapter", "lora_tensor_module", "lorakit_version",
         "read_adapter", "save_adapter",
     ),
-    "config": ("ALL_LINEAR", "LoraConfig"),
+    "config": ("ALL_LINEAR", "MAX_ALPHA", "LoraConfig"),
     "errors": (
         "AdapterFileError", "AdapterShapeError", "LoraConfigError", "LoraError",
         "TargetModulesError",

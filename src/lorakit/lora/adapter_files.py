@@ -10,15 +10,16 @@ read from (`base_model_path`), a fingerprint of those weights and lorakit's vers
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
 import warnings
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch import nn
 
@@ -43,6 +44,7 @@ from .targeting import saved_matches
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
 PREFIX = "base_model.model."
+FLOATING_POINT = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 
 
 class FingerprintWarning(UserWarning):
@@ -126,17 +128,32 @@ def base_fingerprint(
 
 
 # ---------------------------------------------------------------- saving
-def _atomic_write(path: Path, write) -> None:
-    """Writes through a temporary file in the same folder, then renames: never half a file."""
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+def _write_files(directory: Path, writers: dict[str, Callable[[Path], None]]) -> None:
+    """Writes each file through a temporary one beside it and renames them all once every one is
+    on disk: a write that fails (a full disk) leaves the folder as it was, or, when this call
+    made it, removes it; the error is one line."""
+    made = not directory.exists()
+    written: list[Path] = []
     try:
-        write(tmp)
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
+        directory.mkdir(parents=True, exist_ok=True)
+        for name, write in writers.items():
+            written.append(directory / f".{name}.tmp-{os.getpid()}")
+            write(written[-1])
+            with open(written[-1], "rb") as f:
+                os.fsync(f.fileno())
+        for name, tmp in zip(writers, written, strict=True):
+            os.replace(tmp, directory / name)
+    except (OSError, SafetensorError) as err:
+        raise AdapterFileError(
+            f"could not write the adapter to {directory} ({err}); free space (or fix the "
+            "folder's permissions) and save it again"
+        ) from None
     finally:
-        if tmp.exists():
-            tmp.unlink()
+        for tmp in written:
+            tmp.unlink(missing_ok=True)
+        if made:
+            with contextlib.suppress(OSError):  # kept when the files are in it
+                directory.rmdir()
 
 
 def save_adapter(
@@ -181,12 +198,11 @@ def save_adapter(
         getattr(layer, "fan_in_fan_out", False) and adapter_name in layer.r
         for _, layer in lora_layers(model)
     )
-    directory.mkdir(parents=True, exist_ok=True)
-    _atomic_write(directory / WEIGHTS_NAME, lambda p: save_file(tensors, str(p), metadata))
-    _atomic_write(
-        directory / CONFIG_NAME,
-        lambda p: p.write_text(json.dumps(config_dict, indent=2, sort_keys=True) + "\n"),
-    )
+    config_text = json.dumps(config_dict, indent=2, sort_keys=True) + "\n"
+    _write_files(directory, {
+        WEIGHTS_NAME: lambda path: save_file(tensors, str(path), metadata),
+        CONFIG_NAME: lambda path: path.write_text(config_text, encoding="utf-8"),
+    })  # fmt: skip
     return directory
 
 
@@ -210,24 +226,7 @@ def read_adapter(directory: str | os.PathLike) -> tuple[LoraConfig, dict[str, to
             f"{directory} has no {' and no '.join(missing)}{hint}; an adapter folder holds "
             f"{CONFIG_NAME} and {WEIGHTS_NAME}, as save_adapter or PEFT's save_pretrained write them"
         )
-    try:
-        fields = json.loads((directory / CONFIG_NAME).read_text())
-        if not isinstance(fields, dict):
-            raise AdapterFileError(
-                f"{directory / CONFIG_NAME} is not a JSON object of LoRA settings "
-                f"(found a {type(fields).__name__}); save the adapter again"
-            )
-        config = LoraConfig.from_dict(fields)
-    except json.JSONDecodeError as e:
-        raise AdapterFileError(
-            f"{directory / CONFIG_NAME} is not valid JSON ({e}); save the adapter again"
-        ) from None
-    except TypeError as e:
-        raise AdapterFileError(f"{directory / CONFIG_NAME} has a bad field: {e}") from None
-    except AdapterFileError:
-        raise
-    except LoraError as e:  # a value LoraConfig refuses: name the file that holds it
-        raise AdapterFileError(f"{directory / CONFIG_NAME}: {e}") from None
+    config = read_config(directory / CONFIG_NAME)
     try:
         tensors = {}
         with safe_open(str(directory / WEIGHTS_NAME), framework="pt") as f:
@@ -239,7 +238,55 @@ def read_adapter(directory: str | os.PathLike) -> tuple[LoraConfig, dict[str, to
             f"{directory / WEIGHTS_NAME} is truncated or corrupted ({type(e).__name__}: {e}); "
             "save or download the adapter again"
         ) from None
+    for key, tensor in tensors.items():
+        _check_tensor(directory / WEIGHTS_NAME, key, tensor)
     return config, tensors, metadata
+
+
+def read_config(path: Path) -> LoraConfig:
+    """An `adapter_config.json`: UTF-8 JSON (nested no deeper than Python's recursion limit) of
+    LoRA settings that `LoraConfig` accepts, or an AdapterFileError naming the file."""
+    try:
+        fields = json.loads(path.read_bytes().decode("utf-8"))
+    except OSError as e:
+        raise AdapterFileError(f"{path} cannot be read ({e.strerror})") from None
+    except UnicodeDecodeError as e:
+        raise AdapterFileError(
+            f"{path} is not UTF-8 text ({e.reason} at byte {e.start}); save the adapter again"
+        ) from None
+    except RecursionError:
+        raise AdapterFileError(
+            f"{path} is nested too deep to be an adapter config; save the adapter again"
+        ) from None
+    except ValueError as e:  # JSONDecodeError, or an integer of thousands of digits
+        raise AdapterFileError(f"{path} is not valid JSON ({e}); save the adapter again") from None
+    if not isinstance(fields, dict):
+        raise AdapterFileError(
+            f"{path} is not a JSON object of LoRA settings (found a {type(fields).__name__}); "
+            "save the adapter again"
+        )
+    try:
+        return LoraConfig.from_dict(fields)
+    except TypeError as e:
+        raise AdapterFileError(f"{path} has a bad field: {e}") from None
+    except LoraError as e:  # a value LoraConfig refuses: name the file that holds it
+        raise AdapterFileError(f"{path}: {e}") from None
+
+
+def _check_tensor(path: Path, key: str, tensor: torch.Tensor) -> None:
+    """An adapter's tensors are finite floating-point numbers: an integer or bool tensor would
+    be converted without a word, and one NaN spreads to every output."""
+    if tensor.dtype not in FLOATING_POINT:
+        kind = str(tensor.dtype).removeprefix("torch.")
+        raise AdapterFileError(
+            f"{path}: tensor {key} holds {kind} numbers; an adapter's tensors are floating point "
+            "(float32, float16, bfloat16 or float64): save the adapter again"
+        )
+    if not bool(torch.isfinite(tensor).all()):
+        raise AdapterFileError(
+            f"{path}: tensor {key} is not finite (NaN or infinity); the training that made it "
+            "diverged: train again (a lower learning rate) or use an earlier checkpoint"
+        )
 
 
 def load_adapter(

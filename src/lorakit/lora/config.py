@@ -37,6 +37,11 @@ UNSUPPORTED = (
 # PEFT initialisations that leave the base weights as they are: their files load as plain LoRA
 PLAIN_INITS = ("eva", "orthogonal", "mica")
 
+# The largest lora_alpha (either sign) lorakit takes. The LoRA papers use 1 to 512; a scale of
+# 2**16 already carries an update of size 1 past float16's range (65504), so a larger alpha is
+# never useful, and 1e308 (which PEFT would take) turns every output into NaN or infinity.
+MAX_ALPHA = 2.0**16
+
 
 @dataclass
 class LoraConfig:
@@ -45,8 +50,8 @@ class LoraConfig:
     r: rank of the update B·A (LoRA paper, section 4.1).
     lora_alpha: the update is scaled by lora_alpha / r (section 4.1), so that changing r does
         not change the learning rate one needs; with `use_rslora`, by lora_alpha / sqrt(r)
-        (Kalajdzievski 2023, "rank-stabilized LoRA"). Any finite number, as in PEFT, whose
-        files may hold any: 0 switches the update off, a negative value flips its sign.
+        (Kalajdzievski 2023, "rank-stabilized LoRA"). Any number in [-MAX_ALPHA, MAX_ALPHA]
+        (2**16): 0 switches the update off, a negative value flips its sign.
     lora_dropout: dropout on the input of the LoRA branch only.
     target_modules: which modules get LoRA: a list of names (a module matches when its full name
         equals an entry or ends with "." + entry), a regex string (full match), or "all-linear".
@@ -112,7 +117,8 @@ class LoraConfig:
         if not _is_alpha(self.lora_alpha):
             raise LoraConfigError(
                 "lora_alpha",
-                f"lora_alpha must be a finite number (e.g. 16), got {self.lora_alpha!r}",
+                f"lora_alpha must be a finite number of magnitude at most {MAX_ALPHA:.0f} "
+                f"(e.g. 16), got {self.lora_alpha!r}",
             )
         if not (isinstance(self.lora_dropout, (int, float)) and 0 <= self.lora_dropout < 1):
             raise LoraConfigError(
@@ -289,4 +295,6 @@ def _is_rank(value) -> bool:
 
 
 def _is_alpha(value) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    # NaN and the infinities fail the comparison; so does an int too large for a float
+    number = isinstance(value, (int, float)) and not isinstance(value, bool)
+    return number and abs(value) <= MAX_ALPHA

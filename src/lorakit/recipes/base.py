@@ -135,6 +135,11 @@ class Recipe:
         """The trainable-parameter report of ``lorakit train --dry-run`` (None: no adapter)."""
         return None
 
+    def restart_note(self, run_dir: Path) -> str:
+        """What else to know before a run stopped before its first checkpoint starts over in
+        its folder (``--force``); it ends the ``--resume`` error."""
+        return ""
+
     # ------------------------------------------------------------ a finished run
     def recall(self, run_dir: Path, summary: dict[str, Any]) -> None:
         """Take what loading the run back needs from its summary.json."""

@@ -133,6 +133,15 @@ class Classic(ClassificationRecipe):
         self.encoded = _encode(self.data, vocab, config.data.max_length)
         return model
 
+    def restart_note(self, run_dir: Path) -> str:
+        base = run_dir / "base"
+        if self.config.model.pretrained or not (base / "vocab.txt").is_file():  # written last
+            return ""
+        return (
+            f"; --force pretrains the base again: to reuse the one in {base}, train into a new "
+            f"folder with `--out NEW --set model.pretrained={base}` instead"
+        )
+
     def trainable_line(self, trainable: int, total: int) -> str:
         data = self.config.data.name
         return f"transfer to {data}: {trainable:,} of {total:,} parameters trainable"

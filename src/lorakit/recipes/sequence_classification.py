@@ -34,17 +34,26 @@ def load_base(config: Config, labels: list[str]):
     ``model.dropout`` applied when set: the start of the LoRA run and of full fine-tuning
     (``benchmarks/full_finetune_sentiment.py``)."""
     model, tokenizer, resolved = load_sequence_classifier(config.model.name, labels, config.seed)
-    # a longer input fails deep in the model's position embeddings (the tokenizer's
-    # model_max_length is no limit: sentence-transformers set it below the model's)
-    limit = getattr(model.config, "max_position_embeddings", None)
-    if limit and config.data.max_length > limit:
-        raise ConfigError(
-            f"data.max_length: {config.data.max_length} is more than the {limit} tokens "
-            f"{resolved} takes; set data.max_length={limit} or less"
-        )
+    check_max_length(config.data.max_length, model, resolved)
     if config.model.dropout is not None:
         set_model_dropout(model, config.model.dropout)
     return model, tokenizer, resolved
+
+
+def check_max_length(max_length, model, name: str) -> None:
+    """A ConfigError unless ``max_length`` tokens fit the model: checked when a run starts and
+    when a finished run is loaded back (``lorakit predict``, ``eval``, ``serve``), whose
+    config.toml may have been edited since."""
+    # a longer input fails deep in the model's position embeddings (the tokenizer's
+    # model_max_length is no limit: sentence-transformers set it below the model's)
+    limit = getattr(model.config, "max_position_embeddings", None)
+    if not isinstance(max_length, int) or isinstance(max_length, bool) or max_length < 1:
+        raise ConfigError(f"data.max_length: {max_length!r} is not a number of tokens (e.g. 128)")
+    if limit and max_length > limit:
+        raise ConfigError(
+            f"data.max_length: {max_length} is more than the {limit} tokens {name} takes; set "
+            f"data.max_length={limit} or less"
+        )
 
 
 def data_loaders(config: Config, data, tokenizer) -> dict:
@@ -123,9 +132,10 @@ class SequenceClassification(ClassificationRecipe):
 
     # ------------------------------------------------------------ a finished run
     def reload_base(self):
-        model, tokenizer, _ = load_sequence_classifier(
+        model, tokenizer, resolved = load_sequence_classifier(
             self.base_name, self.labels, self.config.seed
         )
+        check_max_length(self.config.data.max_length, model, resolved)
         return model, tokenizer
 
     @staticmethod

@@ -40,7 +40,7 @@ from lorakit.lora import (
 )
 from lorakit.lora.adapter_files import PREFIX
 from lorakit.models.transformer import public_name
-from lorakit.recipes.sequence_classification import SequenceClassification
+from lorakit.recipes.sequence_classification import SequenceClassification, check_max_length
 from lorakit.rundir import read_run_summary
 
 from .admission import AdapterLimits, check_adapter_files
@@ -193,6 +193,11 @@ class AdapterRegistry:
         source = locate_adapter(path)
         with self.admin_lock:
             self._check_free(name)
+            if source.max_length is not None:  # as training checks it: else every request fails
+                try:
+                    check_max_length(source.max_length, self.model, self.base)
+                except ConfigError as e:
+                    raise AdapterLoadError(str(e)) from None
             shapes = check_adapter_files(source.adapter_dir, self.limits, self.base_shapes)
             try:
                 files = read_adapter(source.adapter_dir)

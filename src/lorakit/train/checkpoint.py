@@ -38,6 +38,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 TENSORS = "tensors.safetensors"
@@ -201,7 +202,7 @@ def write_checkpoint(
         else:
             os.replace(tmp, final)
         _fsync(directory)
-    except OSError as err:
+    except (OSError, SafetensorError) as err:  # safetensors reports a full disk as its own error
         if tmp is not None:
             shutil.rmtree(tmp, ignore_errors=True)
         previous = latest_checkpoint(directory)
@@ -226,7 +227,7 @@ def read_checkpoint(path: str | Path) -> Checkpoint:
     try:
         state = json.loads((path / STATE).read_text(encoding="utf-8"))
         flat = load_file(str(path / TENSORS))
-    except (OSError, ValueError) as err:
+    except (OSError, ValueError, SafetensorError) as err:
         raise CheckpointError(
             f"checkpoint {path} cannot be read ({err}); delete that folder to resume from the "
             "one before it"

@@ -12,6 +12,7 @@ import json
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 
 from lorakit import lora
 from lorakit.atomic import write_atomically
@@ -69,9 +70,15 @@ def save(
         if base_name:  # PEFT records the folder the model was read from
             for config in model.peft_config.values():
                 config.base_model_name_or_path = base_name
-        # PEFT would add the whole (tied) embedding matrix when lm_head or an embedding is a
-        # target; lorakit never resizes the vocabulary, so the base has it already
-        model.save_pretrained(directory, save_embedding_layers=False)
+        try:
+            # PEFT would add the whole (tied) embedding matrix when lm_head or an embedding is
+            # a target; lorakit never resizes the vocabulary, so the base has it already
+            model.save_pretrained(directory, save_embedding_layers=False)
+        except (OSError, SafetensorError) as err:  # a full disk: one line, as lorakit's own
+            raise lora.AdapterFileError(
+                f"could not write the adapter to {directory} ({err}); free space (or fix the "
+                "folder's permissions) and save it again"
+            ) from None
     else:
         lora.save_adapter(
             model, directory, base_model_name_or_path=base_name, base_model_path=base_path
