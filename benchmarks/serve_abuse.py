@@ -7,13 +7,12 @@ requests, each attack runs in turn:
     bad_text        requests whose texts hold a lone UTF-16 surrogate         -> 422 each
     chunked_upload  a chunked body of --upload-mb MB with no Content-Length   -> 413, early
     base_adapter    loading an adapter that trains base biases (bias="all")  -> 422
-    regex           target_modules "(.*.*)*Z", a catastrophic regex            (hook)
-    huge_rank       an adapter with r = 20000                                  (hook)
-    nan_weights     an adapter whose LoRA weights are NaN                      (hook)
-    admin_no_key    loading an adapter without the API key                     (hook)
+    regex           target_modules "(.*.*)*Z" and "(.|..)*y.", catastrophic   -> 422 each
+    huge_rank       an adapter with r = 20000                                  -> 422
+    nan_weights     an adapter whose LoRA weights are NaN                      -> 422
+    admin_no_key    loading an adapter without the API key                     -> 401
 
-The hooks are written and run with `--attacks all` (or by name), once the server defends
-against them; until then one can freeze it for a minute. Reported: good requests that failed
+Reported: good requests that failed
 (must be 0), peak server RSS during the chunked upload against its RSS at rest (within 100 MB),
 the longest /healthz answer (under 200 ms), and whether the other adapters' outputs are
 bit-identical before and after the attacks. Exits 1 when one of these fails.
@@ -47,7 +46,6 @@ from common import RESULTS, machine, markdown_table, minilm, minilm_path  # noqa
 
 KEY = "abuse-benchmark-key"
 TEXTS = ["a wonderful, moving film", "dull", "the plot drags on and on without any point at all"]
-DEFAULT_ATTACKS = ["bad_text", "chunked_upload", "base_adapter"]
 
 
 # ---------------------------------------------------------------- the server and its files
@@ -292,10 +290,15 @@ def base_adapter(ctx: Context) -> dict:
 
 
 def regex(ctx: Context) -> dict:
-    def catastrophic(fields):
-        return {**fields, "target_modules": "(.*.*)*Z"}
+    results = []
+    for i, pattern in enumerate(("(.*.*)*Z", "(.|..)*y.")):  # the second one backtracks in `regex`
 
-    return refused(ctx, "regex", edited(ctx.root / "other", ctx.root / "regex", catastrophic))
+        def catastrophic(fields, pattern=pattern):
+            return {**fields, "target_modules": pattern}
+
+        path = edited(ctx.root / "other", ctx.root / f"regex-{i}", catastrophic)
+        results.append(refused(ctx, f"regex{i}", path))
+    return {**results[-1], "ok": all(r["ok"] for r in results)}
 
 
 def huge_rank(ctx: Context) -> dict:
@@ -323,6 +326,7 @@ ATTACKS: dict[str, Callable[[Context], dict]] = {
     "nan_weights": nan_weights,
     "admin_no_key": admin_no_key,
 }
+DEFAULT_ATTACKS = list(ATTACKS)
 
 
 # ---------------------------------------------------------------- the run
@@ -389,7 +393,7 @@ def main() -> int:
     parser.add_argument("--rest", type=float, default=2.0, help="seconds of load before attacks")
     parser.add_argument(
         "--attacks", nargs="+", default=DEFAULT_ATTACKS, choices=[*ATTACKS, "all"],
-        help=f"which attacks (default: {' '.join(DEFAULT_ATTACKS)}; 'all' adds the hooks)",
+        help="which attacks (default: all of them)",
     )  # fmt: skip
     parser.add_argument("--server-arg", action="append", help="one more argument for the server")
     parser.add_argument("--out", type=Path, default=RESULTS / "serve_abuse.json")
