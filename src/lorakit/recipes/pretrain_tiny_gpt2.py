@@ -108,7 +108,8 @@ def pretrain(config: Config, run_dir: RunDir, settings: TinyGPT2Settings, corpus
         run_dir.log("train", step=event["step"], epoch=None, time=round(event["seconds"], 3),
                     loss=event["loss"], lr=event["lr"])  # fmt: skip
         print(f"{config.recipe}: step {event['step']}/{settings.steps} loss {event['loss']:.3f} "
-              f"({event['seconds']:.0f} s)", flush=True)  # fmt: skip
+              f"(mean of the last {event['window']} steps; {event['seconds']:.0f} s)",
+              flush=True)  # fmt: skip
 
     result = pretrain_tiny_gpt2(
         model_dir, corpus["train"]["text"], corpus["validation"]["text"],
@@ -247,6 +248,7 @@ def pretrain_tiny_gpt2(
                     {
                         "step": step,
                         "loss": running / n,
+                        "window": n,
                         "lr": schedule.get_last_lr()[0],
                         "seconds": time.perf_counter() - start,
                     }
@@ -277,7 +279,7 @@ def pretrain_tiny_gpt2(
 def _print_progress(event: dict) -> None:
     print(
         f"tiny-gpt2 pretraining: step {event['step']} loss {event['loss']:.3f} "
-        f"({event['seconds']:.0f} s)",
+        f"(mean of the last {event['window']} steps; {event['seconds']:.0f} s)",
         file=sys.stderr,
         flush=True,
     )
