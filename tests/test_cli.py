@@ -303,3 +303,27 @@ def test_eval_on_data_with_unknown_labels_is_a_short_message(csv_run, tmp_path, 
     error = next(line for line in capsys.readouterr().err.splitlines() if "error:" in line)
     assert "and 195 more are not among the model's labels ['bad', 'good', 'so so']" in error
     assert len(error) < 300
+
+
+@pytest.mark.parametrize("command", [["eval", "RUN"], ["predict", "RUN", "text"]])
+@pytest.mark.parametrize("checkpointed", [True, False])
+def test_commands_on_a_stopped_run_say_how_to_resume_it(
+    run_dir, tmp_path, command, checkpointed, capsys
+):
+    from lorakit.train.checkpoint import STATE, TENSORS
+
+    stopped = tmp_path / "run"
+    stopped.mkdir()
+    shutil.copy(run_dir / "config.toml", stopped / "config.toml")
+    if checkpointed:
+        checkpoint = stopped / "checkpoints" / "step-3"
+        checkpoint.mkdir(parents=True)
+        (checkpoint / STATE).write_text("{}")
+        (checkpoint / TENSORS).write_bytes(b"")
+    assert main([str(stopped) if a == "RUN" else a for a in command]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "did not finish (no summary.json)" in err
+    if checkpointed:
+        assert f"lorakit train --resume {stopped}" in err
+    else:
+        assert "no checkpoint" in err and f"lorakit train {stopped / 'config.toml'}" in err

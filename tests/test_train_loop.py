@@ -189,3 +189,12 @@ def test_console_shows_the_logged_mean_loss_and_says_so(news, capsys):
         assert line.startswith(f"news: step {event['step']}/13 loss {event['loss']:.4g} ")
         assert "(mean of the last 5 steps)" in line
     assert lines[-1].startswith("news: step 13/13 ") and "(mean of the last 3 steps)" in lines[-1]
+
+
+def test_resume_says_where_it_continues(news, tmp_path, capsys):
+    config = TrainConfig(epochs=1, lr=1e-2, checkpoint_every=5)
+    model, train, val = make(news)
+    train_loop(model, train, val, config, seed=0, checkpoint_dir=tmp_path, show_progress=False)
+    model, train, val = make(news)
+    train_loop(model, train, val, config, seed=0, desc="news", resume=tmp_path / "step-10")
+    assert "news: resuming from step 10 of 13\n" in capsys.readouterr().out

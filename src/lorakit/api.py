@@ -52,6 +52,8 @@ def _finished_run(run_dir: str | Path) -> tuple[Path, Config, dict[str, Any]]:
     """A finished run's folder, config and summary (a damaged summary.json: one clean error
     before any work)."""
     run_dir = Path(run_dir)
+    if (run_dir / "config.toml").is_file() and not (run_dir / "summary.json").exists():
+        raise ConfigError(_unfinished(run_dir))
     for name in ("config.toml", "summary.json", "adapter"):
         if not (run_dir / name).exists():
             raise ConfigError(
@@ -60,6 +62,18 @@ def _finished_run(run_dir: str | Path) -> tuple[Path, Config, dict[str, Any]]:
             )
     summary = read_run_summary(run_dir)
     return run_dir, load_config(run_dir / "config.toml"), summary
+
+
+def _unfinished(run_dir: Path) -> str:
+    """What to do with a run that started and has no summary.json: resume it, or train again."""
+    from lorakit.train.checkpoint import latest_checkpoint
+
+    stopped = f"{run_dir} is a run that did not finish (no summary.json)"
+    if latest_checkpoint(run_dir / "checkpoints") is not None:
+        return (f"{stopped}; if it is not still training, continue it with "
+                f"`lorakit train --resume {run_dir}`")  # fmt: skip
+    return (f"{stopped} and holds no checkpoint to resume from; train it again with "
+            f"`lorakit train {run_dir / 'config.toml'} --out NEW_DIR`")  # fmt: skip
 
 
 def load_predictor(run_dir: str | Path):

@@ -462,6 +462,8 @@ class _Trainer:
             self.history = self.run_dir.read_metrics()
         self.started -= saved["elapsed"]
         self.progress.skip_to(self.state.step)
+        self.progress.note(f"{self.progress.desc}: resuming from step {self.state.step} of "
+                           f"{self.total}")  # fmt: skip
         self.restored = restored
 
     def finish(self) -> TrainResult:
