@@ -11,7 +11,7 @@ from lorakit.data import split_of
 
 TINY = [
     "pretrain.epochs=1", "pretrain.max_length=64", "data.max_train_samples=1500",
-    "train.epochs=1", "compare=false",
+    "train.epochs=1", "compare=false", "train.checkpoint_every=20",
 ]  # fmt: skip
 
 
@@ -327,3 +327,26 @@ def test_commands_on_a_stopped_run_say_how_to_resume_it(
         assert f"lorakit train --resume {stopped}" in err
     else:
         assert "no checkpoint" in err and f"lorakit train {stopped / 'config.toml'}" in err
+
+
+def test_a_finished_run_drops_its_checkpoints_unless_kept(run_dir, tmp_path):
+    """Checkpoints serve only --resume: a finished run has none left, unless it keeps them."""
+    assert (run_dir / "adapter").is_dir() and not (run_dir / "checkpoints").exists()
+    kept = tmp_path / "kept"
+    args = ["train", "classic", "--out", str(kept), "--set", *TINY]
+    assert main([*args, "train.keep_checkpoints_after_run=true"]) == 0
+    assert [p.name for p in (kept / "checkpoints").iterdir()]
+
+
+def test_predictor_loads_once_and_predicts_as_often_as_asked(run_dir, monkeypatch):
+    from lorakit import api
+
+    texts = ["great fun", "awful, boring and far too long"]
+    expected = api.predict(run_dir, texts)
+    loads = []
+    real_load = api.load_predictor
+    monkeypatch.setattr(api, "load_predictor", lambda *a: loads.append(a) or real_load(*a))
+    predictor = api.Predictor(run_dir)
+    assert predictor.predict(texts) == expected
+    assert predictor.predict(texts[:1]) == expected[:1] and predictor.predict([]) == []
+    assert len(loads) == 1 and predictor.labels == list(expected[0]["probabilities"])
