@@ -116,7 +116,7 @@ def test_eval_unknown_split(run_dir, capsys):
 
 
 def test_one_set_takes_several_key_values():
-    """INTERFACE.md's `--set a=1 b=2` form reaches the parser as repeated --set options."""
+    """docs/run-directory.md's `--set a=1 b=2` form reaches the parser as repeated --set options."""
     from lorakit.cli import expand_set_options
 
     argv = ["train", "sentiment", "--set", "data.path=my.csv", "data.text_column=review",

@@ -218,7 +218,7 @@ def report(
 
 
 def expand_set_options(argv: list[str]) -> list[str]:
-    """``--set a=1 b=2`` (INTERFACE.md's form) -> ``--set a=1 --set b=2`` for the parser."""
+    """``--set a=1 b=2`` (docs/run-directory.md's form) -> ``--set a=1 --set b=2`` for the parser."""
     expanded: list[str] = []
     in_set = False
     for arg in argv:

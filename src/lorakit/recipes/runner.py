@@ -115,7 +115,7 @@ def run_summary(
     adapter_bytes: int,
     base_model_bytes: int | None,
 ) -> dict:
-    """The summary.json keys every recipe shares (INTERFACE.md); each adds its own figures."""
+    """The summary.json keys every recipe shares (docs/run-directory.md); each adds its own figures."""
     return {
         "recipe": config.recipe,
         "task": config.task,
