@@ -350,3 +350,28 @@ def test_predictor_loads_once_and_predicts_as_often_as_asked(run_dir, monkeypatc
     assert predictor.predict(texts) == expected
     assert predictor.predict(texts[:1]) == expected[:1] and predictor.predict([]) == []
     assert len(loads) == 1 and predictor.labels == list(expected[0]["probabilities"])
+
+
+def test_dry_run_shows_data_sizes_and_steps(tiny_bert_dir, stars_csv, capsys):
+    from lorakit.data import load_dataset
+
+    args = ["train", "classic", "--dry-run", "--set", "data.max_train_samples=1500",
+            "train.epochs=2", "train.batch_size=64"]  # fmt: skip
+    assert main(args) == 0
+    out = capsys.readouterr().out
+    sizes = {name: len(split) for name, split in load_dataset("rotten-tomatoes").items()}
+    assert (f"examples: train 1,500, validation {sizes['validation']:,}, test "
+            f"{sizes['test']:,}") in out  # fmt: skip
+    assert "steps: 24 per epoch x 2 epochs = 48 optimizer steps (batch_size 64)" in out
+    assert "pretrain: examples: train " in out
+
+    args = ["train", "sentiment", "--dry-run", "--set", f"data.path={stars_csv}",
+            "text_column=review", "label_column=stars", f"model.name={tiny_bert_dir}",
+            "train.batch_size=16", "train.grad_accum_steps=2", "train.max_steps=7"]  # fmt: skip
+    assert main(args) == 0, capsys.readouterr().err
+    out = capsys.readouterr().out
+    train = len(load_dataset(str(stars_csv), text_column="review", label_column="stars")["train"])
+    per_epoch = -(-train // 16) // 2 + (-(-train // 16) % 2 > 0)
+    assert f"examples: train {train:,}," in out
+    assert (f"steps: {per_epoch} per epoch x 3 epochs = {3 * per_epoch} optimizer steps "
+            "(batch_size 16, grad_accum_steps 2); train.max_steps stops at 7") in out  # fmt: skip

@@ -79,6 +79,15 @@ class PretrainTinyGPT2(Recipe):
         self.corpus = load_dataset(settings.dataset)
         return dataset_fingerprint(self.corpus)
 
+    def plan(self) -> dict[str, Any]:
+        """Texts per split; ``pretrain.steps`` steps of random blocks (no epochs)."""
+        self.load_data()
+        return {
+            "examples": {name: len(split) for name, split in self.corpus.items()},
+            "batch_size": self.settings.batch_size, "grad_accum_steps": 1, "epochs": None,
+            "steps_per_epoch": None, "total_steps": self.settings.steps,
+        }  # fmt: skip
+
     @classmethod
     def run(cls, config: Config, run_dir: RunDir, resume: Path | None = None) -> dict[str, Any]:
         """Pretrain into RUN_DIR/model; summary.json holds the held-out test perplexity."""

@@ -236,6 +236,14 @@ def parameter_groups(model: torch.nn.Module, lr: float, lora_plus_ratio: float =
     ]  # fmt: skip
 
 
+def planned_steps(batches_per_epoch: int, config: TrainConfig) -> tuple[int, int]:
+    """(optimizer steps per epoch, steps in all) of a run whose epoch is ``batches_per_epoch``
+    training batches: one step per ``grad_accum_steps`` batches, ``max_steps`` at most."""
+    per_epoch = math.ceil(batches_per_epoch / config.grad_accum_steps)
+    total = per_epoch * config.epochs
+    return per_epoch, min(total, config.max_steps) if config.max_steps else total
+
+
 def train_loop(
     model: torch.nn.Module,
     train_loader: torch.utils.data.DataLoader,
@@ -289,10 +297,7 @@ class _Trainer:
         groups = parameter_groups(model, config.lr, config.lora_plus_ratio)
         self.params = [p for group in groups for p in group["params"]]
         optimizer = torch.optim.AdamW(groups, lr=config.lr, weight_decay=config.weight_decay)
-        self.steps_per_epoch = math.ceil(len(train_loader) / config.grad_accum_steps)
-        self.total = self.steps_per_epoch * config.epochs
-        if config.max_steps:
-            self.total = min(self.total, config.max_steps)
+        self.steps_per_epoch, self.total = planned_steps(len(train_loader), config)
         scheduler = get_linear_schedule_with_warmup(
             optimizer, round(config.warmup_ratio * self.total), max(self.total, 1)
         )
