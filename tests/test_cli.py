@@ -375,3 +375,45 @@ def test_dry_run_shows_data_sizes_and_steps(tiny_bert_dir, stars_csv, capsys):
     assert f"examples: train {train:,}," in out
     assert (f"steps: {per_epoch} per epoch x 3 epochs = {3 * per_epoch} optimizer steps "
             "(batch_size 16, grad_accum_steps 2); train.max_steps stops at 7") in out  # fmt: skip
+
+
+@pytest.mark.parametrize("command", [["eval", "RUN"], ["predict", "RUN", "a good film"]])
+def test_eval_and_predict_print_no_warnings_or_bars(csv_run, command):
+    """What a user did not cause (transformers' deprecations, weight-loading bars) stays off
+    stderr."""
+    import os
+    import subprocess
+    import sys
+
+    args = [str(csv_run) if a == "RUN" else a for a in command]
+    env = {k: v for k, v in os.environ.items() if k != "TRANSFORMERS_NO_ADVISORY_WARNINGS"}
+    done = subprocess.run([sys.executable, "-m", "lorakit", *args], capture_output=True,
+                          text=True, env=env, timeout=300)  # fmt: skip
+    assert done.returncode == 0 and done.stdout
+    assert done.stderr == ""
+
+
+def test_peft_loading_raises_no_deprecation_warning_of_its_own(csv_run, tiny_bert_dir):
+    import warnings
+
+    from lorakit.models.transformer import load_sequence_classifier
+    from lorakit.train import engines
+
+    model, _, _ = load_sequence_classifier(str(tiny_bert_dir), STARS)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        engines.load(model, csv_run / "adapter", "peft")
+    assert not [str(w.message) for w in caught if "checkpointing" in str(w.message)]
+
+
+def test_lorakit_warnings_are_one_line_without_source(run_dir, tmp_path):
+    import subprocess
+    import sys
+
+    texts = tmp_path / "texts.txt"
+    texts.write_bytes("caf\xe9 tr\xe8s bon\n".encode("latin-1"))
+    done = subprocess.run([sys.executable, "-m", "lorakit", "predict", str(run_dir), "--file",
+                           str(texts)], capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert done.returncode == 0 and done.stdout
+    assert done.stderr.startswith("warning: ") and "2 invalid UTF-8 byte sequence" in done.stderr
+    assert done.stderr.count("\n") == 1

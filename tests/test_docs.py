@@ -22,3 +22,12 @@ def test_the_run_directory_contract_is_in_the_repository():
     contract = (ROOT / "docs" / "run-directory.md").read_text(encoding="utf-8")
     for name in ("config.toml", "summary.json", "metrics.jsonl", "adapter/", "lorakit eval"):
         assert name in contract
+
+
+def test_the_license_is_an_spdx_expression_with_its_file():
+    """setuptools >= 77 warns at every install about a `license = {text = ...}` table."""
+    import tomllib
+
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text(encoding="utf-8"))["project"]
+    assert project["license"] == "Apache-2.0"
+    assert all((ROOT / name).is_file() for name in project["license-files"])
