@@ -31,7 +31,7 @@ from lorakit.recipes import runner
 from lorakit.rundir import RunDir, read_run_summary
 from lorakit.train import engines
 from lorakit.train.loop import TrainResult, planned_steps
-from lorakit.train.metrics import confusion_matrix, evaluate
+from lorakit.train.metrics import confusion_matrix, evaluate, per_class_scores
 
 
 def load_task_data(config: Config):
@@ -178,8 +178,14 @@ class ClassificationRecipe(Recipe):
     def split_sizes(self) -> dict[str, int]:
         return {name: len(split) for name, split in self.data.items()}
 
-    def confusion_matrix(self, test: dict[str, Any]) -> list[list[int]]:
-        return confusion_matrix(test["labels"], test["predictions"], len(self.labels))
+    def class_figures(self, test: dict[str, Any]) -> dict[str, Any]:
+        """summary.json's ``labels``, test ``confusion_matrix`` and ``per_class`` scores."""
+        matrix = confusion_matrix(test["labels"], test["predictions"], len(self.labels))
+        return {
+            "labels": self.labels,
+            "confusion_matrix": matrix,
+            "per_class": per_class_scores(matrix, self.labels),
+        }
 
     def recall(self, run_dir: Path, summary: dict[str, Any]) -> None:
         super().recall(run_dir, summary)

@@ -169,8 +169,7 @@ class Classic(ClassificationRecipe):
         return {
             "test_accuracy": test["accuracy"],
             "test_loss": test["loss"],
-            "labels": self.labels,
-            "confusion_matrix": self.confusion_matrix(test),
+            **self.class_figures(test),
             **checks,
             **self.pretrain_facts,
         }
