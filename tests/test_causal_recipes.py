@@ -1,6 +1,7 @@
 """The causal-LM recipes end to end on a tiny GPT-2 (2 layers, 64 wide, real BPE tokenizer)."""
 
 import json
+import re
 
 import peft
 import pytest
@@ -200,3 +201,13 @@ def test_padded_sequences_train_one_row_per_review(tiny_gpt2, tmp_path):
     ids = tokenizer(test_texts, add_special_tokens=False)["input_ids"]
     # every row predicts all of its tokens but the first (the eos that plays bos)
     assert summary["test_tokens"] == sum(min(len(row) + 2, 24) - 1 for row in ids)
+
+
+def test_dry_run_counts_the_blocks_and_steps(tiny_gpt2):
+    overrides = [f"model.name={tiny_gpt2}", "data.max_train_samples=600", "causal.block_size=64",
+                 "train.epochs=2", "train.batch_size=8"]  # fmt: skip
+    text = lk.dry_run("causal-lm", overrides)
+    blocks = re.search(r"examples: train ([\d,]+), validation [\d,]+, test [\d,]+", text)
+    assert blocks, text
+    per_epoch = -(-int(blocks.group(1).replace(",", "")) // 8)
+    assert f"steps: {per_epoch} per epoch x 2 epochs = {2 * per_epoch} optimizer steps" in text

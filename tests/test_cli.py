@@ -13,7 +13,7 @@ from tiny_models import NEGATIVE, POSITIVE, write_reviews_csv
 
 TINY = [
     "pretrain.epochs=1", "pretrain.max_length=64", "data.max_train_samples=1500",
-    "train.epochs=1", "compare=false",
+    "train.epochs=1", "compare=false", "train.checkpoint_every=20",
 ]  # fmt: skip
 
 
@@ -79,7 +79,11 @@ def test_recipes_marks_the_default_once(capsys):
     [
         (["train", "classic", "--set", "lora.r=0"], "lora.r: must be a positive integer"),
         (["train", "clasic"], "did you mean classic"),
-        (["train", "classic", "--set", "data.name=no-such-data", "--dry-run"], None),
+        # a dry run reads the data (it counts the examples), so a wrong name fails there
+        (
+            ["train", "classic", "--set", "data.name=no-such-data", "--dry-run"],
+            "Unknown dataset 'no-such-data'",
+        ),
         (["eval", "/nonexistent/run"], "not a finished run directory"),
         (["predict", "/nonexistent/run", "text"], "not a finished run directory"),
         (["eval"], "Missing argument 'run_dir'"),  # click's usage errors, as typer raises them
@@ -91,9 +95,6 @@ def test_recipes_marks_the_default_once(capsys):
 def test_errors_are_one_clean_message(args, message, capsys):
     code = main(args)
     err = capsys.readouterr().err
-    if message is None:  # a dry run does not touch the data
-        assert code == 0
-        return
     assert code == 2 and message in err and "Traceback" not in err
 
 
@@ -124,7 +125,7 @@ def test_eval_unknown_split(run_dir, capsys):
 
 
 def test_one_set_takes_several_key_values():
-    """INTERFACE.md's `--set a=1 b=2` form reaches the parser as repeated --set options."""
+    """docs/run-directory.md's `--set a=1 b=2` form reaches the parser as repeated --set options."""
     from lorakit.cli import expand_set_options
 
     argv = ["train", "sentiment", "--set", "data.path=my.csv", "data.text_column=review",
@@ -402,3 +403,126 @@ def test_force_is_passed_on_and_named_where_a_folder_holds_a_run(monkeypatch, tm
     assert main(["train", "classic", "--out", str(tmp_path), "--set", "train.log_to=[]"]) == 2
     err = capsys.readouterr().err
     assert "already holds a run" in err and "add --force to start over in it" in err
+
+
+@pytest.mark.parametrize("command", [["eval", "RUN"], ["predict", "RUN", "text"]])
+@pytest.mark.parametrize("checkpointed", [True, False])
+def test_commands_on_a_stopped_run_say_how_to_resume_it(
+    run_dir, tmp_path, command, checkpointed, capsys
+):
+    from lorakit.train.checkpoint import STATE, TENSORS
+
+    stopped = tmp_path / "run"
+    stopped.mkdir()
+    shutil.copy(run_dir / "config.toml", stopped / "config.toml")
+    if checkpointed:
+        checkpoint = stopped / "checkpoints" / "step-3"
+        checkpoint.mkdir(parents=True)
+        (checkpoint / STATE).write_text("{}")
+        (checkpoint / TENSORS).write_bytes(b"")
+    assert main([str(stopped) if a == "RUN" else a for a in command]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "did not finish (no summary.json)" in err
+    if checkpointed:
+        assert f"lorakit train --resume {stopped}" in err
+    else:
+        assert "no checkpoint" in err and f"lorakit train {stopped / 'config.toml'}" in err
+
+
+def test_a_finished_run_drops_its_checkpoints_unless_kept(run_dir, tmp_path):
+    """Checkpoints serve only --resume: a finished run has none left, unless it keeps them."""
+    assert (run_dir / "adapter").is_dir() and not (run_dir / "checkpoints").exists()
+    kept = tmp_path / "kept"
+    args = ["train", "classic", "--out", str(kept), "--set", *TINY]
+    assert main([*args, "train.keep_checkpoints_after_run=true"]) == 0
+    assert [p.name for p in (kept / "checkpoints").iterdir()]
+
+
+def test_predictor_loads_once_and_predicts_as_often_as_asked(run_dir, monkeypatch):
+    from lorakit import api
+
+    texts = ["great fun", "awful, boring and far too long"]
+    expected = api.predict(run_dir, texts)
+    loads = []
+    real_load = api.load_predictor
+    monkeypatch.setattr(api, "load_predictor", lambda *a: loads.append(a) or real_load(*a))
+    predictor = api.Predictor(run_dir)
+    assert predictor.predict(texts) == expected
+    assert predictor.predict(texts[:1]) == expected[:1] and predictor.predict([]) == []
+    assert len(loads) == 1 and predictor.labels == list(expected[0]["probabilities"])
+
+
+def test_dry_run_shows_data_sizes_and_steps(tiny_bert_dir, stars_csv, capsys):
+    from lorakit.data import load_dataset
+
+    args = ["train", "classic", "--dry-run", "--set", "data.max_train_samples=1500",
+            "train.epochs=2", "train.batch_size=64"]  # fmt: skip
+    assert main(args) == 0
+    out = capsys.readouterr().out
+    sizes = {name: len(split) for name, split in load_dataset("rotten-tomatoes").items()}
+    assert (f"examples: train 1,500, validation {sizes['validation']:,}, test "
+            f"{sizes['test']:,}") in out  # fmt: skip
+    assert "steps: 24 per epoch x 2 epochs = 48 optimizer steps (batch_size 64)" in out
+    assert "pretrain: examples: train " in out
+
+    args = ["train", "sentiment", "--dry-run", "--set", f"data.path={stars_csv}",
+            "text_column=review", "label_column=stars", f"model.name={tiny_bert_dir}",
+            "train.batch_size=16", "train.grad_accum_steps=2", "train.max_steps=7"]  # fmt: skip
+    assert main(args) == 0, capsys.readouterr().err
+    out = capsys.readouterr().out
+    train = len(load_dataset(str(stars_csv), text_column="review", label_column="stars")["train"])
+    per_epoch = -(-train // 16) // 2 + (-(-train // 16) % 2 > 0)
+    assert f"examples: train {train:,}," in out
+    assert (f"steps: {per_epoch} per epoch x 3 epochs = {3 * per_epoch} optimizer steps "
+            "(batch_size 16, grad_accum_steps 2); train.max_steps stops at 7") in out  # fmt: skip
+
+
+@pytest.mark.parametrize("command", [["eval", "RUN"], ["predict", "RUN", "a good film"]])
+def test_eval_and_predict_print_no_warnings_or_bars(csv_run, command):
+    """What a user did not cause (transformers' deprecations, weight-loading bars) stays off
+    stderr."""
+    import os
+    import subprocess
+    import sys
+
+    args = [str(csv_run) if a == "RUN" else a for a in command]
+    env = {k: v for k, v in os.environ.items() if k != "TRANSFORMERS_NO_ADVISORY_WARNINGS"}
+    done = subprocess.run([sys.executable, "-m", "lorakit", *args], capture_output=True,
+                          text=True, env=env, timeout=300)  # fmt: skip
+    assert done.returncode == 0 and done.stdout
+    assert done.stderr == ""
+
+
+def test_peft_loading_raises_no_deprecation_warning_of_its_own(csv_run, tiny_bert_dir):
+    import warnings
+
+    from lorakit.models.transformer import load_sequence_classifier
+    from lorakit.train import engines
+
+    model, _, _ = load_sequence_classifier(str(tiny_bert_dir), STARS)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        engines.load(model, csv_run / "adapter", "peft")
+    assert not [str(w.message) for w in caught if "checkpointing" in str(w.message)]
+
+
+def test_lorakit_warnings_are_one_line_without_source(run_dir, tmp_path):
+    import subprocess
+    import sys
+
+    texts = tmp_path / "texts.txt"
+    texts.write_bytes("caf\xe9 tr\xe8s bon\n".encode("latin-1"))
+    done = subprocess.run([sys.executable, "-m", "lorakit", "predict", str(run_dir), "--file",
+                           str(texts)], capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert done.returncode == 0 and done.stdout
+    assert done.stderr.startswith("warning: ") and "2 invalid UTF-8 byte sequence" in done.stderr
+    assert done.stderr.count("\n") == 1
+
+
+def test_summaries_hold_each_class_scores(run_dir, csv_run):
+    from lorakit.train.metrics import per_class_scores
+
+    for run in (run_dir, csv_run):
+        summary = json.loads((run / "summary.json").read_text())
+        expected = per_class_scores(summary["confusion_matrix"], summary["labels"])
+        assert summary["per_class"] == expected and len(expected) == len(summary["labels"])

@@ -33,6 +33,7 @@ from lorakit.report import (
     write_sweep_table,
 )
 from lorakit.report.plots import curves_from_events
+from lorakit.train.metrics import per_class_scores
 
 HASH_BUCKETS = 1024
 PER_CLASS = 50
@@ -132,7 +133,7 @@ def build_classification_run(
             return loss_fn(logits, y[indices]).item(), accuracy, predicted
 
     run_dir.mkdir(parents=True, exist_ok=True)
-    events, step, best = [], 0, (math.inf, 0)
+    events, step, best = [], 0, (math.inf, 0, 0.0)
     generator = torch.Generator().manual_seed(seed)
     train = torch.tensor(split["train"])
     for epoch in range(1, epochs + 1):
@@ -163,7 +164,7 @@ def build_classification_run(
              "train_loss": float(np.mean(epoch_losses)), "val_loss": val_loss,
              "val_accuracy": val_accuracy}
         )  # fmt: skip
-        best = min(best, (val_loss, step))
+        best = min(best, (val_loss, step, val_accuracy))
     train_seconds = time.perf_counter() - clock
     test_loss, test_accuracy, predicted = evaluate(split["test"])
     events.append(
@@ -194,9 +195,11 @@ def build_classification_run(
         "base_model_bytes": (run_dir / "full_model.safetensors").stat().st_size,
         "train_seconds": train_seconds,
         "best_step": best[1],
+        "best_validation": {"loss": best[0], "accuracy": best[2]},
         "seed": seed,
         "labels": labels,
         "confusion_matrix": confusion,
+        "per_class": per_class_scores(confusion, labels),
     }
     (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
     majority = max(
@@ -343,20 +346,36 @@ def test_loss_accuracy_plot(run_dir: Path) -> None:
     assert_is_drawn_png(path)
 
 
-def test_curves_are_per_epoch_with_two_epochs_else_per_eval(tmp_path: Path, run_dir: Path) -> None:
+def test_curves_are_per_logged_step_with_epochs_and_the_chosen_step_marked(
+    tmp_path: Path, run_dir: Path
+) -> None:
     many = read_events(run_dir)  # four epochs
-    curves = curves_from_events(many, "accuracy")
-    assert curves.x_label == "epoch"
-    assert [x for x, _ in curves.train] == [1.0, 2.0, 3.0, 4.0]
-    epoch_events = [e for e in many if e["event"] == "epoch"]
-    assert [v for _, v in curves.validation_metric] == [e["val_accuracy"] for e in epoch_events]
+    curves = curves_from_events(many, "accuracy", best_step=12)
+    assert curves.x_label == "optimizer step"
+    trains = [e for e in many if e["event"] == "train"]
+    assert curves.train == [(e["step"], e["loss"]) for e in trains] and len(trains) > 4
+    evals = [e for e in many if e["event"] == "eval"]
+    assert curves.validation_metric == [(e["step"], e["accuracy"]) for e in evals]
+    assert curves.epoch_ends == [e["step"] for e in many if e["event"] == "epoch"]
+    assert curves.best_step == 12
     assert curves.test_metric == next(e["accuracy"] for e in many if e["event"] == "test")
 
-    one = read_events(build_classification_run(tmp_path / "one", epochs=1))
-    curves = curves_from_events(one, "accuracy")
-    assert curves.x_label == "optimizer step"
-    assert len(curves.train) == sum(e["event"] == "train" for e in one) > 1
-    assert len(curves.validation) == 1
+    # a run that logged no train step (log_every beyond its steps) still has its epoch losses
+    epochs_only = [e for e in many if e["event"] in ("epoch", "test")]
+    curves = curves_from_events(epochs_only, "accuracy")
+    epochs = [e for e in many if e["event"] == "epoch"]
+    assert curves.train == [(e["step"], e["train_loss"]) for e in epochs]
+    assert curves.validation == [(e["step"], e["val_loss"]) for e in epochs]
+
+
+def test_per_class_scores_from_the_confusion_matrix() -> None:
+    scores = per_class_scores([[8, 2], [4, 6]], ["neg", "pos"])
+    neg, pos = scores
+    assert neg == {"label": "neg", "precision": 8 / 12, "recall": 0.8,
+                   "f1": pytest.approx(2 * (8 / 12) * 0.8 / (8 / 12 + 0.8)), "support": 10}  # fmt: skip
+    assert pos["precision"] == 0.75 and pos["recall"] == 0.6 and pos["support"] == 10
+    never_predicted = per_class_scores([[5, 0], [5, 0]], ["a", "b"])[1]
+    assert never_predicted["precision"] == 0.0 and never_predicted["f1"] == 0.0
 
 
 def test_confusion_matrix_plot(run_dir: Path) -> None:
@@ -451,6 +470,11 @@ def test_report_is_self_contained_and_complete(run_dir: Path) -> None:
     assert "r &lt;= 0 &amp; &lt;script&gt; are rejected" in page  # config verbatim, escaped
     assert "<script>" not in page
     assert environment["torch"] in page and environment["data_fingerprint"] in page
+    per_class = page[page.index('id="confusion"') :]
+    for row in summary["per_class"]:
+        assert f"<td>{row['label']}</td>" in per_class
+    assert "precision" in per_class and "recall" in per_class and "F1" in per_class
+    assert f"chosen: step {summary['best_step']}" in page
 
 
 def test_causal_lm_report_shows_perplexity(tmp_path: Path) -> None:
@@ -511,6 +535,30 @@ def test_sweep_table_plots_and_page(tmp_path: Path) -> None:
     for link in links:
         assert (sweep_dir / link.replace("%3D", "=")).is_file()
     assert page.count('class="failed"') == 1
+
+    # the best run is chosen by validation, and the page says which gaps are noise
+    best = max(ok, key=lambda row: float(row["val_accuracy"]))
+    chosen = page[page.index('id="best"') : page.index('id="runs"')]
+    assert "by validation accuracy" in chosen
+    assert f"r={best['r']}, lora_alpha={float(best['lora_alpha']):g}" in chosen
+    n, p = int(best["test_examples"]), float(best["test_accuracy"])
+    assert f"{100 * math.sqrt(p * (1 - p) / n):.2f} points" in chosen and "within noise" in chosen
+
+
+def test_sweep_over_seeds_shows_their_spread(tmp_path: Path) -> None:
+    rows = []
+    for r in (1, 4):
+        for seed in (0, 1, 2):
+            run = build_classification_run(
+                tmp_path / f"r={r}-seed={seed}", r=r, epochs=1, seed=seed
+            )
+            rows.append({"r": r, "seed": seed} | collect_run_summary(run))
+    write_sweep_table(tmp_path, rows)
+    page = write_report(tmp_path).read_text()
+    spread = page[page.index('id="seeds"') :]
+    for r in (1, 4):
+        accuracies = [row["test_accuracy"] for row in rows if row["r"] == r]
+        assert f"{np.mean(accuracies):.4f} ± {np.std(accuracies, ddof=1):.4f}" in spread
 
 
 def test_sweep_errors_name_the_fix(tmp_path: Path) -> None:

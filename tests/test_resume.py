@@ -51,7 +51,8 @@ def reference(tiny_bert_dir, tmp_path_factory):
     with pytest.MonkeyPatch.context() as patch:
         patch.setenv("LORAKIT_CACHE", str(tmp_path_factory.getbasetemp() / "cache"))
         torch.set_num_threads(1)
-        api.train("sentiment", out=out, overrides=overrides(tiny_bert_dir))
+        keep = "train.keep_checkpoints_after_run=true"  # a finished run's are removed
+        api.train("sentiment", out=out, overrides=[*overrides(tiny_bert_dir), keep])
     return out
 
 
@@ -131,6 +132,7 @@ def test_sigkill_mid_epoch_then_resume_gives_the_same_adapter(reference, tiny_be
     )
     environment = json.loads((run / "environment.json").read_text())
     assert environment["resumed_from"] == newest.name and environment["finished"]
+    assert not (run / "checkpoints").exists()  # finished: nothing left to resume
 
     # TensorBoard, like metrics.jsonl, holds each step once: the stopped run's steps after the
     # checkpoint are purged

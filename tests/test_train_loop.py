@@ -176,3 +176,25 @@ def test_per_step_losses_and_evaluations_are_pinned(news):
     assert [loss for _, loss, _ in evals] == pytest.approx([e[1] for e in PINNED_EVALS], rel=1e-4)
     assert result.best_step == 4 and result.best_metrics["accuracy"] == 0.35
     assert evaluate(model, val)["accuracy"] == 0.35
+
+
+def test_console_shows_the_logged_mean_loss_and_says_so(news, capsys):
+    model, train, val = make(news)
+    config = TrainConfig(epochs=1, lr=1e-2, log_every=5)
+    result = train_loop(model, train, val, config, seed=0, desc="news")
+    lines = [line for line in capsys.readouterr().out.splitlines() if " loss " in line]
+    logged = [e for e in result.history if e["event"] == "train"]
+    assert len(lines) == len(logged) + 1  # every logged step, and the last step (13 of 13)
+    for line, event in zip(lines, logged, strict=False):
+        assert line.startswith(f"news: step {event['step']}/13 loss {event['loss']:.4g} ")
+        assert "(mean of the last 5 steps)" in line
+    assert lines[-1].startswith("news: step 13/13 ") and "(mean of the last 3 steps)" in lines[-1]
+
+
+def test_resume_says_where_it_continues(news, tmp_path, capsys):
+    config = TrainConfig(epochs=1, lr=1e-2, checkpoint_every=5)
+    model, train, val = make(news)
+    train_loop(model, train, val, config, seed=0, checkpoint_dir=tmp_path, show_progress=False)
+    model, train, val = make(news)
+    train_loop(model, train, val, config, seed=0, desc="news", resume=tmp_path / "step-10")
+    assert "news: resuming from step 10 of 13\n" in capsys.readouterr().out

@@ -5,6 +5,7 @@ import lorakit.api as lk
 summary = lk.train("classic", overrides=["train.epochs=3"])   # a recipe name or a .toml path
 lk.evaluate("runs/classic-...", split="test")                 # {"accuracy", "loss", ...}
 lk.predict("runs/classic-...", ["A lacklustre movie."])       # [{"label", "probabilities"}]
+lk.Predictor("runs/classic-...").predict(texts)               # loaded once, for many calls
 lk.list_recipes()                                             # {name: description}
 lk.sweep("classic", {"r": [2, 8]})                            # {"succeeded", ..., "sweep_dir"}
 lk.merge("runs/classic-...", "merged/")                       # a standalone model folder
@@ -36,6 +37,7 @@ from lorakit.rundir import read_run_summary
 __all__ = [
     "DEFAULT_RECIPE",
     "ConfigError",
+    "Predictor",
     "dry_run",
     "evaluate",
     "generate",
@@ -59,6 +61,8 @@ def _finished_run(run_dir: str | Path) -> tuple[Path, Config, dict[str, Any]]:
     """A finished run's folder, config and summary (a damaged summary.json: one clean error
     before any work)."""
     run_dir = Path(run_dir)
+    if (run_dir / "config.toml").is_file() and not (run_dir / "summary.json").exists():
+        raise ConfigError(_unfinished(run_dir))
     for name in ("config.toml", "summary.json", "adapter"):
         if not (run_dir / name).exists():
             raise ConfigError(
@@ -67,6 +71,18 @@ def _finished_run(run_dir: str | Path) -> tuple[Path, Config, dict[str, Any]]:
             )
     summary = read_run_summary(run_dir)
     return run_dir, load_config(run_dir / "config.toml"), summary
+
+
+def _unfinished(run_dir: Path) -> str:
+    """What to do with a run that started and has no summary.json: resume it, or train again."""
+    from lorakit.train.checkpoint import latest_checkpoint
+
+    stopped = f"{run_dir} is a run that did not finish (no summary.json)"
+    if latest_checkpoint(run_dir / "checkpoints") is not None:
+        return (f"{stopped}; if it is not still training, continue it with "
+                f"`lorakit train --resume {run_dir}`")  # fmt: skip
+    return (f"{stopped} and holds no checkpoint to resume from; train it again with "
+            f"`lorakit train {run_dir / 'config.toml'} --out NEW_DIR`")  # fmt: skip
 
 
 def load_predictor(run_dir: str | Path):
@@ -88,19 +104,41 @@ def _evaluated(run_dir: str | Path) -> tuple[DataConfig, float | None]:
     return config.data, summary.get("test_accuracy")
 
 
+class Predictor:
+    """A finished run's model, loaded once, for as many texts and calls as needed::
+
+    predictor = Predictor("runs/sentiment-...")
+    predictor.predict(["A moving film."])   # [{"label", "probability", "probabilities"}]
+    """
+
+    def __init__(self, run_dir: str | Path):
+        self.run_dir = Path(run_dir)
+        self.model = load_predictor(run_dir)
+        self.labels: list[str] = list(self.model.labels)
+
+    def predict_proba(self, texts: Sequence[str]) -> np.ndarray:
+        """(texts, labels) of probabilities, in the order of ``labels``."""
+        if not texts:
+            return np.zeros((0, len(self.labels)), dtype=np.float32)
+        return self.model.predict_proba(list(texts))
+
+    def predict(self, texts: Sequence[str]) -> list[dict[str, Any]]:
+        """For each text: the predicted ``label``, its ``probability`` and all ``probabilities``."""
+        results = []
+        for row in self.predict_proba(texts):
+            best = int(np.argmax(row))
+            results.append({
+                "label": self.labels[best],
+                "probability": float(row[best]),
+                "probabilities": {name: float(p) for name, p in zip(self.labels, row, strict=True)},
+            })  # fmt: skip
+        return results
+
+
 def predict(run_dir: str | Path, texts: Sequence[str]) -> list[dict[str, Any]]:
-    """For each text: the predicted ``label``, its ``probability`` and all ``probabilities``."""
-    predictor = load_predictor(run_dir)
-    probabilities = predictor.predict_proba(list(texts))
-    results = []
-    for row in probabilities:
-        best = int(np.argmax(row))
-        results.append({
-            "label": predictor.labels[best],
-            "probability": float(row[best]),
-            "probabilities": {name: float(p) for name, p in zip(predictor.labels, row, strict=True)},
-        })  # fmt: skip
-    return results
+    """For each text: the predicted ``label``, its ``probability`` and all ``probabilities``
+    (loads the run each call; ``Predictor`` loads it once)."""
+    return Predictor(run_dir).predict(texts)
 
 
 def evaluate(run_dir: str | Path, data: str | None = None, split: str = "test") -> dict[str, Any]:

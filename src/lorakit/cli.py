@@ -5,6 +5,9 @@ from __future__ import annotations
 import json
 import math
 import sys
+import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Annotated
 
@@ -276,7 +279,7 @@ def report(
 
 
 def expand_set_options(argv: list[str]) -> list[str]:
-    """``--set a=1 b=2`` (INTERFACE.md's form) -> ``--set a=1 --set b=2`` for the parser."""
+    """``--set a=1 b=2`` (docs/run-directory.md's form) -> ``--set a=1 --set b=2`` for the parser."""
     expanded: list[str] = []
     in_set = False
     for arg in argv:
@@ -293,11 +296,33 @@ def expand_set_options(argv: list[str]) -> list[str]:
     return expanded
 
 
+@contextmanager
+def lorakit_warnings_on_one_line() -> Iterator[None]:
+    """lorakit's own warnings (``DataWarning``, ``FingerprintWarning`` ...) shown as its errors
+    are, one line naming the fix, without Python's file, line and source; others as Python
+    shows them."""
+    package = str(Path(__file__).resolve().parent)
+    python_format = warnings.formatwarning
+
+    def one_line(message, category, filename, lineno, line=None) -> str:
+        ours = category.__module__.startswith("lorakit") or str(filename).startswith(package)
+        if ours:
+            return f"warning: {message}\n"
+        return python_format(message, category, filename, lineno, line)
+
+    warnings.formatwarning = one_line
+    try:
+        yield
+    finally:
+        warnings.formatwarning = python_format
+
+
 def main(argv: list[str] | None = None) -> int:
     """The ``lorakit`` entry point."""
     argv = expand_set_options(sys.argv[1:] if argv is None else list(argv))
     try:
-        code = app(args=argv, standalone_mode=False)  # a command's typer.Exit(n) comes back as n
+        with lorakit_warnings_on_one_line():
+            code = app(args=argv, standalone_mode=False)  # a command's Exit(n) comes back as n
     except api.user_errors() as err:
         typer.echo(f"error: {err}", err=True)
         return 2

@@ -235,6 +235,11 @@ class TrainConfig(_Section):
         200, ge=0, description="optimizer steps between checkpoints (RUN_DIR/checkpoints); 0 = off"
     )
     keep_checkpoints: int = Field(2, gt=0, description="the newest checkpoints kept")
+    keep_checkpoints_after_run: bool = Field(
+        False,
+        description="keep RUN_DIR/checkpoints when the run finishes; false: removed then, as "
+        "they serve only --resume",
+    )
 
     @field_validator("log_to", mode="before")
     @classmethod

@@ -12,7 +12,7 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
-from lorakit.config import Config, ConfigError, load_config, resolve_key
+from lorakit.config import Config, ConfigError, TrainConfig, load_config, resolve_key
 from lorakit.recipes import recipe_class, recipe_path
 from lorakit.rundir import RunDir, check_not_running, default_out, read_run_summary
 
@@ -61,15 +61,41 @@ def _file_columns(path: str, overrides: list[str]) -> list[str]:
 
 
 def dry_run(recipe_or_config: str | Path | None = None, overrides: Iterable[str] = ()) -> str:
-    """The resolved config as TOML, and the recipe's trainable-parameter report."""
+    """The resolved config as TOML, the data's sizes and the steps training will take, and the
+    recipe's trainable-parameter report."""
     from lorakit.config import to_toml
 
     config = resolve_config(recipe_or_config, overrides)
     text = to_toml(config)
-    report = recipe_class(config)(config).trainable_report()
+    recipe = recipe_class(config)(config)
+    plan = recipe.plan()
+    text += "\n# data and steps\n" + describe_plan(plan, config.train)
+    if "pretrain" in plan:
+        text += "\n" + describe_plan(plan["pretrain"], config.train, "pretrain: ")
+    report = recipe.trainable_report()
     if report:
         text += "\n# trainable parameters\n" + report
     return text
+
+
+def describe_plan(plan: dict[str, Any], train: TrainConfig, prefix: str = "") -> str:
+    """Two lines: examples per split; steps per epoch, epochs and steps in all."""
+    examples = ", ".join(f"{name} {count:,}" for name, count in plan["examples"].items())
+    batch = f"batch_size {plan['batch_size']}"
+    if plan["grad_accum_steps"] > 1:
+        batch += f", grad_accum_steps {plan['grad_accum_steps']}"
+    total = plan["total_steps"]
+    if plan["steps_per_epoch"] is None:
+        steps = f"{total:,} optimizer steps ({batch})"
+    else:
+        full = plan["steps_per_epoch"] * plan["epochs"]
+        steps = (f"{plan['steps_per_epoch']:,} per epoch x {plan['epochs']} epochs = {full:,} "
+                 f"optimizer steps ({batch})")  # fmt: skip
+        if total < full:
+            steps += f"; train.max_steps stops at {train.max_steps:,}"
+        if train.early_stopping_patience:
+            steps += f"; early stopping (patience {train.early_stopping_patience}) may end sooner"
+    return f"{prefix}examples: {examples}\n{prefix}steps: {steps}"
 
 
 def train(

@@ -16,6 +16,21 @@ class ModelError(ConfigError):
 
 
 @contextmanager
+def no_progress_bars() -> Iterator[None]:
+    """transformers' own bars ("Loading weights") off: loading a model is not a step a user
+    waits on or asked to see."""
+    from transformers.utils import logging as hf_logging
+
+    shown = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if shown:
+            hf_logging.enable_progress_bar()
+
+
+@contextmanager
 def loading_folder(source: str | Path) -> Iterator[None]:
     """``from_pretrained``'s failures on a local folder (a damaged config.json or tokenizer, no
     or truncated weights, an unknown model type) as one ModelError naming the folder."""

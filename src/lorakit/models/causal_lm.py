@@ -24,7 +24,7 @@ from transformers import (
 )
 
 from lorakit.data.causal import eos_id, pad_id, token_ids
-from lorakit.models import ModelError, loading_folder
+from lorakit.models import ModelError, loading_folder, no_progress_bars
 from lorakit.models.tiny_gpt2 import TINY_GPT2, cached_tiny_gpt2
 from lorakit.network import OfflineError, hub_reachable
 
@@ -55,7 +55,7 @@ def load_causal_lm(
     source, needs_hub = _resolve(name_or_path)
     local_only = needs_hub and not hub_reachable()
     try:
-        with loading_folder(source):
+        with loading_folder(source), no_progress_bars():
             tokenizer = AutoTokenizer.from_pretrained(source, local_files_only=local_only)
             model = AutoModelForCausalLM.from_pretrained(
                 source, dtype=dtype, local_files_only=local_only

@@ -17,7 +17,7 @@ import torch
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 from transformers.utils import logging as hf_logging
 
-from lorakit.models import loading_folder
+from lorakit.models import loading_folder, no_progress_bars
 from lorakit.network import OfflineError, hub_reachable
 
 MINILM = "minilm"
@@ -82,7 +82,7 @@ def load_sequence_classifier(
     verbosity = hf_logging.get_verbosity()
     hf_logging.set_verbosity_error()  # the "newly initialized: classifier" report is expected
     try:
-        with loading_folder(resolved):
+        with loading_folder(resolved), no_progress_bars():
             model = AutoModelForSequenceClassification.from_pretrained(
                 resolved,
                 num_labels=len(labels),

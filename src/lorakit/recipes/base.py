@@ -18,19 +18,20 @@ the run directory, the training result.
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from lorakit import lora
-from lorakit.config import Config, ConfigError, load_config
+from lorakit.config import Config, ConfigError, TrainConfig, load_config
 from lorakit.data import dataset_fingerprint, load_dataset
 from lorakit.recipes import runner
 from lorakit.rundir import RunDir, read_run_summary
 from lorakit.train import engines
-from lorakit.train.loop import TrainResult
-from lorakit.train.metrics import confusion_matrix, evaluate
+from lorakit.train.loop import TrainResult, planned_steps
+from lorakit.train.metrics import confusion_matrix, evaluate, per_class_scores
 
 
 def load_task_data(config: Config):
@@ -140,6 +141,16 @@ class Recipe:
         its folder (``--force``); it ends the ``--resume`` error."""
         return ""
 
+    def plan(self) -> dict[str, Any]:
+        """What a run trains on and for how long (``lorakit train --dry-run``): ``examples`` per
+        split, ``steps_per_epoch`` and ``total_steps`` (optimizer steps). Loads the data."""
+        self.load_data()
+        return plan_of(self.split_sizes(), self.config.train)
+
+    def split_sizes(self) -> dict[str, int]:
+        """Examples per split of the loaded data (train, validation, test)."""
+        raise NotImplementedError
+
     # ------------------------------------------------------------ a finished run
     def recall(self, run_dir: Path, summary: dict[str, Any]) -> None:
         """Take what loading the run back needs from its summary.json."""
@@ -177,12 +188,32 @@ class ClassificationRecipe(Recipe):
     def test(self, model: torch.nn.Module, loaders: dict) -> dict[str, Any]:
         return evaluate(model, loaders["test"])
 
-    def confusion_matrix(self, test: dict[str, Any]) -> list[list[int]]:
-        return confusion_matrix(test["labels"], test["predictions"], len(self.labels))
+    def split_sizes(self) -> dict[str, int]:
+        return {name: len(split) for name, split in self.data.items()}
+
+    def class_figures(self, test: dict[str, Any]) -> dict[str, Any]:
+        """summary.json's ``labels``, test ``confusion_matrix`` and ``per_class`` scores."""
+        matrix = confusion_matrix(test["labels"], test["predictions"], len(self.labels))
+        return {
+            "labels": self.labels,
+            "confusion_matrix": matrix,
+            "per_class": per_class_scores(matrix, self.labels),
+        }
 
     def recall(self, run_dir: Path, summary: dict[str, Any]) -> None:
         super().recall(run_dir, summary)
         self.labels = summary["labels"]
+
+
+def plan_of(examples: dict[str, int], train: TrainConfig) -> dict[str, Any]:
+    """A ``plan``: the splits' sizes and the loop's steps when it trains on ``examples["train"]``
+    in batches of ``train.batch_size``."""
+    per_epoch, total = planned_steps(math.ceil(examples["train"] / train.batch_size), train)
+    return {
+        "examples": examples, "batch_size": train.batch_size,
+        "grad_accum_steps": train.grad_accum_steps, "epochs": train.epochs,
+        "steps_per_epoch": per_epoch, "total_steps": total,
+    }  # fmt: skip
 
 
 def lora_report(name: str, model: torch.nn.Module) -> str:

@@ -317,6 +317,10 @@ class CausalLM(Recipe):
                 f"{summary['test_perplexity']:.2f}{extra} (best step {summary['best_step']}); "
                 f"adapter in {run_dir.adapter_dir}")  # fmt: skip
 
+    def split_sizes(self) -> dict[str, int]:
+        """Training examples: token blocks (packing) or one row a text."""
+        return {name: len(self.data["splits"][name]) for name in SPLITS}
+
     def trainable_report(self) -> str:
         """Loads the real model."""
         model, _ = load_causal_lm(ensure_base_model(self.config.model.name))

@@ -32,7 +32,7 @@ from lorakit.models.classic import (
     load_classic,
     save_classic,
 )
-from lorakit.recipes.base import ClassificationRecipe
+from lorakit.recipes.base import ClassificationRecipe, plan_of
 from lorakit.rundir import RunDir
 from lorakit.train import engines
 from lorakit.train.loop import train_loop
@@ -65,6 +65,14 @@ def _loaders(encoded: dict, train: TrainConfig, seed: int) -> dict[str, DataLoad
     }
 
 
+def pretrain_settings(config: Config) -> TrainConfig:
+    """The loop's settings for pretraining: ``train``'s, with ``pretrain``'s epochs, lr, batch."""
+    section = config.pretrain
+    return config.train.model_copy(
+        update={"epochs": section.epochs, "lr": section.lr, "batch_size": section.batch_size}
+    )
+
+
 def pretrain(config: Config, run_dir: RunDir, target_train_texts: list[str]) -> dict[str, Any]:
     """Train the base model on ``pretrain.data`` with every layer trainable; save it."""
     section = config.pretrain
@@ -77,9 +85,7 @@ def pretrain(config: Config, run_dir: RunDir, target_train_texts: list[str]) -> 
     model = TextClassifier(len(vocab), vectors.shape[1], len(labels), config.model.hidden)
     with torch.no_grad():
         model.embedding.weight.copy_(vectors)
-    train_config = config.train.model_copy(
-        update={"epochs": section.epochs, "lr": section.lr, "batch_size": section.batch_size}
-    )
+    train_config = pretrain_settings(config)
     loaders = _loaders(_encode(news, vocab, section.max_length), train_config, config.seed)
     result = train_loop(
         model, loaders["train"], loaders["validation"], train_config,
@@ -176,8 +182,7 @@ class Classic(ClassificationRecipe):
         return {
             "test_accuracy": test["accuracy"],
             "test_loss": test["loss"],
-            "labels": self.labels,
-            "confusion_matrix": self.confusion_matrix(test),
+            **self.class_figures(test),
             **checks,
             **self.pretrain_facts,
         }
@@ -211,6 +216,16 @@ class Classic(ClassificationRecipe):
             + "\n  ".join(lines)
             + f"\ntrainable {trainable:,} of {total:,}"
         )
+
+    def plan(self) -> dict[str, Any]:
+        """The transfer step's plan, with the pretraining's (``pretrain``) unless
+        ``model.pretrained`` names a base."""
+        plan = super().plan()
+        if not self.config.model.pretrained:
+            news = load_dataset(self.config.pretrain.data)
+            sizes = {name: len(split) for name, split in news.items()}
+            plan["pretrain"] = plan_of(sizes, pretrain_settings(self.config))
+        return plan
 
     # ------------------------------------------------------------ a finished run
     def recall(self, run_dir: Path, summary: dict[str, Any]) -> None:

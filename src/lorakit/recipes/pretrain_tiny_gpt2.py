@@ -79,6 +79,15 @@ class PretrainTinyGPT2(Recipe):
         self.corpus = load_dataset(settings.dataset)
         return dataset_fingerprint(self.corpus)
 
+    def plan(self) -> dict[str, Any]:
+        """Texts per split; ``pretrain.steps`` steps of random blocks (no epochs)."""
+        self.load_data()
+        return {
+            "examples": {name: len(split) for name, split in self.corpus.items()},
+            "batch_size": self.settings.batch_size, "grad_accum_steps": 1, "epochs": None,
+            "steps_per_epoch": None, "total_steps": self.settings.steps,
+        }  # fmt: skip
+
     @classmethod
     def run(cls, config: Config, run_dir: RunDir, resume: Path | None = None) -> dict[str, Any]:
         """Pretrain into RUN_DIR/model; summary.json holds the held-out test perplexity."""
@@ -108,7 +117,8 @@ def pretrain(config: Config, run_dir: RunDir, settings: TinyGPT2Settings, corpus
         run_dir.log("train", step=event["step"], epoch=None, time=round(event["seconds"], 3),
                     loss=event["loss"], lr=event["lr"])  # fmt: skip
         print(f"{config.recipe}: step {event['step']}/{settings.steps} loss {event['loss']:.3f} "
-              f"({event['seconds']:.0f} s)", flush=True)  # fmt: skip
+              f"(mean of the last {event['window']} steps; {event['seconds']:.0f} s)",
+              flush=True)  # fmt: skip
 
     result = pretrain_tiny_gpt2(
         model_dir, corpus["train"]["text"], corpus["validation"]["text"],
@@ -247,6 +257,7 @@ def pretrain_tiny_gpt2(
                     {
                         "step": step,
                         "loss": running / n,
+                        "window": n,
                         "lr": schedule.get_last_lr()[0],
                         "seconds": time.perf_counter() - start,
                     }
@@ -277,7 +288,7 @@ def pretrain_tiny_gpt2(
 def _print_progress(event: dict) -> None:
     print(
         f"tiny-gpt2 pretraining: step {event['step']} loss {event['loss']:.3f} "
-        f"({event['seconds']:.0f} s)",
+        f"(mean of the last {event['window']} steps; {event['seconds']:.0f} s)",
         file=sys.stderr,
         flush=True,
     )

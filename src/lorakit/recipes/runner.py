@@ -11,6 +11,7 @@ A recipe that trains no adapter (pretraining a base model) runs its own middle b
 
 from __future__ import annotations
 
+import shutil
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -93,9 +94,13 @@ def train(
 
 
 def finish(recipe: Recipe, run_dir: RunDir, summary: dict[str, Any]) -> dict[str, Any]:
-    """Write summary.json, close environment.json, draw the reports, print the closing line."""
+    """Write summary.json, close environment.json, drop the checkpoints (a finished run cannot
+    resume) unless ``train.keep_checkpoints_after_run``, draw the reports, print the closing
+    line."""
     run_dir.write_summary(summary)
     run_dir.finish_environment()
+    if not recipe.config.train.keep_checkpoints_after_run:
+        shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)
     write_reports(run_dir.path)
     line = recipe.closing_line(summary, run_dir)
     if line:
@@ -113,7 +118,7 @@ def run_summary(
     adapter_bytes: int,
     base_model_bytes: int | None,
 ) -> dict:
-    """The summary.json keys every recipe shares (INTERFACE.md); each adds its own figures."""
+    """The summary.json keys every recipe shares (docs/run-directory.md); each adds its own figures."""
     return {
         "recipe": config.recipe,
         "task": config.task,

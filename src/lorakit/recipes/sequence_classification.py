@@ -114,8 +114,7 @@ class SequenceClassification(ClassificationRecipe):
             "test_loss": test["loss"],
             "trainable_percent": round(100 * trainable / total, 4),
             "steps": result.steps,
-            "labels": self.labels,
-            "confusion_matrix": self.confusion_matrix(test),
+            **self.class_figures(test),
             **checks,
         }
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 import base64
 import json
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from datetime import UTC, datetime
 from html import escape
 from pathlib import Path
@@ -31,7 +31,17 @@ from .runfiles import (
     read_summary,
     write_atomically,
 )
-from .sweep import format_value, grid_keys, plot_sweep, read_sweep_table, sweep_metric
+from .sweep import (
+    format_value,
+    grid_keys,
+    lower_is_better,
+    plot_sweep,
+    read_sweep_table,
+    seed_spread,
+    selection_column,
+    sweep_metric,
+    test_noise,
+)
 
 STYLE = """
 :root { --ink: #1c2430; --muted: #5b6675; --line: #e3e7ed; --accent: #1f6feb; --bg: #f6f8fa; }
@@ -53,6 +63,9 @@ section h2 { margin: 0 0 12px; font-size: 18px; }
 img.plot { display: block; max-width: 100%; height: auto; margin: 0 auto; }
 img.plot.half { max-width: 760px; margin-bottom: 12px; }
 img.plot.square { max-width: 620px; }
+.beside { display: flex; flex-wrap: wrap; gap: 18px; align-items: flex-start; }
+.beside > img.plot { margin: 0; flex: 1 1 420px; min-width: 0; }
+.beside > .scroll { flex: 1 1 320px; }
 table { border-collapse: collapse; width: 100%; font-size: 14px; }
 th, td { text-align: left; padding: 6px 10px; border-bottom: 1px solid var(--line);
   vertical-align: top; }
@@ -244,14 +257,50 @@ def _efficiency(summary: dict[str, Any]) -> str:
     return "\n".join(parts) + legend
 
 
-def _plot_section(title: str, section_id: str, plot: Any, run_dir: Path, size: str = "") -> str:
+def _plot_section(
+    title: str, section_id: str, plot: Any, run_dir: Path, body: Callable[[Path], str]
+) -> str:
+    """A section showing ``body(plot(run_dir))``; a ReportError as its note; none without a plot."""
     try:
         path = plot(run_dir)
     except ReportError as error:
         return _section(title, _note(str(error)), section_id)
-    if path is None:
-        return ""
-    return _section(title, _image(path, title, size), section_id)
+    return "" if path is None else _section(title, body(path), section_id)
+
+
+def _curves(run_dir: Path, summary: dict[str, Any]) -> str:
+    """The training curves, and what their marks mean."""
+    caption = "Every logged step (the training loss is the mean since the previous one)"
+    caption += " and every evaluation; dotted lines: ends of epochs."
+    if summary.get("best_step") is not None:
+        caption += f" Dashed line: the weights the run kept (chosen: step {summary['best_step']}"
+        figures = summary.get("best_validation") or {}
+        shown = ", ".join(f"{k.replace('_', ' ')} {format_value(v)}" for k, v in figures.items())
+        caption += f", validation {shown})." if shown else ")."
+    title = "Training curves"
+    return _plot_section(title, "curves", plot_loss_accuracy, run_dir,
+                         lambda path: _image(path, title) + _note(caption))  # fmt: skip
+
+
+def _per_class(scores: list[dict[str, Any]]) -> str:
+    """Each class's precision, recall and F1 (summary.json's ``per_class``), and their mean."""
+    rows = [{"class": str(row["label"]), **row} for row in scores]
+    macro = {k: sum(r[k] for r in scores) / len(scores) for k in ("precision", "recall", "f1")}
+    rows.append({"class": "macro average", **macro, "support": sum(r["support"] for r in scores)})
+    return html_table(["class", "precision", "recall", "F1", "support"],
+                      [{**row, "F1": row["f1"]} for row in rows])  # fmt: skip
+
+
+def _confusion(run_dir: Path, summary: dict[str, Any]) -> str:
+    """The test confusion matrix, with each class's precision, recall and F1 beside it."""
+    title, scores = "Confusion matrix (test)", summary.get("per_class")
+
+    def body(path: Path) -> str:
+        if not scores:
+            return _image(path, title, "square")
+        return f'<div class="beside">{_image(path, title)}{_per_class(scores)}</div>'
+
+    return _plot_section(title, "confusion", plot_confusion_matrix, run_dir, body)
 
 
 def _comparison(run_dir: Path) -> str:
@@ -292,12 +341,8 @@ def run_report_html(run_dir: Path) -> str:
         )
     else:
         sections.append(_section("Summary", _summary_cards(summary), "summary"))
-    sections.append(_plot_section("Training curves", "curves", plot_loss_accuracy, run_dir))
-    sections.append(
-        _plot_section(
-            "Confusion matrix (test)", "confusion", plot_confusion_matrix, run_dir, "square"
-        )
-    )
+    sections.append(_curves(run_dir, summary or {}))
+    sections.append(_confusion(run_dir, summary or {}))
     if summary is not None:
         sections.append(_section("Parameter efficiency", _efficiency(summary), "efficiency"))
     sections.append(_comparison(run_dir))
@@ -338,6 +383,23 @@ def _run_link(sweep_dir: Path, run_dir_value: Any) -> Markup | str:
     return Markup(f'<a href="{escape(href)}">{escape(run_dir.name)}</a>')
 
 
+def _best_run(table, best: dict[str, Any], keys: list[str], metric: str, chosen_by: str) -> str:
+    """Which run is best and by what (validation, as a run chooses its checkpoint), its test
+    figure, and how much of the differences is noise."""
+    if "seed" in table.columns and table["seed"].nunique() > 1:
+        keys = [*keys, "seed"]
+    described = ", ".join(f"{k}={format_value(best[k])}" for k in keys)
+    by = chosen_by.replace("val_", "validation ", 1).replace("_", " ")
+    test = metric.replace("_", " ")
+    html = (f"<p><b>{escape(described)}</b>, chosen by {escape(by)} "
+            f"{escape(format_value(best[chosen_by]))}: {escape(test)} "
+            f"{escape(format_value(best[metric]))}.</p>")  # fmt: skip
+    if chosen_by == metric:
+        html += _note(f"These runs recorded no validation figures, so the choice is by {test}.")
+    noise = test_noise(table, metric, best)
+    return html + (_note(noise) if noise else "")
+
+
 def sweep_report_html(sweep_dir: Path) -> str:
     """The HTML page for a sweep folder: table, plots, and links to each run's report."""
     table = read_sweep_table(sweep_dir)
@@ -348,16 +410,19 @@ def sweep_report_html(sweep_dir: Path) -> str:
         for row in table.to_dict(orient="records")
     ]
     ok = [r for r in rows if r["status"] == "ok" and r.get(metric) is not None]
+    chosen_by = selection_column(table, metric)
+    candidates = [r for r in ok if r.get(chosen_by) is not None]
     best = None
-    if ok:
-        pick = min if "perplexity" in metric else max
-        best = pick(ok, key=lambda r: r[metric])
+    if candidates:
+        pick = min if lower_is_better(chosen_by) else max
+        best = pick(candidates, key=lambda r: r[chosen_by])
     classes = ["failed" if r["status"] != "ok" else "best" if r is best else "" for r in rows]
     for row in rows:
         row["report"] = _run_link(sweep_dir, row.get("run_dir"))
     keys = grid_keys(list(table.columns))
     # the page shows what compares runs; sweep.csv keeps every column
-    shown = ["status", "report", metric, "test_loss", "trainable_params", "trainable_percent"]
+    shown = ["status", "report", metric, "test_loss", chosen_by, "trainable_params"]
+    shown += ["trainable_percent"]
     shown += ["train_seconds", "error"]
     columns = keys + [c for c in shown if c == "report" or c in table.columns]
 
@@ -369,12 +434,16 @@ def sweep_report_html(sweep_dir: Path) -> str:
     )
     sections = []
     if best is not None:
-        described = ", ".join(f"{k}={format_value(best[k])}" for k in keys)
-        value = format_value(best[metric])
         sections.append(
-            _section("Best run", f"<p><b>{escape(described)}</b>: {metric} {value}</p>", "best")
+            _section("Best run", _best_run(table, best, keys, metric, chosen_by), "best")
         )
     sections.append(_section("Runs", html_table(columns, rows, classes), "runs"))
+    spread = seed_spread(table, metric)
+    if spread:
+        note = _note("What the seed alone changes: the same setting, trained with each seed.")
+        sections.append(
+            _section("Seed spread", html_table(list(spread[0]), spread) + note, "seeds")
+        )
     body = "\n".join(_image(p, p.stem.replace("_", " "), "half") for p in plots) or _note(
         "No run succeeded, so there is nothing to plot."
     )

@@ -1,5 +1,8 @@
 """A run's plots: loss and accuracy (or perplexity) curves, and the confusion matrix.
 
+The curves are drawn at every logged step of ``metrics.jsonl`` (``train`` and ``eval`` events),
+with the ends of epochs and the chosen checkpoint (summary.json's ``best_step``) marked.
+
 Figures are drawn on matplotlib's Agg canvas through `matplotlib.figure.Figure`, never pyplot,
 so no window opens and no global figure state is touched.
 """
@@ -43,7 +46,7 @@ def save_figure(figure: Figure, path: Path, dpi: int = 110) -> Path:
 
 @dataclass
 class Curves:
-    """The series drawn in `loss_accuracy.png`, on one x axis (epochs or steps)."""
+    """The series drawn in `loss_accuracy.png`, against optimizer steps."""
 
     x_label: str
     metric: str  # "accuracy", "perplexity" or "verdict_accuracy"
@@ -51,6 +54,8 @@ class Curves:
     validation: list[tuple[float, float]] = field(default_factory=list)
     validation_metric: list[tuple[float, float]] = field(default_factory=list)
     test_metric: float | None = None
+    epoch_ends: list[float] = field(default_factory=list)  # the steps at which epochs ended
+    best_step: int | None = None  # the checkpoint the run kept
 
 
 def metric_name(events: list[dict[str, Any]], summary: dict[str, Any] | None) -> str:
@@ -73,29 +78,25 @@ def _points(events: list[dict[str, Any]], x_key: str, y_key: str) -> list[tuple[
     ]
 
 
-def curves_from_events(events: list[dict[str, Any]], metric: str) -> Curves:
-    """Per epoch when the run has at least two epoch events, else per logged step and eval."""
+def curves_from_events(
+    events: list[dict[str, Any]], metric: str, best_step: int | None = None
+) -> Curves:
+    """Every logged step's training loss and every evaluation, against the step; a run that
+    logged none has its epoch events' figures instead."""
     epochs = [e for e in events if e["event"] == "epoch"]
-    if len(epochs) >= 2:
-        curves = Curves(
-            x_label="epoch",
-            metric=metric,
-            train=_points(epochs, "epoch", "train_loss"),
-            validation=_points(epochs, "epoch", "val_loss"),
-            validation_metric=_points(epochs, "epoch", f"val_{metric}"),
-        )
-    else:
-        trains = [e for e in events if e["event"] == "train"]
-        evals = [
-            e for e in events if e["event"] == "eval" and e.get("split", "validation") != "test"
-        ]
-        curves = Curves(
-            x_label="optimizer step",
-            metric=metric,
-            train=_points(trains, "step", "loss"),
-            validation=_points(evals, "step", "loss"),
-            validation_metric=_points(evals, "step", metric),
-        )
+    trains = [e for e in events if e["event"] == "train"]
+    evals = [e for e in events if e["event"] == "eval" and e.get("split", "validation") != "test"]
+    curves = Curves(
+        x_label="optimizer step",
+        metric=metric,
+        train=_points(trains, "step", "loss") or _points(epochs, "step", "train_loss"),
+        validation=_points(evals, "step", "loss") or _points(epochs, "step", "val_loss"),
+        validation_metric=(
+            _points(evals, "step", metric) or _points(epochs, "step", f"val_{metric}")
+        ),
+        epoch_ends=[float(e["step"]) for e in epochs if e.get("step") is not None],
+        best_step=best_step,
+    )
     tests = [e for e in events if e["event"] == "test" and e.get(metric) is not None]
     if tests:
         curves.test_metric = float(tests[-1][metric])
@@ -110,16 +111,33 @@ def _draw_series(axes: Any, points: list[tuple[float, float]], label: str, colou
     axes.plot(xs, ys, label=label, color=colour, marker=marker, markersize=4, linewidth=1.8)
 
 
+def _draw_marks(axes: Any, curves: Curves, metric_axes: bool) -> None:
+    """Dotted lines where epochs ended; a dashed one at the chosen checkpoint, with a star on its
+    validation figure."""
+    for step in curves.epoch_ends[:-1]:  # the last epoch's end is the right edge
+        axes.axvline(step, color="#adb5bd", linestyle=":", linewidth=0.9)
+    if curves.best_step is None:
+        return
+    label = f"chosen: step {curves.best_step}"
+    axes.axvline(curves.best_step, color="#495057", linestyle="--", linewidth=1.1, label=label)
+    at_best = [y for x, y in curves.validation_metric if x == curves.best_step]
+    if metric_axes and at_best:
+        axes.plot([curves.best_step], at_best[-1:], marker="*", markersize=13,
+                  color=VALIDATION_COLOUR, markeredgecolor="#1a1a1a", linestyle="none")  # fmt: skip
+
+
 def _draw_nothing_yet(axes: Any, message: str) -> None:
     axes.text(0.5, 0.5, message, ha="center", va="center", transform=axes.transAxes, color="#666")
 
 
 def plot_loss_accuracy(run_dir: str | os.PathLike[str]) -> Path:
     """Write `plots/loss_accuracy.png`: loss (train, validation) and validation accuracy or
-    perplexity, per epoch (or per eval when the run has fewer than two epochs)."""
+    perplexity at every logged step, epochs and the chosen checkpoint marked."""
     run_dir = existing_dir(run_dir)
     events = read_metrics(run_dir)
-    curves = curves_from_events(events, metric_name(events, read_summary(run_dir)))
+    summary = read_summary(run_dir)
+    best_step = summary.get("best_step") if summary else None
+    curves = curves_from_events(events, metric_name(events, summary), best_step)
     if not (curves.train or curves.validation or curves.validation_metric):
         raise ReportError(
             f"{run_dir / METRICS_FILE} has no train, eval or epoch events with a loss to plot yet"
@@ -129,11 +147,13 @@ def plot_loss_accuracy(run_dir: str | os.PathLike[str]) -> Path:
     loss_axes, metric_axes = figure.subplots(1, 2)
     _draw_series(loss_axes, curves.train, "train", TRAIN_COLOUR)
     _draw_series(loss_axes, curves.validation, "validation", VALIDATION_COLOUR)
+    _draw_marks(loss_axes, curves, metric_axes=False)
     loss_axes.set_title("Loss")
     loss_axes.set_ylabel("cross-entropy loss")
     loss_axes.legend(frameon=False)
 
     _draw_series(metric_axes, curves.validation_metric, "validation", VALIDATION_COLOUR)
+    _draw_marks(metric_axes, curves, metric_axes=True)
     if curves.test_metric is not None:
         metric_axes.axhline(
             curves.test_metric, color=TEST_COLOUR, linestyle="--", linewidth=1.2, label="test"

@@ -1,6 +1,10 @@
 """A sweep's outputs: `sweep.csv`, `sweep.md`, and plots of the metric against trainable
 parameters and against r (one line per lora_alpha and other varied grid key).
 
+The best run is chosen as each run chose its checkpoint, on validation (summary.json's
+``best_validation``), never on test; `test_noise` says how large a test difference is noise
+(the binomial standard error of an accuracy), and `seed_spread` what the seeds alone change.
+
 The sweep runner trains each combination and hands its rows here; these functions only read
 run directories and the sweep folder's files.
 """
@@ -9,6 +13,7 @@ from __future__ import annotations
 
 import csv
 import io
+import math
 import os
 from pathlib import Path
 from typing import Any
@@ -32,11 +37,15 @@ from .runfiles import (
 METRIC_VS_PARAMS_PNG = "metric_vs_trainable_params.png"
 METRIC_VS_R_PNG = "metric_vs_r.png"
 METRIC_COLUMNS = ("test_accuracy", "test_perplexity")
+# best_validation's figures, as sweep columns
+VALIDATION_COLUMNS = ("val_accuracy", "val_verdict_accuracy", "val_perplexity", "val_loss")
 # Columns a sweep row carries besides its grid keys, in the order the table shows them.
 RESULT_COLUMNS = (
     "status",
     *METRIC_COLUMNS,
     "test_loss",
+    *VALIDATION_COLUMNS,
+    "test_examples",
     "trainable_params",
     "total_params",
     "trainable_percent",
@@ -65,6 +74,11 @@ def collect_run_summary(run_dir: str | os.PathLike[str]) -> dict[str, Any]:
     trainable, total = summary.get("trainable_params"), summary.get("total_params")
     if trainable is not None and total:
         row["trainable_percent"] = 100.0 * trainable / total
+    for key, value in (summary.get("best_validation") or {}).items():
+        if f"val_{key}" in VALIDATION_COLUMNS:
+            row[f"val_{key}"] = value
+    if summary.get("confusion_matrix"):
+        row["test_examples"] = sum(sum(counts) for counts in summary["confusion_matrix"])
     return row
 
 
@@ -174,6 +188,67 @@ def sweep_metric(table: pd.DataFrame) -> str:
         if column in ok.columns and ok[column].notna().any():
             return column
     return next(c for c in METRIC_COLUMNS if c in table.columns)
+
+
+def lower_is_better(column: str) -> bool:
+    return "perplexity" in column or column.endswith("loss")
+
+
+def selection_column(table: pd.DataFrame, metric: str) -> str:
+    """The column the best run is chosen by: the validation figure of ``metric``
+    (``val_accuracy`` for ``test_accuracy``) when the runs recorded it, else ``metric``."""
+    column = "val_" + metric.removeprefix("test_")
+    ok = table[table["status"] == "ok"]
+    return column if column in ok.columns and ok[column].notna().any() else metric
+
+
+def standard_error(accuracy: float, examples: int) -> float:
+    """The binomial standard error of an accuracy measured on ``examples``: sqrt(p(1-p)/n)."""
+    return math.sqrt(accuracy * (1 - accuracy) / examples)
+
+
+def test_noise(table: pd.DataFrame, metric: str, chosen: dict[str, Any]) -> str | None:
+    """A sentence on which test differences are noise, for an accuracy with ``test_examples``."""
+    examples = chosen.get("test_examples")
+    if "accuracy" not in metric or not examples or examples != examples:
+        return None
+    values = table.loc[table["status"] == "ok", metric].dropna()
+    error = standard_error(chosen[metric], int(examples))
+    near = int(((values - chosen[metric]).abs() < 2 * error).sum()) - 1
+    spread = 100 * (values.max() - values.min())
+    name = metric.replace("_", " ")
+    return (
+        f"The runs' {name} ranges from {values.min():.4f} to {values.max():.4f} (a spread of "
+        f"{spread:.2f} points). One binomial standard error of the chosen run's {name}, "
+        f"sqrt(p(1-p)/n) on {int(examples):,} test examples, is {100 * error:.2f} points: "
+        f"differences under about two ({200 * error:.2f} points) are within noise, and "
+        f"{near} of the {len(values) - 1} other runs are that close to it."
+    )
+
+
+def seed_spread(table: pd.DataFrame, metric: str) -> list[dict[str, Any]] | None:
+    """For a grid over ``seed``: each setting's mean ± standard deviation of ``metric`` over its
+    seeds, with the lowest and highest; None when the seed does not vary."""
+    ok = table[(table["status"] == "ok") & table[metric].notna()]
+    keys = grid_keys(list(table.columns))
+    # each run's seed (summary.json's, which a grid over `seed` sets)
+    seed = "seed" if "seed" in table.columns else _find_column(keys, "seed")
+    if seed is None or ok[seed].nunique() < 2:
+        return None
+    others = [k for k in _varied(ok, keys) if k != seed]
+    groups = ok.groupby(others, dropna=False, sort=True) if others else [((), ok)]
+    rows = []
+    for _, group in groups:
+        values = group[metric]
+        deviation = values.std() if len(values) > 1 else 0.0
+        rows.append({
+            "setting": _describe(group.iloc[0], others) or "every run",
+            "seeds": len(values),
+            f"{metric} mean ± std": f"{values.mean():.4f} ± {deviation:.4f}",
+            "lowest": float(values.min()),
+            "highest": float(values.max()),
+        })  # fmt: skip
+    return rows
 
 
 def _find_column(columns: list[str], name: str) -> str | None:

@@ -9,6 +9,9 @@ warns of keys it does not know in ``adapter_config.json``, so they are not there
 from __future__ import annotations
 
 import json
+import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -44,7 +47,8 @@ def _peft_model(model: torch.nn.Module, config: lora.LoraConfig) -> torch.nn.Mod
     # lorakit's check refuses that first, with the same message for both engines
     lora.modules_to_save_names(model, config)
     try:
-        return peft.get_peft_model(model, peft.LoraConfig(**config.to_dict()))
+        with _peft_quietly():
+            return peft.get_peft_model(model, peft.LoraConfig(**config.to_dict()))
     except ValueError as err:
         # PEFT's message does not say which layers could be targeted; lorakit's does
         lora.find_targets(model, config)
@@ -103,8 +107,20 @@ def load(model: torch.nn.Module, directory: str | Path, engine: str = "lorakit")
     if engine == "peft":
         import peft
 
-        return peft.PeftModel.from_pretrained(model, str(directory))
+        with _peft_quietly():
+            return peft.PeftModel.from_pretrained(model, str(directory))
     return lora.load_adapter(model, directory)
+
+
+@contextmanager
+def _peft_quietly() -> Iterator[None]:
+    """PEFT asks transformers models for ``is_gradient_checkpointing``, which transformers 5
+    deprecates with a FutureWarning on every call: PEFT's to fix, not the user's."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings(
+            "ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning
+        )
+        yield
 
 
 def folder_bytes(directory: str | Path) -> int:

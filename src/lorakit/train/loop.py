@@ -82,18 +82,24 @@ def make_accelerator(train: TrainConfig) -> Accelerator:
 class _Progress:
     """tqdm on a terminal; plain periodic lines otherwise (CI logs)."""
 
-    def __init__(self, total: int, desc: str, every: int, enabled: bool):
+    def __init__(self, total: int, desc: str, enabled: bool):
         self.tty = enabled and sys.stdout.isatty()
-        self.enabled, self.every, self.total, self.desc = enabled, every, total, desc
+        self.enabled, self.total, self.desc = enabled, total, desc
         self.bar = tqdm(total=total, desc=desc, file=sys.stdout) if self.tty else None
 
-    def update(self, step: int, **shown: float) -> None:
+    def update(self, step: int, lr: float, loss: float | None = None, window: int = 0) -> None:
+        """One optimizer step done. ``loss``, when given, is the mean over the last ``window``
+        steps (what metrics.jsonl logs as ``loss``), and is shown saying so."""
+        if loss is None:
+            if self.bar is not None:
+                self.bar.update(1)
+            return
+        mean = f"{loss:.4g} (mean of the last {window} steps)"
         if self.bar is not None:
             self.bar.update(1)
-            self.bar.set_postfix({k: f"{v:.4g}" for k, v in shown.items()}, refresh=False)
-        elif self.enabled and (step % self.every == 0 or step == self.total):
-            figures = " ".join(f"{k} {v:.4g}" for k, v in shown.items())
-            print(f"{self.desc}: step {step}/{self.total} {figures}", flush=True)
+            self.bar.set_postfix_str(f"loss {mean}, lr {lr:.4g}", refresh=False)
+        elif self.enabled:
+            print(f"{self.desc}: step {step}/{self.total} loss {mean} lr {lr:.4g}", flush=True)
 
     def skip_to(self, step: int) -> None:
         """Start the bar at ``step`` (a resumed run)."""
@@ -162,9 +168,13 @@ class RunningLoss:
     def epoch_mean(self) -> float:
         return self.epoch_loss / max(self.epoch_batches, 1)
 
+    def log_mean(self) -> float:
+        """The mean since the last ``take_log_mean``."""
+        return self.log_loss / max(self.log_batches, 1)
+
     def take_log_mean(self) -> float:
         """The mean since the last call, which starts the next window."""
-        mean = self.log_loss / self.log_batches
+        mean = self.log_mean()
         self.log_loss, self.log_batches = 0.0, 0
         return mean
 
@@ -226,6 +236,14 @@ def parameter_groups(model: torch.nn.Module, lr: float, lora_plus_ratio: float =
     ]  # fmt: skip
 
 
+def planned_steps(batches_per_epoch: int, config: TrainConfig) -> tuple[int, int]:
+    """(optimizer steps per epoch, steps in all) of a run whose epoch is ``batches_per_epoch``
+    training batches: one step per ``grad_accum_steps`` batches, ``max_steps`` at most."""
+    per_epoch = math.ceil(batches_per_epoch / config.grad_accum_steps)
+    total = per_epoch * config.epochs
+    return per_epoch, min(total, config.max_steps) if config.max_steps else total
+
+
 def train_loop(
     model: torch.nn.Module,
     train_loader: torch.utils.data.DataLoader,
@@ -279,10 +297,7 @@ class _Trainer:
         groups = parameter_groups(model, config.lr, config.lora_plus_ratio)
         self.params = [p for group in groups for p in group["params"]]
         optimizer = torch.optim.AdamW(groups, lr=config.lr, weight_decay=config.weight_decay)
-        self.steps_per_epoch = math.ceil(len(train_loader) / config.grad_accum_steps)
-        self.total = self.steps_per_epoch * config.epochs
-        if config.max_steps:
-            self.total = min(self.total, config.max_steps)
+        self.steps_per_epoch, self.total = planned_steps(len(train_loader), config)
         scheduler = get_linear_schedule_with_warmup(
             optimizer, round(config.warmup_ratio * self.total), max(self.total, 1)
         )
@@ -300,7 +315,7 @@ class _Trainer:
         self.epoch_start: dict[str, torch.Tensor] = {}  # what decides the epoch's batch order
         self.restored: ckpt.Checkpoint | None = None  # until the resumed epoch has started
         self.history: list[dict[str, Any]] = []
-        self.progress = _Progress(self.total, desc, config.log_every, show_progress)
+        self.progress = _Progress(self.total, desc, show_progress)
         self.started = time.monotonic()
 
     @property
@@ -318,7 +333,7 @@ class _Trainer:
                 if not self.accelerator.sync_gradients:
                     continue  # accumulating: the optimizer steps every grad_accum_steps batches
                 self.state.step += 1
-                self.after_step(loss)
+                self.after_step()
                 if self.finished:
                     break
                 if self.checkpoint_every and self.state.step % self.checkpoint_every == 0:
@@ -361,11 +376,18 @@ class _Trainer:
             self.optimizer.zero_grad()
         return float(loss.detach())
 
-    def after_step(self, loss: float) -> None:
+    def after_step(self) -> None:
         step, lr = self.state.step, self.scheduler.get_last_lr()[0]
-        self.progress.update(step, loss=loss, lr=lr)
-        if step % self.config.log_every == 0:
-            self.log("train", loss=self.mean_over_processes(self.losses.take_log_mean()), lr=lr)
+        every = self.config.log_every
+        window = step % every or every  # the steps since the last logged one
+        if step % every == 0:
+            loss = self.mean_over_processes(self.losses.take_log_mean())
+            self.log("train", loss=loss, lr=lr)
+            self.progress.update(step, lr, loss, window)
+        elif step == self.total:  # the last step shows the steps since the last log
+            self.progress.update(step, lr, self.mean_over_processes(self.losses.log_mean()), window)
+        else:
+            self.progress.update(step, lr)
         if self.config.eval_every and step % self.config.eval_every == 0:
             self.evaluate()
 
@@ -445,6 +467,8 @@ class _Trainer:
             self.history = self.run_dir.read_metrics()
         self.started -= saved["elapsed"]
         self.progress.skip_to(self.state.step)
+        self.progress.note(f"{self.progress.desc}: resuming from step {self.state.step} of "
+                           f"{self.total}")  # fmt: skip
         self.restored = restored
 
     def finish(self) -> TrainResult:

@@ -7,7 +7,8 @@ Every recipe takes its numbers from here, so a figure means the same in each sum
   ``evaluate_causal`` gives loss and perplexity over a loader, for the training loop.
 - ``accuracy``: the share of predictions equal to their label; ``verdict_accuracy`` the share of
   prompts whose likeliest (or greedily generated) answer is the right one of a closed set.
-- ``confusion_matrix``: counts, rows true labels and columns predictions.
+- ``confusion_matrix``: counts, rows true labels and columns predictions; ``per_class_scores``
+  each class's precision, recall and F1 from it.
 - ``evaluate``: a classifier's loss and accuracy over a loader, with every prediction.
 """
 
@@ -94,6 +95,23 @@ def confusion_matrix(labels: list[int], predictions: list[int], classes: int) ->
     matrix = np.zeros((classes, classes), dtype=int)
     np.add.at(matrix, (labels, predictions), 1)
     return matrix.tolist()
+
+
+def per_class_scores(matrix: list[list[int]], labels: list[str]) -> list[dict[str, Any]]:
+    """Each class's ``precision`` (of the examples predicted as it, the share that are),
+    ``recall`` (of its examples, the share found), ``f1`` and ``support`` (its examples), from a
+    confusion matrix; 0 where a class is never predicted or never occurs."""
+    counts = np.asarray(matrix, dtype=float)
+    scores = []
+    for index, label in enumerate(labels):
+        hits, predicted, support = counts[index, index], counts[:, index].sum(), counts[index].sum()
+        precision = float(hits / predicted) if predicted else 0.0
+        recall = float(hits / support) if support else 0.0
+        both = precision + recall
+        f1 = 2 * precision * recall / both if both else 0.0
+        scores.append({"label": label, "precision": precision, "recall": recall, "f1": f1,
+                       "support": int(support)})  # fmt: skip
+    return scores
 
 
 def verdict_accuracy(
