@@ -8,7 +8,9 @@ time the run recorded, and its headline figure. The README's recipe times come f
     python benchmarks/recipe_times.py                       # every offline recipe
     python benchmarks/recipe_times.py classic sentiment     # some of them
 
-`pretrain-tiny-gpt2` runs first when asked for: `causal-lm` and `instruct-verdicts` then find
+`classify` runs `lorakit train reviews.csv` on rotten-tomatoes written out as a CSV (columns
+`review`, `verdict`), as a user classifies a file of their own. `pretrain-tiny-gpt2` runs first
+when asked for: `causal-lm` and `instruct-verdicts` then find
 the tiny GPT-2 in the cache (a cold cache adds the pretraining to whichever comes first).
 """
 
@@ -33,6 +35,7 @@ OFFLINE_RECIPES = (
     "seed-rotten-tomatoes",
     "causal-lm",
     "instruct-verdicts",
+    "classify",
 )  # fmt: skip; seed-distilbert-imdb needs a network
 COLUMNS = {"recipe": "", "wall_s": ".0f", "train_s": ".0f", "figure": "", "value": ".4f"}
 HEADLINE = ("test_accuracy", "test_verdict_accuracy", "test_perplexity")
