@@ -141,8 +141,9 @@ def test_errors_and_the_listing_never_show_the_servers_paths(server, disk):
     assert str(disk["root"]) not in listed.text and str(disk["base"]) not in listed.text
     body = listed.json()
     assert body["base"] == "tiny-bert"
+    fields = {"name", "kind", "labels", "num_labels", "rank", "max_length", "warnings"}
     for adapter in body["adapters"]:
-        assert set(adapter) == {"name", "labels", "num_labels", "rank", "max_length", "warnings"}
+        assert set(adapter) == fields and adapter["kind"] == "lora"
     described = [(a["name"], a["num_labels"], a["rank"]) for a in body["adapters"]]
     assert described == [("five", 5, 4), ("sentiment", 2, 4)]
     unload(server, "five")

@@ -141,7 +141,10 @@ def serve(
     base: Annotated[str, typer.Option(help="base model: 'minilm' or a model folder")] = "minilm",
     adapter: Annotated[
         list[str] | None,
-        typer.Option(help="NAME=DIR: an adapter folder or a run directory (repeatable)"),
+        typer.Option(
+            help="NAME=DIR: an adapter folder, a run directory or a folder `lorakit merge` "
+            "wrote (repeatable)"
+        ),
     ] = None,
     host: Annotated[str, typer.Option(help="address to bind (loopback by default)")] = "127.0.0.1",
     port: Annotated[int, typer.Option(help="port to bind")] = 8000,
@@ -163,6 +166,9 @@ def serve(
         int, typer.Option(help="bytes of an adapter's weights file, at most")
     ] = 256 * 2**20,
     max_labels: Annotated[int, typer.Option(help="labels of an adapter's head, at most")] = 1000,
+    max_merged_bytes: Annotated[
+        int, typer.Option(help="bytes of a merged model (its files, its parameters), at most")
+    ] = 2 * 2**30,
     allow_unauthenticated_admin: Annotated[
         bool,
         typer.Option(help="without --api-key, let anyone load and unload adapters (warned)"),
@@ -171,14 +177,15 @@ def serve(
         str, typer.Option(help="uvicorn's: warning hides the access log")
     ] = "info",
 ) -> None:
-    """Serve many LoRA adapters on one base model over HTTP (FastAPI + uvicorn)."""
+    """Serve many LoRA adapters on one base model over HTTP (FastAPI + uvicorn), and merged
+    models (folders `lorakit merge` wrote) beside them."""
     # the server is a shell beside this one (python -m lorakit.serve), not a call of the API
     from lorakit.serve import AdapterLimits, ServeError, ServeSettings, parse_adapter_options
     from lorakit.serve import serve as run_server
 
     try:
         settings = ServeSettings(max_texts=max_texts, max_text_chars=max_text_chars)
-        limits = AdapterLimits(max_adapter_rank, max_adapter_bytes, max_labels)
+        limits = AdapterLimits(max_adapter_rank, max_adapter_bytes, max_labels, max_merged_bytes)
         run_server(base, parse_adapter_options(adapter or []), host=host, port=port,
                    api_key=api_key, settings=settings, log_level=log_level,
                    adapter_roots=adapter_root or [], adapter_limits=limits,
@@ -242,6 +249,9 @@ def merge(
 
     The classic recipe's GloVe classifier (not a transformers model): lorakit
     predict/eval OUT_DIR, or lorakit.models.classic.load_classic.
+
+    Both kinds of classifier serve too: lorakit serve --adapter NAME=OUT_DIR (beside the
+    adapters, as a model of its own).
     """
     typer.echo(str(api.merge(run_dir, out_dir, force=force)))
 

@@ -14,7 +14,8 @@ What loads each kind (``load`` in ``OUT_DIR/merge.json`` says it too):
 - the ``classic`` recipe's GloVe classifier, which is not a transformers model, in its own
   format (``model.safetensors``, ``config.json``, ``vocab.txt``): lorakit only, ``lorakit
   predict OUT_DIR``, ``lorakit eval OUT_DIR``, or ``lorakit.models.classic.load_classic``.
-``lorakit serve`` serves adapters on a base model; it serves the run itself, not a merged folder.
+A merged classifier (either kind) is served by ``lorakit serve --adapter NAME=OUT_DIR``, beside
+the adapters on the server's base, as a model of its own.
 
 Before anything is kept, the saved folder is loaded back and its outputs on a few real texts are
 compared with base + adapter: the largest absolute difference goes into ``OUT_DIR/merge.json``,

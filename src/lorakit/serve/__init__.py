@@ -1,6 +1,7 @@
 """`lorakit serve`: one base model in memory serving many LoRA adapters over HTTP.
 
 registry.py  the base model with named adapters, each with its own classification head
+merged.py    folders `lorakit merge` wrote, served by name beside the adapters as models of their own
 admission.py where run-time loads may come from (adapter roots) and the limits of an adapter
 batcher.py   micro-batching: requests arriving together run together, grouped by adapter
 schemas.py   the JSON bodies (pydantic)

@@ -1,11 +1,14 @@
 """What an adapter must be before the server reads one tensor of it.
 
 AdapterRoots    run-time loads (POST /v1/adapters) name folders under the operator's
-                `--adapter-root`s, symlinks resolved; anything else (outside, missing, not a
-                folder, no adapter_config.json) gets one message, so a client learns nothing
-                of the server's disk. Adapters given at startup (`--adapter`) are trusted.
+                `--adapter-root`s, symlinks resolved: an adapter folder, a run directory or a
+                folder `lorakit merge` wrote, every file of it under the root; anything else
+                (outside, missing, not a folder, neither adapter_config.json nor merge.json)
+                gets one message, so a client learns nothing of the server's disk. Adapters
+                and merged folders given at startup (`--adapter`) are trusted.
 AdapterLimits   rank, bytes and labels an adapter may have: checked from adapter_config.json
-                and the safetensors header (names, shapes), before the weights are read.
+                and the safetensors header (names, shapes), before the weights are read; the
+                bytes a merged model may have (`serve/merged.py` checks them).
 """
 
 from __future__ import annotations
@@ -19,23 +22,27 @@ from safetensors import safe_open
 
 from lorakit.lora import CONFIG_NAME, WEIGHTS_NAME
 from lorakit.lora.adapter_files import PREFIX
+from lorakit.recipes import MERGE_RECORD
 
 from .errors import AdapterOverLimitError, NotAnAdapterError, ServeError
 
 MAX_CONFIG_BYTES = 1 << 20  # adapter_config.json: a few KB in practice
 RUN_FILES = ("summary.json", "config.toml")  # what a run directory adds to its adapter folder
+MERGED_FILES = (MERGE_RECORD, "config.json", "model.safetensors")  # what a merged folder needs
 
 
 @dataclass(frozen=True)
 class AdapterLimits:
-    """The most an adapter may bring: `lorakit serve --max-adapter-rank/-bytes/--max-labels`."""
+    """The most an adapter may bring: `lorakit serve --max-adapter-rank/-bytes/--max-labels`,
+    and a merged model: `--max-merged-bytes`."""
 
     max_rank: int = 256  # r of every module (LoRA papers use 4-64, rsLoRA up to 2048)
     max_bytes: int = 256 * 2**20  # the weights file (a MiniLM adapter with its head: ~100 KB)
     max_labels: int = 1000  # classes of one adapter's head
+    max_merged_bytes: int = 2 * 2**30  # a merged model's files and parameters (MiniLM: 90 MB)
 
     def __post_init__(self) -> None:
-        for name in ("max_rank", "max_bytes", "max_labels"):
+        for name in ("max_rank", "max_bytes", "max_labels", "max_merged_bytes"):
             if getattr(self, name) < 1:
                 raise ServeError(f"{name} must be at least 1, got {getattr(self, name)}")
 
@@ -59,11 +66,11 @@ class AdapterRoots:
             self.roots.append(resolved)
 
     def resolve(self, given: str) -> Path:
-        """The adapter folder or run directory that `given` names under a root: a path relative
-        to a root (roots tried in order) or an absolute one inside a root."""
+        """The adapter folder, run directory or merged folder that `given` names under a root: a
+        path relative to a root (roots tried in order) or an absolute one inside a root."""
         for root in self.roots:
             folder = (root / given).resolve()
-            if folder.is_relative_to(root) and _loadable(folder, root):
+            if folder.is_relative_to(root) and (_loadable(folder, root) or _merged(folder, root)):
                 return folder
         where = "the adapter roots" if self.roots else "an adapter root (this server has none)"
         raise NotAnAdapterError(f"{given!r} is not a loadable adapter under {where}")
@@ -78,6 +85,16 @@ def _loadable(folder: Path, root: Path) -> bool:
     extra = [folder / name for name in RUN_FILES if adapter != folder]
     return all(_plain_file_under(f, root) for f in needed) and all(
         _plain_file_under(f, root) for f in extra if f.exists() or f.is_symlink()
+    )
+
+
+def _merged(folder: Path, root: Path) -> bool:
+    """A folder `lorakit merge` wrote, whose every entry lies under `root` (its tokenizer
+    files too: a link out of the root would be read as one)."""
+    return (
+        folder.is_dir()
+        and all(_plain_file_under(folder / name, root) for name in MERGED_FILES)
+        and all(entry.resolve().is_relative_to(root) for entry in folder.iterdir())
     )
 
 

@@ -1,7 +1,7 @@
 """The HTTP API: a FastAPI app over one `AdapterRegistry` and its `MicroBatcher`.
 
     POST   /v1/predict          {"adapter", "texts"} -> labels and probabilities
-    GET    /v1/adapters         the loaded adapters: names and facts, no paths
+    GET    /v1/adapters         the loaded adapters and merged models: names and facts, no paths
     POST   /v1/adapters         {"name", "path"}: load one from under an adapter root (API key)
     DELETE /v1/adapters/{name}  unload one (API key)
     GET    /healthz             liveness
@@ -178,6 +178,7 @@ def _key_guard(api_key: str | None, allow_unauthenticated: bool):
 def _describe(info: AdapterInfo) -> AdapterDescription:
     return AdapterDescription(
         name=info.name,
+        kind=info.kind,
         labels=info.labels,
         num_labels=len(info.labels),
         rank=info.rank,
@@ -197,8 +198,8 @@ def create_app(
     allow_unauthenticated_admin: bool = False,
 ) -> FastAPI:
     """The serving app: `base` (a model name or folder, or a ready registry) with `adapters`
-    ({name: adapter folder or run directory}, trusted as given) loaded before it answers
-    anything. At run time, adapters load from under `adapter_roots` only, within
+    ({name: adapter folder, run directory or merged folder}, trusted as given) loaded before it
+    answers anything. At run time, adapters load from under `adapter_roots` only, within
     `adapter_limits`, and with `api_key` (or `allow_unauthenticated_admin` without one)."""
     settings = settings or ServeSettings()
     roots = AdapterRoots(adapter_roots)

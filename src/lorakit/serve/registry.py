@@ -10,6 +10,9 @@ So adapters for 2 and for 5 labels share one base, and the base's own random hea
 The model is shared: every forward pass, and every change to the model, holds `lock`. A load
 does its slow parts without it (limits from the file's header, reading the files, shaping the
 head), one load or unload at a time (`admin_lock`), so predictions for other adapters go on.
+
+A folder `lorakit merge` wrote is served under a name too (`serve/merged.py`): a model of its
+own beside the base, which never takes `lock`; names, listing and unloading are the adapters'.
 """
 
 from __future__ import annotations
@@ -40,11 +43,13 @@ from lorakit.lora import (
 )
 from lorakit.lora.adapter_files import PREFIX
 from lorakit.models.transformer import public_name
+from lorakit.recipes import Predictor, is_merged_model
 from lorakit.recipes.sequence_classification import SequenceClassification, check_max_length
 from lorakit.rundir import read_run_summary
 
 from .admission import AdapterLimits, check_adapter_files
-from .errors import AdapterExistsError, AdapterLoadError, UnknownAdapterError
+from .errors import AdapterExistsError, AdapterLoadError, ServeError, UnknownAdapterError
+from .merged import load_merged
 
 ADAPTER_NAME = re.compile(r"[A-Za-z0-9_-]{1,64}")
 
@@ -57,8 +62,9 @@ class AdapterInfo:
     path: str  # on the server's disk: for the operator, never sent to clients
     labels: list[str]
     max_length: int
-    rank: int
+    rank: int | None  # None for a merged model
     warnings: list[str] = field(default_factory=list)
+    kind: str = "lora"  # or "merged": a folder `lorakit merge` wrote, a model of its own
 
 
 @dataclass
@@ -151,6 +157,11 @@ class AdapterRegistry:
         max_length: int | None = None,
         limits: AdapterLimits | None = None,
     ):
+        if is_merged_model(Path(base).expanduser()):
+            raise ServeError(
+                f"--base {base} is a merged model (lorakit merge); serve merged folders with "
+                f"--adapter NAME={base} beside a base model"
+            )
         model, tokenizer, resolved = SequenceClassification.serving_base(base)
         self.model = model.eval()
         # the base's own shapes: an adapter's head may differ from them in its label count only
@@ -161,7 +172,8 @@ class AdapterRegistry:
         self.limits = limits or AdapterLimits()
         sizes = [tokenizer.model_max_length, getattr(model.config, "max_position_embeddings", 0)]
         self.max_length = max_length or min(x for x in sizes if x and x > 0)
-        self.adapters: dict[str, AdapterInfo] = {}
+        self.adapters: dict[str, AdapterInfo] = {}  # every name served: adapters and merged
+        self.merged: dict[str, tuple[AdapterInfo, Predictor]] = {}  # the merged models
         self.lock = threading.Lock()  # the model: forward passes and changes
         self.admin_lock = threading.Lock()  # one load or unload at a time
 
@@ -179,7 +191,8 @@ class AdapterRegistry:
         return [snapshot[name] for name in sorted(snapshot)]
 
     def load(self, name: str, path: str | Path, labels: list[str] | None = None) -> AdapterInfo:
-        """Loads the adapter at `path` (adapter folder or run directory) under `name`.
+        """Loads the adapter at `path` (adapter folder or run directory) under `name`, or the
+        merged model there (a folder `lorakit merge` wrote).
 
         Its limits are checked from its config and header, then its files are read and its head
         shaped without the model's lock, so predictions go on meanwhile; only putting the
@@ -190,6 +203,8 @@ class AdapterRegistry:
             )
         if labels is not None:
             self.limits.check_labels(len(labels), "the request")
+        if is_merged_model(Path(path).expanduser()):
+            return self._load_merged(name, Path(path).expanduser().resolve(), labels)
         source = locate_adapter(path)
         with self.admin_lock:
             self._check_free(name)
@@ -237,6 +252,17 @@ class AdapterRegistry:
                 files[0].r,
                 notes,
             )
+            self.adapters[name] = info
+        return info
+
+    def _load_merged(self, name: str, folder: Path, labels: list[str] | None) -> AdapterInfo:
+        """A merged model is loaded beside the base, never onto it: no lock is taken."""
+        with self.admin_lock:
+            self._check_free(name)
+            predictor, labels = load_merged(folder, self.limits, labels)
+            max_length = getattr(predictor, "max_length", None) or self.max_length
+            info = AdapterInfo(name, str(folder), labels, max_length, None, kind="merged")
+            self.merged[name] = (info, predictor)
             self.adapters[name] = info
         return info
 
@@ -319,8 +345,10 @@ class AdapterRegistry:
 
     def unload(self, name: str) -> AdapterInfo:
         with self.admin_lock:
-            self.info(name)
-            self._delete(name)
+            if self.info(name).kind == "merged":
+                del self.merged[name]  # in-flight predictions keep their reference
+            else:
+                self._delete(name)
             return self.adapters.pop(name)
 
     def _delete(self, name: str) -> None:
@@ -338,6 +366,10 @@ class AdapterRegistry:
     # ------------------------------------------------------------ inference
     def predict(self, name: str, texts: list[str]) -> tuple[AdapterInfo, np.ndarray]:
         """(the adapter's info, class probabilities: one row per text)."""
+        merged = self.merged.get(name)
+        if merged is not None:
+            info, predictor = merged
+            return info, predictor.predict_proba(list(texts))
         with self.lock:
             info = self.info(name)
             return info, self._forward(name, texts, info.max_length)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Annotated
+from typing import Annotated, Literal
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 
@@ -48,19 +48,24 @@ class LoadAdapterRequest(BaseModel):
 
     name: Text = Field(description="name to serve the adapter under: letters, digits, '_', '-'")
     path: Text = Field(
-        description="an adapter folder or a run directory under one of the server's adapter "
-        "roots: relative to a root, or absolute inside one"
+        description="an adapter folder, a run directory or a folder `lorakit merge` wrote, under "
+        "one of the server's adapter roots: relative to a root, or absolute inside one"
     )
     labels: list[Text] | None = Field(
-        None, description="class names in label order (default: the run's, else LABEL_0...)"
+        None,
+        description="class names in label order (default: the run's or the merged model's, "
+        "else LABEL_0...)",
     )
 
 
 class AdapterDescription(BaseModel):
     name: str
+    kind: Literal["lora", "merged"] = Field(
+        description="lora: an adapter on the shared base; merged: a model `lorakit merge` wrote"
+    )
     labels: list[str]
     num_labels: int
-    rank: int = Field(description="r of the adapter's LoRA layers")
+    rank: int | None = Field(description="r of the adapter's LoRA layers (null when merged)")
     max_length: int = Field(description="tokens per text; longer texts are truncated")
     warnings: list[str] = Field(default_factory=list)
 

@@ -52,9 +52,9 @@ def serve(
     adapter_limits: AdapterLimits | None = None,
     allow_unauthenticated_admin: bool = False,
 ) -> None:
-    """Loads `base` and `adapters` ({name: adapter folder or run directory}) and serves them
-    until interrupted. Adapters that do not load stop it before it binds. At run time, adapters
-    load from under `adapter_roots`, with `api_key`."""
+    """Loads `base` and `adapters` ({name: adapter folder, run directory or merged folder})
+    and serves them until interrupted. Adapters that do not load stop it before it binds. At
+    run time, adapters load from under `adapter_roots`, with `api_key`."""
     app = create_app(
         base,
         adapters,
