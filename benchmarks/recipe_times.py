@@ -49,7 +49,8 @@ def reviews_csv(path: Path) -> Path:
     rows = []
     for split in load_dataset("rotten-tomatoes").values():
         names = split.features["label"].names
-        rows += [(text, names[label]) for text, label in zip(split["text"], split["label"])]
+        pairs = zip(split["text"], split["label"], strict=True)
+        rows += [(text, names[label]) for text, label in pairs]
     with path.open("w", newline="", encoding="utf-8") as file:
         csv.writer(file).writerows([("review", "verdict"), *rows])
     return path
