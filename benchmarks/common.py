@@ -173,3 +173,20 @@ def markdown_table(rows: list[dict], columns: dict[str, str]) -> str:
         for row in rows
     ]
     return "\n".join([head, rule, *body])
+
+
+def wait_ready(url: str, server: subprocess.Popen, timeout: float = 180) -> None:
+    """Until a server started as `server` answers `url`/healthz (or exits, or `timeout` s pass)."""
+    import httpx
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if server.poll() is not None:
+            raise SystemExit(f"the server exited with status {server.returncode}")
+        try:
+            if httpx.get(f"{url}/healthz", timeout=1).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.3)
+    raise SystemExit("the server did not answer /healthz in time")

@@ -42,7 +42,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import RESULTS, machine, markdown_table, minilm, minilm_path  # noqa: E402
+from common import RESULTS, machine, markdown_table, minilm, minilm_path, wait_ready  # noqa: E402
 
 KEY = "abuse-benchmark-key"
 TEXTS = ["a wonderful, moving film", "dull", "the plot drags on and on without any point at all"]
@@ -119,20 +119,6 @@ def start_server(base: str, adapters: dict[str, Path], root: Path, port: int, ex
     if "--adapter-root" in help_text:  # where the server takes adapters from, when it asks
         command += ["--adapter-root", str(root)]
     return subprocess.Popen(command, env={**os.environ, "LORAKIT_API_KEY": KEY})
-
-
-def wait_ready(url: str, server: subprocess.Popen, timeout: float = 180) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if server.poll() is not None:
-            raise SystemExit(f"the server exited with status {server.returncode}")
-        try:
-            if httpx.get(f"{url}/healthz", timeout=1).status_code == 200:
-                return
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.3)
-    raise SystemExit("the server did not answer /healthz in time")
 
 
 # ---------------------------------------------------------------- what runs beside the attacks

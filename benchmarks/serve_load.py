@@ -31,7 +31,7 @@ import httpx
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import RESULTS, machine, markdown_table, minilm  # noqa: E402
+from common import RESULTS, machine, markdown_table, minilm, wait_ready  # noqa: E402
 
 
 def make_adapter(folder: Path, num_labels: int, seed: int) -> Path:
@@ -69,20 +69,6 @@ def start_server(adapters: dict[str, Path], port: int) -> subprocess.Popen:
     for name, path in adapters.items():
         command += ["--adapter", f"{name}={path}"]
     return subprocess.Popen(command, env=os.environ.copy())
-
-
-def wait_ready(url: str, server: subprocess.Popen, timeout: float = 180) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if server.poll() is not None:
-            raise SystemExit(f"the server exited with status {server.returncode}")
-        try:
-            if httpx.get(f"{url}/healthz", timeout=1).status_code == 200:
-                return
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.5)
-    raise SystemExit("the server did not answer /healthz in time")
 
 
 async def client(url, texts, per_request, until, rng, latencies, statuses, window) -> None:

@@ -11,7 +11,14 @@ from lorakit.cli import main
 from lorakit.config import Config, to_toml
 from lorakit.merge import MergeError, merge
 from lorakit.models.transformer import minilm_path
-from tiny_models import NEGATIVE, NEUTRAL, POSITIVE, save_tiny_bert, tiny_gpt2, write_reviews_csv
+from tiny_models import (
+    NEGATIVE,
+    POSITIVE,
+    save_tiny_bert,
+    tiny_gpt2,
+    train_small_classic,
+    write_reviews_csv,
+)
 
 
 @pytest.fixture(scope="module")
@@ -67,16 +74,7 @@ def test_merged_transformers_folder_loads_in_lorakit_without_an_adapter(tiny_run
 @pytest.fixture(scope="module")
 def classic_run(tmp_path_factory):
     """A finished `classic` run, pretrained on a small 3-class file, transferred to reviews."""
-    root = tmp_path_factory.mktemp("merge-classic")
-    news = write_reviews_csv(root / "news.csv", {"a": POSITIVE, "b": NEGATIVE, "c": NEUTRAL},
-                             rows=150, columns=("text", "label"))  # fmt: skip
-    reviews = write_reviews_csv(root / "reviews.csv", {"good": POSITIVE, "bad": NEGATIVE},
-                                rows=200, columns=("text", "label"))  # fmt: skip
-    api.train("classic", out=root / "run", overrides=[
-        f"pretrain.data={news}", f"data.path={reviews}", "pretrain.epochs=1", "train.epochs=2",
-        "compare=false",
-    ])  # fmt: skip
-    return root / "run"
+    return train_small_classic(tmp_path_factory.mktemp("merge-classic"))
 
 
 def test_merged_classic_model_loads_in_lorakit_predict_and_eval(classic_run, tmp_path, capsys):

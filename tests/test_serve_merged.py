@@ -25,7 +25,11 @@ from lorakit.serve import AdapterLimits, AdapterRegistry, ServeError, create_app
 from lorakit.serve.batcher import MicroBatcher
 from lorakit.serve.errors import AdapterLoadError, AdapterOverLimitError
 from test_serve import KEY, LoopbackServer, assert_error, classifier, make_adapter, predict
-from tiny_models import NEGATIVE, NEUTRAL, POSITIVE, save_tiny_bert, tiny_gpt2, write_reviews_csv
+from tiny_models import (
+    save_tiny_bert,
+    tiny_gpt2,
+    train_small_classic,
+)
 
 AUTH = {"X-API-Key": KEY}
 TEXTS = ["wonderful superb film", "dull tedious plot", "moving and funny", "an ordinary ending"]
@@ -59,19 +63,12 @@ def files(tmp_path_factory) -> dict[str, Path]:
     top = tmp_path_factory.mktemp("serve-merged")
     base = save_tiny_bert(top / "tiny-bert")
     root = top / "root"  # the adapter root: run-time loads come from here
-    news = write_reviews_csv(top / "news.csv", {"a": POSITIVE, "b": NEGATIVE, "c": NEUTRAL},
-                             rows=150, columns=("text", "label"))  # fmt: skip
-    reviews = write_reviews_csv(top / "reviews.csv", {"good": POSITIVE, "bad": NEGATIVE},
-                                rows=200, columns=("text", "label"))  # fmt: skip
-    api.train("classic", out=top / "classic-run", overrides=[
-        f"pretrain.data={news}", f"data.path={reviews}", "pretrain.epochs=1", "train.epochs=2",
-        "compare=false",
-    ])  # fmt: skip
+    classic_run = train_small_classic(top / "classic")
     return {
         "base": base,
         "root": root,
         "sentiment": make_adapter(base, root / "sentiment", num_labels=2, seed=1),
-        "glove": merge(top / "classic-run", root / "glove"),
+        "glove": merge(classic_run, root / "glove"),
         "bert": merged_transformers_classifier(base, root / "bert-merged"),
         "causal": merged_causal_lm(root / "gpt2-merged"),
     }

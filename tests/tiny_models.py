@@ -133,3 +133,20 @@ def save_tiny_causal_lm(folder: Path, texts: list[str], vocab_size: int, width: 
     model.save_pretrained(folder)
     tokenizer.save_pretrained(folder)
     return model, tokenizer
+
+
+def train_small_classic(root: Path) -> Path:
+    """A finished `classic` run in ROOT/run: pretrained on a small 3-class file, transferred to
+    a 2-class file of reviews (about ten seconds)."""
+    from lorakit import api
+
+    root.mkdir(parents=True, exist_ok=True)
+    news = write_reviews_csv(root / "news.csv", {"a": POSITIVE, "b": NEGATIVE, "c": NEUTRAL},
+                             rows=150, columns=("text", "label"))  # fmt: skip
+    reviews = write_reviews_csv(root / "reviews.csv", {"good": POSITIVE, "bad": NEGATIVE},
+                                rows=200, columns=("text", "label"))  # fmt: skip
+    api.train("classic", out=root / "run", overrides=[
+        f"pretrain.data={news}", f"data.path={reviews}", "pretrain.epochs=1", "train.epochs=2",
+        "compare=false",
+    ])  # fmt: skip
+    return root / "run"
