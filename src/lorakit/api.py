@@ -25,10 +25,10 @@ import numpy as np
 from lorakit.config import Config, ConfigError, DataConfig, load_config
 from lorakit.launch import DEFAULT_RECIPE, dry_run, resolve_config, resume_point, train
 from lorakit.recipes import (
-    MERGE_RECORD,
     describe,
     is_merged_model,
     merged_predictor,
+    read_merge_record,
     recipe_class,
     recipe_names,
 )
@@ -98,7 +98,7 @@ def _evaluated(run_dir: str | Path) -> tuple[DataConfig, float | None]:
     """The data settings a run (or a merged folder) is evaluated with, and its recorded test
     accuracy."""
     if is_merged_model(run_dir):
-        record = json.loads((Path(run_dir) / MERGE_RECORD).read_text(encoding="utf-8"))
+        record = read_merge_record(run_dir)
         return DataConfig.model_validate(record.get("data", {})), record.get("test_accuracy")
     _, config, summary = _finished_run(run_dir)
     return config.data, summary.get("test_accuracy")

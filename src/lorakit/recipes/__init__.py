@@ -102,13 +102,18 @@ def is_merged_model(folder: str | Path) -> bool:
     return (Path(folder) / MERGE_RECORD).is_file()
 
 
+def read_merge_record(folder: str | Path) -> dict:
+    """The ``merge.json`` a merged model's folder holds (what `lorakit merge` made it from)."""
+    return json.loads((Path(folder) / MERGE_RECORD).read_text(encoding="utf-8"))
+
+
 def merged_predictor(folder: str | Path) -> Predictor:
     """The predictor of a merged classifier folder: the classic recipe's GloVe classifier or a
     transformers classifier, loaded as it is (no adapter)."""
     from lorakit.models.classic import is_classic
 
     folder = Path(folder)
-    record = json.loads((folder / MERGE_RECORD).read_text(encoding="utf-8"))
+    record = read_merge_record(folder)
     if record.get("task") == "causal-lm":
         raise ConfigError(
             f"{folder} is a merged causal LM; `lorakit predict` and `eval` classify: load it with "
