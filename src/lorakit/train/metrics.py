@@ -171,10 +171,9 @@ def evaluate(
     model.train(was_training)
     if count == 0:
         raise ValueError("evaluation split is empty")
-    accuracy = sum(p == t for p, t in zip(predictions, labels, strict=True)) / count
     return {
         "loss": total_loss / count,
-        "accuracy": accuracy,
+        "accuracy": accuracy(predictions, labels),
         "predictions": predictions,
         "labels": labels,
     }
