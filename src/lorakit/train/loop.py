@@ -51,6 +51,12 @@ from lorakit.train.metrics import evaluate
 
 # (model, eval_loader, accelerator) -> figures; the float ones are logged, `metric` among them
 EvaluateFn = Callable[[torch.nn.Module, Iterable, Accelerator], dict[str, Any]]
+LossFn = Callable[[torch.nn.Module, dict[str, torch.Tensor]], torch.Tensor]
+
+
+def model_loss(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """The model's own loss of a batch that holds its labels (transformers models)."""
+    return model(**batch).loss
 
 
 @dataclass
@@ -258,6 +264,7 @@ def train_loop(
     checkpoint_dir: str | Path | None = None,
     resume: str | Path | None = None,
     evaluate_fn: EvaluateFn | None = None,
+    loss_fn: LossFn | None = None,
 ) -> TrainResult:
     """Train ``model`` in place and leave it holding the weights of its best evaluation.
 
@@ -265,13 +272,14 @@ def train_loop(
     ``checkpoint_dir``: where to write checkpoints (every ``config.checkpoint_every`` steps);
     ``resume``: a checkpoint folder to continue from (the same model, data and config).
     ``evaluate_fn``: the validation figures (default: classification ``evaluate``).
+    ``loss_fn(model, batch)``: the training loss (default: the model's own, ``model(**batch).loss``).
     """
     if seed is not None:
         set_seed(seed)
     trainer = _Trainer(
         model, train_loader, eval_loader, config, run_dir=run_dir, metric=metric,
         evaluate_fn=evaluate_fn or evaluate, checkpoint_dir=checkpoint_dir, desc=desc,
-        show_progress=show_progress,
+        show_progress=show_progress, loss_fn=loss_fn or model_loss,
     )  # fmt: skip
     if resume is not None:
         trainer.resume(resume)
@@ -290,8 +298,9 @@ class _Trainer:
     loop; the other methods are its steps."""
 
     def __init__(self, model, train_loader, eval_loader, config: TrainConfig, *, run_dir,
-                 metric, evaluate_fn, checkpoint_dir, desc, show_progress):  # fmt: skip
+                 metric, evaluate_fn, checkpoint_dir, desc, show_progress, loss_fn):  # fmt: skip
         self.config, self.run_dir, self.evaluate_fn = config, run_dir, evaluate_fn
+        self.loss_fn = loss_fn
         self.accelerator = make_accelerator(config)
         _check_global_batches(config, self.accelerator.num_processes)
         groups = parameter_groups(model, config.lr, config.lora_plus_ratio)
@@ -367,7 +376,7 @@ class _Trainer:
     def train_step(self, batch: dict[str, torch.Tensor]) -> float:
         """Forward and backward; the optimizer steps once the accumulated batches are in."""
         with self.accelerator.accumulate(self.model):
-            loss = self.model(**batch).loss
+            loss = self.loss_fn(self.model, batch)
             self.accelerator.backward(loss)
             if self.accelerator.sync_gradients and self.config.max_grad_norm > 0:
                 self.accelerator.clip_grad_norm_(self.params, self.config.max_grad_norm)
