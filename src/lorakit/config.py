@@ -57,6 +57,12 @@ class DataConfig(_Section):
     label_column: str = "label"
     max_length: int = Field(128, gt=0)
     max_train_samples: int | None = Field(None, gt=0)
+    max_eval_samples: int | None = Field(
+        None,
+        gt=0,
+        description="causal-LM recipes: validation examples that the evaluations during "
+        "training use (a fixed random subset); the test split is always whole",
+    )
 
     @property
     def source(self) -> str:
@@ -115,7 +121,7 @@ class PretrainConfig(_Section):
 
 
 class CausalConfig(_Section):
-    """Causal-LM recipes (``causal-lm``, ``instruct-verdicts``) read this section."""
+    """Causal-LM recipes (``causal-lm``, ``instruct``, ``summarize``) read this section."""
 
     mode: Literal["lm", "instruction"] = Field(
         "lm", description="'lm': packed blocks of text; 'instruction': loss on responses only"
@@ -129,6 +135,22 @@ class CausalConfig(_Section):
     )
     prompt_column: str = "prompt"
     response_column: str = "response"
+    chat: Literal["auto", "on", "off"] = Field(
+        "auto",
+        description="instruction mode: render examples with the tokenizer's chat template "
+        "('auto': when it has one), loss on the assistant's turns and their end-of-turn token",
+    )
+    system_prompt: str | None = Field(
+        None, description="chat: a system turn before every example; unset: the template's own"
+    )
+    rouge: bool = Field(
+        False,
+        description="test: generate a response to every test prompt (greedy) and score ROUGE "
+        "against the reference, for the base model and the tuned one",
+    )
+    max_new_tokens: int = Field(
+        128, gt=0, description="generation at test time (rouge, end-of-turn check): new tokens at most"
+    )
     full_lr: float | None = Field(
         None, gt=0, description="compare = true: full fine-tuning's lr; default train.lr / 10"
     )

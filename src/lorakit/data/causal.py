@@ -13,6 +13,7 @@ from pathlib import Path
 import datasets
 import numpy as np
 import pandas as pd
+import torch
 from transformers import PreTrainedTokenizerBase
 
 from lorakit.data.errors import DataError
@@ -20,6 +21,11 @@ from lorakit.data.errors import DataError
 IGNORE_INDEX = -100
 VERDICT_PROMPT = "Review: {text}\nVerdict:"
 VERDICT_CHOICES = (" fresh", " rotten")
+# the same task for a chat model: the question as the user's turn, the bare word as the answer
+VERDICT_CHAT_PROMPT = (
+    "Is this movie review fresh (positive) or rotten (negative)? Answer with one word.\n\n"
+    "Review: {text}"
+)
 # label name -> response; lorakit.data names rotten-tomatoes' classes negative / positive
 VERDICT_RESPONSES = {
     "positive": " fresh",
@@ -80,7 +86,7 @@ def pack_texts(
     ).with_format("torch")
 
 
-def _padded(rows: list[tuple[list[int], list[int]]], pad: int) -> datasets.Dataset:
+def padded_rows(rows: list[tuple[list[int], list[int]]], pad: int) -> datasets.Dataset:
     """Right-pad (input_ids, labels) rows to the longest one; padding is masked and ignored."""
     width = max(len(ids) for ids, _ in rows)
     input_ids = np.full((len(rows), width), pad, dtype=np.int64)
@@ -93,6 +99,14 @@ def _padded(rows: list[tuple[list[int], list[int]]], pad: int) -> datasets.Datas
     return datasets.Dataset.from_dict(
         {"input_ids": input_ids, "attention_mask": mask, "labels": labels}
     ).with_format("torch")
+
+
+def trim_padding(rows: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    """A DataLoader's collate for right-padded rows: stacked, then cut to the batch's longest
+    row, so a batch of short rows does not pay for the data set's longest one."""
+    batch = {key: torch.stack([row[key] for row in rows]) for key in rows[0]}
+    width = int(batch["attention_mask"].sum(1).max())
+    return {key: value[:, :width] if value.dim() == 2 else value for key, value in batch.items()}
 
 
 def padded_lm_dataset(
@@ -109,7 +123,7 @@ def padded_lm_dataset(
     for ids in token_ids(tokenizer, texts):
         seq = [eos, *ids, eos][:max_length]
         rows.append((seq, seq))
-    return _padded(rows, pad_id(tokenizer))
+    return padded_rows(rows, pad_id(tokenizer))
 
 
 def instruction_dataset(
@@ -136,7 +150,7 @@ def instruction_dataset(
         room = max_length - 1 - len(answer)
         context = [eos, *(p_ids[len(p_ids) - room :] if room > 0 else [])]
         rows.append(([*context, *answer], [IGNORE_INDEX] * len(context) + answer))
-    return _padded(rows, pad_id(tokenizer))
+    return padded_rows(rows, pad_id(tokenizer))
 
 
 def load_instruction_file(
@@ -185,8 +199,10 @@ def load_instruction_file(
     )
 
 
-def rotten_tomatoes_verdicts(dsd: datasets.DatasetDict) -> datasets.DatasetDict:
-    """Turn review/label splits into prompt "Review: {text}\\nVerdict:" and response " fresh"/" rotten".
+def rotten_tomatoes_verdicts(dsd: datasets.DatasetDict, chat: bool = False) -> datasets.DatasetDict:
+    """Turn review/label splits into prompt "Review: {text}\nVerdict:" and response
+    " fresh"/" rotten"; for a chat model (``chat``) the question of `VERDICT_CHAT_PROMPT` and the
+    bare words "fresh"/"rotten", which the chat template wraps.
 
     Besides `prompt` and `response`, a `choice` column holds the index of the response in
     `VERDICT_CHOICES`, which is what `verdict_accuracy` scores against.
@@ -198,14 +214,21 @@ def rotten_tomatoes_verdicts(dsd: datasets.DatasetDict) -> datasets.DatasetDict:
             f"verdict labels must be among {sorted(VERDICT_RESPONSES)}, found {sorted(unknown)}; "
             "pass the rotten-tomatoes dataset"
         )
-    responses = [VERDICT_RESPONSES[name] for name in names]
+    choices = [VERDICT_CHOICES.index(VERDICT_RESPONSES[name]) for name in names]
+    template = VERDICT_CHAT_PROMPT if chat else VERDICT_PROMPT
 
     def to_pair(batch: dict) -> dict:
-        answers = [responses[y] for y in batch["label"]]
+        picked = [choices[y] for y in batch["label"]]
         return {
-            "prompt": [VERDICT_PROMPT.format(text=t) for t in batch["text"]],
-            "response": answers,
-            "choice": [VERDICT_CHOICES.index(a) for a in answers],
+            "prompt": [template.format(text=t) for t in batch["text"]],
+            "response": [verdict_choices(chat)[c] for c in picked],
+            "choice": picked,
         }
 
     return dsd.map(to_pair, batched=True, remove_columns=["text", "label"])
+
+
+def verdict_choices(chat: bool = False) -> tuple[str, ...]:
+    """The verdict answers as a model writes them: after "Verdict:" with a space, or as a chat
+    answer on their own."""
+    return tuple(c.strip() for c in VERDICT_CHOICES) if chat else VERDICT_CHOICES

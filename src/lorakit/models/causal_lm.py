@@ -27,6 +27,7 @@ from lorakit.data.causal import eos_id, pad_id, token_ids
 from lorakit.models import ModelError, loading_folder, no_progress_bars
 from lorakit.models.tiny_gpt2 import TINY_GPT2, cached_tiny_gpt2
 from lorakit.network import OfflineError, hub_reachable
+from lorakit.nn.output_head import contiguous_head_inputs
 
 
 def _resolve(name_or_path: str | Path) -> tuple[str, bool]:
@@ -97,6 +98,7 @@ class ChoiceScorer:
         choices: Sequence[str],
         max_length: int,
         batch_size: int = 32,
+        start: Sequence[int] | None = None,
     ):
         if not prompts or not choices:
             raise ValueError("ChoiceScorer needs at least one prompt and one choice")
@@ -104,44 +106,101 @@ class ChoiceScorer:
         if any(not ids for ids in self.choice_ids):
             raise ValueError(f"every choice must have at least one token, got {list(choices)!r}")
         self.prompt_ids = token_ids(tokenizer, prompts)
-        self.eos, self.pad = eos_id(tokenizer), pad_id(tokenizer)
+        # what precedes each prompt: eos (GPT-2's bos) unless given; none for a rendered chat
+        self.start = [eos_id(tokenizer)] if start is None else list(start)
+        self.pad = pad_id(tokenizer)
         self.max_length, self.batch_size = max_length, batch_size
         self.order = sorted(range(len(prompts)), key=lambda i: len(self.prompt_ids[i]))
 
     def _batch(self, rows: list[int], choice: list[int]) -> dict[str, torch.Tensor]:
         # the prompt loses its start when too long, as in `instruction_dataset` (room for the
         # choice and a closing eos)
-        room = max(self.max_length - len(choice) - 2, 0)
-        seqs = [[self.eos, *self.prompt_ids[i][-room:][:room], *choice] for i in rows]
-        width = max(len(seq) for seq in seqs)
-        input_ids = torch.full((len(seqs), width), self.pad, dtype=torch.long)
-        mask = torch.zeros((len(seqs), width), dtype=torch.long)
-        for row, seq in enumerate(seqs):
-            input_ids[row, width - len(seq) :] = torch.tensor(seq)
-            mask[row, width - len(seq) :] = 1
-        positions = (mask.cumsum(1) - 1).clamp(min=0)  # left padding: count from the first token
-        return {"input_ids": input_ids, "attention_mask": mask, "position_ids": positions}
+        room = max(self.max_length - len(choice) - len(self.start) - 1, 0)
+        return left_padded(
+            [[*self.start, *self.prompt_ids[i][-room:][:room], *choice] for i in rows], self.pad
+        )
 
     @torch.no_grad()
     def __call__(self, model: PreTrainedModel) -> torch.Tensor:
         was_training = model.training
         model.eval()
-        device = next(model.parameters()).device
         scores = torch.zeros(len(self.prompt_ids), len(self.choice_ids), dtype=torch.float64)
         try:
-            for start in range(0, len(self.order), self.batch_size):
-                rows = self.order[start : start + self.batch_size]
-                for j, choice in enumerate(self.choice_ids):
-                    batch = {k: v.to(device) for k, v in self._batch(rows, choice).items()}
-                    k = len(choice)
-                    # logits at the last k+1 positions; the first k of them predict the choice
-                    logits = _last_logits(model, batch, k + 1)[:, :k].float()
-                    targets = torch.tensor(choice, device=device).expand(len(rows), k)
-                    log_probs = logits.log_softmax(-1).gather(-1, targets.unsqueeze(-1))
-                    scores[rows, j] = log_probs.squeeze(-1).sum(1).double().cpu()
+            with contiguous_head_inputs(model):
+                for start in range(0, len(self.order), self.batch_size):
+                    rows = self.order[start : start + self.batch_size]
+                    scores[rows] = self._score(model, rows)
         finally:
             model.train(was_training)
         return scores
+
+    def _score(self, model: PreTrainedModel, rows: list[int]) -> torch.Tensor:
+        """(len(rows), choices) log-likelihoods. When every choice is one token, one forward
+        pass of the prompts scores them all; otherwise one pass per choice."""
+        device = next(model.parameters()).device
+        if all(len(choice) == 1 for choice in self.choice_ids):
+            batch = {k: v.to(device) for k, v in self._batch(rows, []).items()}
+            log_probs = _last_logits(model, batch, 1)[:, -1].float().log_softmax(-1)
+            return log_probs[:, [choice[0] for choice in self.choice_ids]].double().cpu()
+        columns = []
+        for choice in self.choice_ids:
+            batch = {k: v.to(device) for k, v in self._batch(rows, choice).items()}
+            k = len(choice)
+            # logits at the last k+1 positions; the first k of them predict the choice
+            logits = _last_logits(model, batch, k + 1)[:, :k].float()
+            targets = torch.tensor(choice, device=device).expand(len(rows), k)
+            log_probs = logits.log_softmax(-1).gather(-1, targets.unsqueeze(-1))
+            columns.append(log_probs.squeeze(-1).sum(1).double().cpu())
+        return torch.stack(columns, 1)
+
+
+def left_padded(seqs: Sequence[Sequence[int]], pad: int) -> dict[str, torch.Tensor]:
+    """Rows padded on the left, so that every row ends at the last position (where generation
+    and answer scoring look), with the attention mask and positions counted from each row's
+    first real token."""
+    width = max(len(seq) for seq in seqs)
+    input_ids = torch.full((len(seqs), width), pad, dtype=torch.long)
+    mask = torch.zeros((len(seqs), width), dtype=torch.long)
+    for row, seq in enumerate(seqs):
+        input_ids[row, width - len(seq) :] = torch.tensor(seq, dtype=torch.long)
+        mask[row, width - len(seq) :] = 1
+    positions = (mask.cumsum(1) - 1).clamp(min=0)
+    return {"input_ids": input_ids, "attention_mask": mask, "position_ids": positions}
+
+
+@torch.no_grad()
+def greedy_continuations(
+    model: PreTrainedModel,
+    prompt_ids: Sequence[Sequence[int]],
+    max_new_tokens: int,
+    stop_ids: Sequence[int],
+    pad: int,
+    batch_size: int = 32,
+) -> list[tuple[list[int], bool]]:
+    """Greedy continuation of each prompt (token ids, the model's own tokens in full): the new
+    tokens up to the first stop token (not included), and whether a stop token ended it.
+    Prompts are batched by length."""
+    was_training = model.training
+    model.eval()
+    order = sorted(range(len(prompt_ids)), key=lambda i: len(prompt_ids[i]))
+    results: list[tuple[list[int], bool]] = [([], False)] * len(prompt_ids)
+    try:
+        with contiguous_head_inputs(model):
+            for begin in range(0, len(order), batch_size):
+                rows = order[begin : begin + batch_size]
+                batch = left_padded([prompt_ids[i] for i in rows], pad)
+                batch.pop("position_ids")  # generate counts positions from the mask itself
+                out = model.generate(
+                    **{k: v.to(model.device) for k, v in batch.items()},
+                    max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=pad,
+                    eos_token_id=list(stop_ids),
+                )  # fmt: skip
+                for row, new in zip(rows, out[:, batch["input_ids"].shape[1] :].tolist(), strict=True):
+                    stops = [j for j, token in enumerate(new) if token in stop_ids]
+                    results[row] = (new[: stops[0]], True) if stops else (new, False)
+    finally:
+        model.train(was_training)
+    return results
 
 
 def _last_logits(model: PreTrainedModel, batch: dict, keep: int) -> torch.Tensor:

@@ -97,3 +97,28 @@ def pretrained_models(model: nn.Module) -> list[nn.Module]:
 
 def _configs(model: nn.Module) -> list[object]:
     return [m.config for m in pretrained_models(model)]
+
+
+@contextmanager
+def bf16_inference(model: nn.Module, enabled: bool = True) -> Iterator[None]:
+    """Evaluation and generation in bf16 (``enabled``): every weight held in bf16 under bf16
+    autocast, without gradients; the exact weights come back after. A small LLM's forward pass
+    is about ten times faster so on a CPU with bf16 matrix units."""
+    if not enabled:
+        with torch.no_grad():
+            yield
+        return
+    trains = {param: param.requires_grad for param in model.parameters()}
+    for param in trains:
+        param.requires_grad_(False)
+    device = next(model.parameters()).device.type
+    try:
+        with (
+            torch.no_grad(),
+            bf16_frozen_base(model),
+            torch.autocast(device, dtype=torch.bfloat16),
+        ):
+            yield
+    finally:
+        for param, trained in trains.items():
+            param.requires_grad_(trained)

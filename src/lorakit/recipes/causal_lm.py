@@ -15,7 +15,9 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import math
+import time
 from pathlib import Path
 from typing import Any
 
@@ -26,24 +28,41 @@ from torch.utils.data import DataLoader
 from lorakit.config import CausalConfig, Config, ConfigError
 from lorakit.data import dataset_fingerprint, load_dataset, split_of
 from lorakit.data.causal import (
-    VERDICT_CHOICES,
+    eos_id,
     instruction_dataset,
     load_instruction_file,
     pack_texts,
+    pad_id,
     padded_lm_dataset,
     rotten_tomatoes_verdicts,
+    token_ids,
+    trim_padding,
+    verdict_choices,
 )
-from lorakit.models.causal_lm import ChoiceScorer, load_causal_lm
+from lorakit.data.chat import (
+    chat_dataset,
+    has_chat_template,
+    pair_conversations,
+    read_conversations,
+    render,
+)
+from lorakit.models.causal_lm import ChoiceScorer, greedy_continuations, load_causal_lm
 from lorakit.models.transformer import public_name, weights_bytes
-from lorakit.nn.frozen_base import set_model_dropout
+from lorakit.nn.frozen_base import bf16_inference, set_model_dropout
+from lorakit.nn.output_head import labeled_positions_loss
 from lorakit.recipes.base import Recipe, lora_report
 from lorakit.recipes.pretrain_tiny_gpt2 import ensure_base_model
-from lorakit.rundir import RunDir
+from lorakit.rundir import RunDir, write_json_atomic
 from lorakit.train import engines
 from lorakit.train.loop import train_loop
-from lorakit.train.metrics import evaluate_causal, perplexity, verdict_accuracy
+from lorakit.train.metrics import evaluate_causal, perplexity
+from lorakit.train.preflight import preflight_checks
 
 SPLITS = ("train", "validation", "test")
+# the figures beyond perplexity that a run may measure, base and tuned (TaskScores)
+TASK_FIGURES = ("verdict_accuracy", "generated_verdict_accuracy", "end_of_turn_rate", "rouge1",
+                "rouge2", "rougeL")  # fmt: skip
+VERDICT_NEW_TOKENS = 4  # a verdict word and the end-of-turn token, with room to spare
 INSTRUCTION_FILE_TYPES = (".jsonl", ".csv")
 RELOAD_TOLERANCE = 1e-4
 
@@ -53,48 +72,90 @@ def causal_section(config: Config) -> CausalConfig:
 
 
 # ---------------------------------------------------------------- data
-def _limit_train(split: datasets.Dataset, config: Config) -> datasets.Dataset:
-    limit = config.data.max_train_samples
+def _limit(split: datasets.Dataset, limit: int | None, config: Config) -> datasets.Dataset:
+    """A fixed random subset of ``limit`` rows (from the run's seed), or the whole split."""
     if not limit:
         return split
     split = split.shuffle(seed=config.seed)
     return split.select(range(min(len(split), limit)))
 
 
-def _instruction_pairs(config: Config) -> datasets.DatasetDict:
-    """prompt/response splits: an instruction file (split by prompt hash) or the verdicts."""
+def _split_by_key(rows: datasets.Dataset, keys: list[str], path) -> datasets.DatasetDict:
+    """~80/10/10 by a hash of each row's key (its prompt), as lorakit splits any data file."""
+    where = [split_of(key) for key in keys]
+    dsd = datasets.DatasetDict(
+        {s: rows.select([i for i, w in enumerate(where) if w == s]) for s in SPLITS}
+    )
+    empty = [s for s in SPLITS if dsd[s].num_rows == 0]
+    if empty:
+        raise ConfigError(
+            f"data.path: {path} has {rows.num_rows} rows, too few to fill the "
+            f"{', '.join(empty)} split(s) (~80/10/10 by prompt); give at least ~50 rows"
+        )
+    return dsd
+
+
+def _instruction_examples(config: Config, chat: bool) -> datasets.DatasetDict:
+    """The examples' splits: `messages` (chat turns) or `prompt`/`response` columns, from an
+    instruction file (split by prompt hash), a built-in prompt/response set (aclsum) or the
+    rotten-tomatoes verdicts."""
     causal = causal_section(config)
     path = config.data.path
     if path and Path(path).suffix.lower() in INSTRUCTION_FILE_TYPES:
+        conversations = read_conversations(path)
+        if conversations is not None:
+            if not chat:
+                raise ConfigError(
+                    f"data.path: {path} holds chat `messages`, which need a model with a chat "
+                    "template; set causal.chat = 'auto' and a chat model (model.name = 'smollm2')"
+                )
+            rows = datasets.Dataset.from_dict({"messages": conversations})
+            return _split_by_key(rows, [_first_user_turn(c) for c in conversations], path)
         pairs = load_instruction_file(path, causal.prompt_column, causal.response_column)
-        where = [split_of(p) for p in pairs["prompt"]]
-        dsd = datasets.DatasetDict(
-            {s: pairs.select([i for i, w in enumerate(where) if w == s]) for s in SPLITS}
-        )
-        empty = [s for s in SPLITS if dsd[s].num_rows == 0]
-        if empty:
-            raise ConfigError(
-                f"data.path: {path} has {pairs.num_rows} rows, too few to fill the "
-                f"{', '.join(empty)} split(s) (~80/10/10 by prompt); give at least ~50 rows"
-            )
-        return dsd
+        return _split_by_key(pairs, pairs["prompt"], path)
     dsd = load_dataset(
         config.data.source,
         text_column=config.data.text_column,
         label_column=config.data.label_column,
     )
+    if {"prompt", "response"} <= set(dsd["train"].column_names):
+        return dsd
     try:
-        return rotten_tomatoes_verdicts(dsd)
+        return rotten_tomatoes_verdicts(dsd, chat=chat)
     except ValueError as err:
         raise ConfigError(
             f"data: {err}, or an instruction file ({', '.join(INSTRUCTION_FILE_TYPES)}) with "
-            "prompt/response columns in data.path"
+            "prompt/response columns or chat `messages` in data.path"
         ) from None
 
 
+def _first_user_turn(conversation: list[dict[str, str]]) -> str:
+    return next((t["content"] for t in conversation if t["role"] == "user"), "")
+
+
+def uses_chat(config: Config, tokenizer) -> bool:
+    """Whether instruction examples are rendered with the tokenizer's chat template."""
+    chat = causal_section(config).chat
+    if chat == "on" and not has_chat_template(tokenizer):
+        raise ConfigError(
+            f"causal.chat: 'on' but {config.model.name}'s tokenizer has no chat template; set "
+            "causal.chat = 'auto' (plain prompt/response rows) or use a chat model"
+        )
+    return causal_section(config).mode == "instruction" and (
+        chat == "on" or (chat == "auto" and has_chat_template(tokenizer))
+    )
+
+
+def conversations_of(examples: datasets.Dataset, system: str | None) -> list:
+    """Each example as chat turns: its `messages`, or its prompt/response as one exchange."""
+    if "messages" in examples.column_names:
+        return examples["messages"]
+    return pair_conversations(examples["prompt"], examples["response"], system)
+
+
 def build_data(config: Config, tokenizer, max_positions: int) -> dict[str, Any]:
-    """Tokenized splits (`input_ids`, `attention_mask`, `labels`), the raw test pairs, and the
-    fingerprint of the source data."""
+    """Tokenized splits (`input_ids`, `attention_mask`, `labels`), the raw validation and test
+    examples, how the examples were rendered, and the fingerprint of the source data."""
     causal = causal_section(config)
     if causal.mode == "lm":
         if causal.block_size > max_positions:
@@ -107,36 +168,56 @@ def build_data(config: Config, tokenizer, max_positions: int) -> dict[str, Any]:
             text_column=config.data.text_column,
             label_column=config.data.label_column,
         )
-        dsd["train"] = _limit_train(dsd["train"], config)
+        dsd["train"] = _limit(dsd["train"], config.data.max_train_samples, config)
+        dsd["validation"] = _limit(dsd["validation"], config.data.max_eval_samples, config)
         if causal.packing:
             splits = {s: pack_texts(tokenizer, dsd[s]["text"], causal.block_size) for s in SPLITS}
         else:
             max_length = min(config.data.max_length, max_positions)
             splits = {s: padded_lm_dataset(tokenizer, dsd[s]["text"], max_length) for s in SPLITS}
         return {
-            "splits": splits, "val_pairs": None, "test_pairs": None,
+            "splits": splits, "val_pairs": None, "test_pairs": None, "chat": False,
+            "end_of_turn": eos_id(tokenizer), "truncated": 0,
             "fingerprint": dataset_fingerprint(dsd),
         }  # fmt: skip
-    pairs = _instruction_pairs(config)
-    pairs["train"] = _limit_train(pairs["train"], config)
+    chat = uses_chat(config, tokenizer)
+    examples = _instruction_examples(config, chat)
+    examples["train"] = _limit(examples["train"], config.data.max_train_samples, config)
+    examples["validation"] = _limit(examples["validation"], config.data.max_eval_samples, config)
     max_length = min(config.data.max_length, max_positions)
-    splits = {
-        s: instruction_dataset(tokenizer, pairs[s]["prompt"], pairs[s]["response"], max_length)
-        for s in SPLITS
-    }
+    if chat:
+        rows = {
+            s: chat_dataset(tokenizer, conversations_of(examples[s], causal.system_prompt),
+                            max_length)
+            for s in SPLITS
+        }  # fmt: skip
+        splits = {s: rows[s].dataset for s in SPLITS}
+        end_of_turn = rows["train"].end_of_turn
+        truncated = sum(r.truncated for r in rows.values())
+    else:
+        splits = {
+            s: instruction_dataset(
+                tokenizer, examples[s]["prompt"], examples[s]["response"], max_length
+            )
+            for s in SPLITS
+        }
+        end_of_turn, truncated = eos_id(tokenizer), 0
     return {
-        "splits": splits, "val_pairs": pairs["validation"], "test_pairs": pairs["test"],
-        "fingerprint": _pairs_fingerprint(pairs),
+        "splits": splits, "val_pairs": examples["validation"], "test_pairs": examples["test"],
+        "chat": chat, "end_of_turn": end_of_turn, "truncated": truncated,
+        "fingerprint": _examples_fingerprint(examples),
     }  # fmt: skip
 
 
-def _pairs_fingerprint(pairs: datasets.DatasetDict) -> str:
-    """A 16-hex-digit digest of every split's prompts and responses."""
+def _examples_fingerprint(examples: datasets.DatasetDict) -> str:
+    """A 16-hex-digit digest of every split's examples (prompts and responses, or turns)."""
     digest = hashlib.sha256()
     for split in SPLITS:
         digest.update(f"\x1e{split}\x1d".encode())
-        for prompt, response in zip(pairs[split]["prompt"], pairs[split]["response"], strict=True):
-            digest.update(f"{prompt}\x1f{response}\x1e".encode())
+        columns = ["messages"] if "messages" in examples[split].column_names else [
+            "prompt", "response"]  # fmt: skip
+        for row in zip(*(examples[split][c] for c in columns), strict=True):
+            digest.update(json.dumps(row, sort_keys=True).encode() + b"\x1e")
     return digest.hexdigest()[:16]
 
 
@@ -151,32 +232,97 @@ def _has_verdicts(pairs: datasets.Dataset | None) -> bool:
     return pairs is not None and "choice" in pairs.column_names
 
 
-def validation_figures(data: dict[str, Any], tokenizer, max_length: int, batch_size: int):
+class TaskScores:
+    """What a causal run measures beyond perplexity, on the same prompts for the base model and
+    the tuned one: verdict accuracy by the answers' likelihood (verdict data); for a chat model,
+    greedy generation's verdict accuracy and how often it closes its turn by itself; ROUGE of
+    generated responses against the references (``causal.rouge``)."""
+
+    def __init__(self, config: Config, data: dict[str, Any], tokenizer, max_length: int,
+                 split: str = "test"):  # fmt: skip
+        causal = causal_section(config)
+        self.examples = data[f"{'val' if split == 'validation' else 'test'}_pairs"]
+        self.tokenizer, self.chat, self.end_of_turn = tokenizer, data["chat"], data["end_of_turn"]
+        self.batch_size = config.train.eval_batch_size
+        self.verdicts = _has_verdicts(self.examples)
+        self.rouge = causal.rouge and self.examples is not None
+        self.max_new_tokens = causal.max_new_tokens
+        if not (self.verdicts or self.rouge):
+            return
+        prompts = self._prompts(causal.system_prompt)
+        if self.verdicts:
+            self.scorer = ChoiceScorer(
+                tokenizer, prompts, verdict_choices(self.chat), max_length, self.batch_size,
+                start=[] if self.chat else None,
+            )  # fmt: skip
+            self.truth = torch.tensor(self.examples["choice"])
+        self.prompt_ids = token_ids(tokenizer, prompts)
+        if not self.chat:
+            self.prompt_ids = [[eos_id(tokenizer), *ids] for ids in self.prompt_ids]
+
+    def _prompts(self, system: str | None) -> list[str]:
+        """Each example's prompt as the model sees it: the chat rendering up to the assistant's
+        turn, or the plain prompt."""
+        if not self.chat:
+            return list(self.examples["prompt"])
+        return [render(self.tokenizer, conversation[:-1], open_turn=True)
+                for conversation in conversations_of(self.examples, system)]  # fmt: skip
+
+    def likelihood_accuracy(self, model) -> float:
+        return float((self.scorer(model).argmax(1) == self.truth).double().mean())
+
+    def __call__(self, model) -> dict[str, float]:
+        figures: dict[str, float] = {}
+        if self.verdicts:
+            figures["verdict_accuracy"] = self.likelihood_accuracy(model)
+        if self.chat and self.verdicts:
+            figures.update(self._generated_verdicts(model))
+        if self.rouge:
+            figures.update(self._rouge(model))
+        return figures
+
+    def _generate(self, model, max_new_tokens: int) -> list[tuple[list[int], bool]]:
+        stops = sorted({self.end_of_turn, eos_id(self.tokenizer)})
+        return greedy_continuations(
+            model, self.prompt_ids, max_new_tokens, stops, pad_id(self.tokenizer), self.batch_size
+        )
+
+    def _generated_verdicts(self, model) -> dict[str, float]:
+        words = verdict_choices(chat=True)
+        outputs = self._generate(model, VERDICT_NEW_TOKENS)
+        texts = [self.tokenizer.decode(ids, skip_special_tokens=True).strip() for ids, _ in outputs]
+        picked = [words.index(t) if t in words else -1 for t in texts]
+        truth = self.truth.tolist()
+        return {
+            "generated_verdict_accuracy": sum(p == y for p, y in zip(picked, truth, strict=True))
+            / len(truth),
+            "end_of_turn_rate": sum(ended for _, ended in outputs) / len(outputs),
+        }
+
+    def _rouge(self, model) -> dict[str, float]:
+        from lorakit.train.metrics import rouge  # TODO merge
+
+        outputs = self._generate(model, self.max_new_tokens)
+        texts = [self.tokenizer.decode(ids, skip_special_tokens=True).strip() for ids, _ in outputs]
+        figures = rouge(texts, list(self.examples["response"]))
+        figures["end_of_turn_rate"] = sum(ended for _, ended in outputs) / len(outputs)
+        self.last_generations = texts
+        return figures
+
+
+def validation_figures(data: dict[str, Any], scores: TaskScores | None):
     """The loop's evaluation: loss and perplexity, and for verdict data the verdict accuracy
     on the validation prompts as well (scored the way the test split is), so the run's curves
     show the task itself; `causal.select_by` picks which of them keeps the best adapter."""
-    pairs = data["val_pairs"]
-    if not _has_verdicts(pairs):
+    if scores is None or not scores.verdicts:
         return evaluate_causal
-    scorer = ChoiceScorer(tokenizer, pairs["prompt"], VERDICT_CHOICES, max_length, batch_size)
-    truth = torch.tensor(pairs["choice"])
 
     def evaluate(model, loader, accelerator=None) -> dict[str, float]:
         figures = evaluate_causal(model, loader, accelerator)
-        predicted = scorer(model).argmax(1)
-        figures["verdict_accuracy"] = float((predicted == truth).double().mean())
+        figures["verdict_accuracy"] = scores.likelihood_accuracy(model)
         return figures
 
     return evaluate
-
-
-def _verdicts(model, tokenizer, pairs: datasets.Dataset | None, batch_size: int) -> float | None:
-    """Verdict accuracy (log-likelihood of " fresh" vs " rotten"); None without verdict data."""
-    if not _has_verdicts(pairs):
-        return None
-    return verdict_accuracy(
-        model, tokenizer, pairs["prompt"], pairs["choice"], batch_size=batch_size
-    )
 
 
 def _loaders(splits: dict[str, datasets.Dataset], config: Config) -> dict[str, DataLoader]:
@@ -188,6 +334,7 @@ def _loaders(splits: dict[str, datasets.Dataset], config: Config) -> dict[str, D
             shuffle=s == "train",
             generator=generator if s == "train" else None,
             num_workers=config.train.num_workers,
+            collate_fn=trim_padding,
         )
         for s in SPLITS
     }
@@ -204,7 +351,8 @@ def _model_to_train(config: Config):
 
 
 class CausalLM(Recipe):
-    """A GPT-2-like causal LM plus LoRA, measured by test perplexity (and verdict accuracy)."""
+    """A causal LM plus LoRA, measured by test perplexity, and by the task's own figures where
+    the data has them (verdict accuracy, generation closing its turn, ROUGE)."""
 
     def load_data(self) -> str:
         """Loads the base model first: the data is tokenized with its tokenizer."""
@@ -221,20 +369,40 @@ class CausalLM(Recipe):
                 "'instruction' on the built-in rotten-tomatoes verdicts); set causal.select_by = "
                 "'perplexity'"
             )
+        self.test_scores = TaskScores(config, self.data, self.tokenizer, self.positions)
+        self.val_scores = TaskScores(config, self.data, self.tokenizer, self.positions,
+                                     split="validation")  # fmt: skip
         return self.data["fingerprint"]
 
+    def measure(self, model) -> dict[str, float]:
+        """Test perplexity and the task's figures, in the precision training uses."""
+        with bf16_inference(model, self.config.train.use_bf16):
+            figures = {"perplexity": perplexity(
+                model, self.data["splits"]["test"], self.config.train.eval_batch_size)}
+            figures.update(self.test_scores(model))
+        return figures
+
     def build_model(self, run_dir: RunDir, resume: Path | None):
-        """Measures the base model on the test split, then adds LoRA to it."""
+        """Measures the base model on the test split, adds LoRA to it, and runs the pre-flight
+        checks."""
         config, model = self.config, self.base
-        eval_bs = config.train.eval_batch_size
-        self.base_ppl = perplexity(model, self.data["splits"]["test"], eval_bs)
-        self.base_verdicts = _verdicts(model, self.tokenizer, self.data["test_pairs"], eval_bs)
-        print(f"{config.run_name}: base model {self.base_name}: test perplexity "
-              f"{self.base_ppl:.2f}", flush=True)  # fmt: skip
+        started = time.monotonic()
+        self.base_figures = self.measure(model)
+        print(f"{config.run_name}: base model {self.base_name}: "
+              f"{_figures_line(self.base_figures)} ({time.monotonic() - started:.0f} s)",
+              flush=True)  # fmt: skip
         torch.manual_seed(config.seed)  # LoRA's A matrices start random: from the run's seed
-        return engines.apply_lora(
+        model = engines.apply_lora(
             model, config.lora, base_name=self.base_name, task_type="CAUSAL_LM"
         )
+        checks = preflight_checks(
+            model, self.tokenizer, self.data["splits"]["train"], self.data["end_of_turn"],
+            chat=self.data["chat"], truncated=self.data["truncated"],
+        )  # fmt: skip
+        for check in checks:
+            print(f"{config.run_name}: pre-flight: {check['line']}", flush=True)
+        write_json_atomic(run_dir.path / "preflight.json", checks)
+        return model
 
     def trainable_line(self, trainable: int, total: int) -> str:
         return (f"{self.config.run_name}: LoRA ({self.config.lora.engine}): {trainable:,} of "
@@ -244,20 +412,16 @@ class CausalLM(Recipe):
         return _loaders(self.data["splits"], self.config)
 
     def loop_options(self) -> dict[str, Any]:
-        eval_bs = self.config.train.eval_batch_size
         return {
             "desc": self.config.run_name,
             "metric": causal_section(self.config).select_by,
-            "evaluate_fn": validation_figures(self.data, self.tokenizer, self.positions, eval_bs),
+            "evaluate_fn": validation_figures(self.data, self.val_scores),
+            "loss_fn": labeled_positions_loss,
         }
 
     def test(self, model, loaders: dict) -> dict[str, Any]:
-        eval_bs = self.config.train.eval_batch_size
-        test_ppl = perplexity(model, self.data["splits"]["test"], eval_bs)
-        figures = {"loss": math.log(test_ppl), "perplexity": test_ppl}
-        verdicts = _verdicts(model, self.tokenizer, self.data["test_pairs"], eval_bs)
-        if verdicts is not None:
-            figures["verdict_accuracy"] = verdicts
+        figures = self.measure(model)
+        figures["loss"] = math.log(figures["perplexity"])
         return figures
 
     @torch.no_grad()
@@ -282,37 +446,42 @@ class CausalLM(Recipe):
 
     def summary_figures(self, result, test, checks, counts) -> dict[str, Any]:
         trainable, total = counts
+        base = self.base_figures
         figures = {
             "task": "causal-lm",
             "mode": causal_section(self.config).mode,
+            "chat_template": self.data["chat"],
             "base_model_path": self.base_path,
             "trainer": "lorakit",
             "test_perplexity": test["perplexity"],
-            "base_test_perplexity": self.base_ppl,
-            "perplexity_ratio": test["perplexity"] / self.base_ppl,
+            "base_test_perplexity": base["perplexity"],
+            "perplexity_ratio": test["perplexity"] / base["perplexity"],
             "test_loss": math.log(test["perplexity"]),
             "trainable_percent": round(100 * trainable / total, 4),
             "steps": result.steps,
             "test_tokens": _target_tokens(self.data["splits"]["test"]),
             **checks,
         }
+        for name in TASK_FIGURES:
+            if name in test:
+                figures[f"test_{name}"] = test[name]
+                figures[f"base_test_{name}"] = base[name]
         if "verdict_accuracy" in test:
-            figures["test_verdict_accuracy"] = test["verdict_accuracy"]
-            figures["base_test_verdict_accuracy"] = self.base_verdicts
             figures["test_majority_accuracy"] = _majority(self.data["test_pairs"])
         return figures
 
     def compare(self, run_dir: RunDir, summary: dict[str, Any]) -> None:
         config = self.config
-        rows = comparison_rows(
-            config, self.data["splits"], summary, self.data["test_pairs"], self.tokenizer
-        )
+        rows = comparison_rows(self, summary)
         run_dir.write_comparison(rows, title=f"{config.run_name}: LoRA vs full fine-tuning")
         summary["full_ft_test_perplexity"] = rows[-1]["test_perplexity"]
 
     def closing_line(self, summary: dict[str, Any], run_dir: RunDir) -> str:
-        verdicts = summary.get("test_verdict_accuracy")
-        extra = "" if verdicts is None else f", verdict accuracy {verdicts:.4f}"
+        extra = "".join(
+            f", {name.replace('_', ' ')} {summary[f'base_test_{name}']:.4f} -> "
+            f"{summary[f'test_{name}']:.4f}"
+            for name in TASK_FIGURES if f"test_{name}" in summary
+        )  # fmt: skip
         return (f"{self.config.run_name}: test perplexity {summary['base_test_perplexity']:.2f} -> "
                 f"{summary['test_perplexity']:.2f}{extra} (best step {summary['best_step']}); "
                 f"adapter in {run_dir.adapter_dir}")  # fmt: skip
@@ -340,6 +509,14 @@ class CausalLM(Recipe):
         )
 
 
+def _figures_line(figures: dict[str, float]) -> str:
+    return ", ".join(
+        [f"test perplexity {figures['perplexity']:.2f}"]
+        + [f"{name.replace('_', ' ')} {figures[name]:.4f}" for name in TASK_FIGURES
+           if name in figures]
+    )  # fmt: skip
+
+
 def _target_tokens(split: datasets.Dataset) -> int:
     return int((split[:]["labels"][:, 1:] != -100).sum())
 
@@ -349,8 +526,9 @@ def _majority(pairs: datasets.Dataset) -> float:
     return max(choices.count(c) for c in set(choices)) / len(choices)
 
 
-def comparison_rows(config: Config, splits, summary, test_pairs, tokenizer) -> list[dict]:
+def comparison_rows(recipe: CausalLM, summary: dict[str, Any]) -> list[dict]:
     """Base, LoRA and full fine-tuning of the same model on the same data, one row each."""
+    config = recipe.config
     causal = causal_section(config)
     model, _ = _model_to_train(config)
     for p in model.parameters():
@@ -358,39 +536,38 @@ def comparison_rows(config: Config, splits, summary, test_pairs, tokenizer) -> l
     full_train = config.train.model_copy(
         update={"lr": causal.full_lr or config.train.lr / 10, "checkpoint_every": 0}
     )
-    loaders = _loaders(splits, config)
+    loaders = _loaders(recipe.data["splits"], config)
     print(
         f"{config.run_name}: full fine-tuning for the comparison (lr {full_train.lr:g})", flush=True
     )
     result = train_loop(
         model, loaders["train"], loaders["validation"], full_train, seed=config.seed,
-        metric="perplexity", desc="full fine-tuning", evaluate_fn=evaluate_causal,
+        metric=causal.select_by, desc="full fine-tuning",
+        evaluate_fn=validation_figures(recipe.data, recipe.val_scores),
+        loss_fn=labeled_positions_loss,
     )  # fmt: skip
-    full_ppl = perplexity(model.eval(), splits["test"], config.train.eval_batch_size)
+    full = recipe.measure(model.eval())
     total = sum(p.numel() for p in model.parameters())  # the base model's own parameters
-    full_verdicts = _verdicts(model, tokenizer, test_pairs, config.train.eval_batch_size)
 
-    def row(method, trainable, ppl, verdicts, seconds):
-        figures = {
+    def row(method, trainable, figures, seconds):
+        values = {
             "method": method,
             "trainable_params": trainable,
             "trainable_percent": round(100 * trainable / total, 4),
-            "test_perplexity": ppl,
-            "vs_base": ppl / summary["base_test_perplexity"],
+            "test_perplexity": figures["perplexity"],
+            "vs_base": figures["perplexity"] / summary["base_test_perplexity"],
         }
-        if _has_verdicts(test_pairs):
-            figures["test_verdict_accuracy"] = verdicts
-        figures["train_seconds"] = seconds
-        return figures
+        values.update({f"test_{name}": figures[name] for name in TASK_FIGURES if name in figures})
+        values["train_seconds"] = seconds
+        return values
 
+    tuned = {name: summary[f"test_{name}"] for name in ("perplexity", *TASK_FIGURES)
+             if f"test_{name}" in summary}  # fmt: skip
     return [
-        row("base (no training)", 0, summary["base_test_perplexity"],
-            summary.get("base_test_verdict_accuracy"), 0.0),
+        row("base (no training)", 0, recipe.base_figures, 0.0),
         row(f"LoRA r={config.lora.r} ({config.lora.engine})", summary["trainable_params"],
-            summary["test_perplexity"], summary.get("test_verdict_accuracy"),
-            summary["train_seconds"]),
-        row("full fine-tuning", total, full_ppl,
-            full_verdicts, result.train_seconds),
+            tuned, summary["train_seconds"]),
+        row("full fine-tuning", total, full, result.train_seconds),
     ]  # fmt: skip
 
 

@@ -21,13 +21,15 @@ from typing import Any
 import datasets
 import numpy as np
 import torch
-import torch.nn.functional as F
 from accelerate import Accelerator
 from torch import nn
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from lorakit.data.causal import IGNORE_INDEX
 from lorakit.models.causal_lm import choice_log_likelihoods, generated_choices
+from lorakit.nn.output_head import labeled_positions_loss
+
+CAUSAL_INPUTS = ("input_ids", "attention_mask", "labels")
 
 
 # ---------------------------------------------------------------- causal LMs: loss, perplexity
@@ -40,19 +42,12 @@ def causal_lm_loss(model: nn.Module, batches: Iterable[dict], accelerator=None) 
     device = next(model.parameters()).device
     nll = torch.zeros(2, dtype=torch.float64, device=device)  # (summed loss, target tokens)
     for batch in batches:
-        mask = batch.get("attention_mask")
-        logits = model(
-            input_ids=batch["input_ids"].to(device),
-            attention_mask=None if mask is None else mask.to(device),
-        ).logits
-        targets = batch["labels"][:, 1:].to(device)
-        losses = F.cross_entropy(
-            logits[:, :-1].float().transpose(1, 2),
-            targets,
-            ignore_index=IGNORE_INDEX,
-            reduction="sum",
-        )
-        nll += torch.stack([losses.double(), (targets != IGNORE_INDEX).sum().double()])
+        batch = {k: v.to(device) for k, v in batch.items() if k in CAUSAL_INPUTS}
+        targets = int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
+        if targets == 0:
+            continue
+        loss = labeled_positions_loss(model, batch, reduction="sum")
+        nll += torch.stack([loss.double(), torch.tensor(targets, dtype=torch.float64, device=device)])
     if accelerator is not None and accelerator.num_processes > 1:
         nll = accelerator.reduce(nll, "sum")
     model.train(was_training)
