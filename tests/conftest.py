@@ -40,3 +40,11 @@ def stars_csv(tmp_path_factory):
         filler_words=5,
         shuffle=True,
     )
+
+
+@pytest.fixture(scope="session")
+def smollm2_folder(lorakit_cache):
+    """SmolLM2-135M-Instruct converted once (about 20 s) into the session's lorakit cache."""
+    from lorakit.models.gguf import converted_folder, smollm2_gguf
+
+    return converted_folder(smollm2_gguf())

@@ -87,7 +87,9 @@ def only_for(*pipelines: str) -> dict[str, Any]:
 
 class ModelConfig(_Section):
     name: str = Field(
-        "glove-classifier", description="a model folder, a hub id, or the classic model"
+        "glove-classifier",
+        description="a model folder, a hub id, or the classic model; causal LMs also "
+        "'tiny-gpt2', 'smollm2' or a .gguf file",
     )
     embeddings: str = Field(
         "glove-6b-50d",
@@ -105,6 +107,31 @@ class ModelConfig(_Section):
         description="transformer models: the frozen model's own dropout (not LoRA's) while "
         "training; unset keeps the model's config",
     )
+    gguf_file: str | None = Field(
+        None,
+        description="causal LMs: the .gguf file in the folder model.name to load (converted "
+        "once into a Hugging Face folder in lorakit's cache)",
+        **only_for("causal_lm"),
+    )
+
+    @field_validator("gguf_file")
+    @classmethod
+    def _a_gguf_file_name(cls, value: str | None) -> str | None:
+        if value is not None and (not value.lower().endswith(".gguf") or Path(value).is_absolute()):
+            raise ValueError(
+                f"{value!r} is not a .gguf file inside model.name's folder: give a name such as "
+                "'model.Q4_1.gguf', or set model.name to the .gguf file's path"
+            )
+        return value
+
+    @model_validator(mode="after")
+    def _one_gguf_file(self) -> ModelConfig:
+        if self.gguf_file is not None and self.name.lower().endswith(".gguf"):
+            raise ValueError(
+                "model.name is a .gguf file and model.gguf_file names another: set model.name "
+                "to the folder that holds model.gguf_file, or leave model.gguf_file out"
+            )
+        return self
 
 
 class PretrainConfig(_Section):

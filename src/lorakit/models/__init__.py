@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -13,6 +14,11 @@ from lorakit.config import ConfigError
 
 class ModelError(ConfigError):
     """A model folder that is missing or cannot be loaded; the message names the folder."""
+
+
+def cache_root() -> Path:
+    """Where lorakit caches the models it makes: `$LORAKIT_CACHE`, else `~/.cache/lorakit`."""
+    return Path(os.environ.get("LORAKIT_CACHE") or Path.home() / ".cache" / "lorakit")
 
 
 @contextmanager

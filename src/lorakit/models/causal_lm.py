@@ -1,4 +1,5 @@
-"""Causal language models: loading (local folder, hub id or lorakit's tiny GPT-2) and scoring.
+"""Causal language models: loading (local folder, GGUF file, hub id, lorakit's tiny GPT-2 or
+SmolLM2) and scoring.
 
 A closed set of answers ("fresh" / "rotten") after a prompt is scored two ways: by the answers'
 log-likelihood (one batched forward pass per answer, no sampling, the output head run only at the
@@ -6,7 +7,9 @@ answer's positions; `ChoiceScorer`) or by greedy generation (`generated_choices`
 made from them, perplexity and verdict accuracy, are `lorakit.train.metrics`'.
 
 Loading never trains: `"tiny-gpt2"` is read from its cache, which the `pretrain-tiny-gpt2` recipe
-fills (`lorakit.recipes.pretrain_tiny_gpt2.ensure_tiny_gpt2`).
+fills (`lorakit.recipes.pretrain_tiny_gpt2.ensure_tiny_gpt2`). A GGUF file (`"smollm2"`, a
+`.gguf` path, or a folder and its `gguf_file`) is read from the folder it was converted into once
+(`lorakit.models.gguf`).
 """
 
 from __future__ import annotations
@@ -25,16 +28,29 @@ from transformers import (
 
 from lorakit.data.causal import eos_id, pad_id, token_ids
 from lorakit.models import ModelError, loading_folder, no_progress_bars
+from lorakit.models.gguf import SMOLLM2, converted_folder, smollm2_gguf
 from lorakit.models.tiny_gpt2 import TINY_GPT2, cached_tiny_gpt2
 from lorakit.network import OfflineError, hub_reachable
 from lorakit.nn.output_head import contiguous_head_inputs
 
 
-def _resolve(name_or_path: str | Path) -> tuple[str, bool]:
+def _resolve(name_or_path: str | Path, gguf_file: str | None = None) -> tuple[str, bool]:
     """(what to pass to from_pretrained, whether it may need the hub)."""
     name = str(name_or_path)
+    if gguf_file is not None:
+        folder = Path(name).expanduser()
+        if not folder.is_dir():
+            raise ModelError(
+                f"model.gguf_file names a file in the folder model.name, and {folder} is not a "
+                "folder: set model.name to the folder that holds the .gguf file"
+            )
+        return str(converted_folder(folder / gguf_file)), False
     if name == TINY_GPT2:
         return str(cached_tiny_gpt2()), False
+    if name == SMOLLM2:
+        return str(converted_folder(smollm2_gguf())), False
+    if name.lower().endswith(".gguf"):
+        return str(converted_folder(name)), False
     path = Path(name).expanduser()
     if path.exists():
         if not (path / "config.json").is_file():
@@ -46,14 +62,16 @@ def _resolve(name_or_path: str | Path) -> tuple[str, bool]:
 
 
 def load_causal_lm(
-    name_or_path: str | Path, *, dtype: torch.dtype | None = None
+    name_or_path: str | Path, *, dtype: torch.dtype | None = None, gguf_file: str | None = None
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
-    """Model and tokenizer from a local folder, a hub id, or `"tiny-gpt2"` (from its cache).
+    """Model and tokenizer from a local folder, a hub id, `"tiny-gpt2"` (from its cache),
+    `"smollm2"` or a `.gguf` file; with ``gguf_file``, that file in the folder ``name_or_path``.
+    A GGUF file is converted into an ordinary folder on first use (`lorakit.models.gguf`).
 
     A hub id without a network is looked up in the local Hugging Face cache; when it is not
     there, an `OfflineError` names the offline alternative instead of waiting on the network.
     """
-    source, needs_hub = _resolve(name_or_path)
+    source, needs_hub = _resolve(name_or_path, gguf_file)
     local_only = needs_hub and not hub_reachable()
     try:
         with loading_folder(source), no_progress_bars():
@@ -65,8 +83,9 @@ def load_causal_lm(
         if local_only:
             raise OfflineError(
                 f"cannot load {source!r}: the Hugging Face Hub is not reachable and the model is "
-                f"not in the local cache. Offline, use lorakit's own base model: "
-                f"model.name = '{TINY_GPT2}' (a GPT-2 pretrained here on bbc-news)"
+                f"not in the local cache. Offline, use model.name = '{SMOLLM2}' "
+                f"(SmolLM2-135M-Instruct, installed with lorakit), a .gguf file, or "
+                f"'{TINY_GPT2}' (a GPT-2 pretrained here on bbc-news)"
             ) from None
         raise OSError(f"cannot load causal LM {source!r}: {err}") from err
     if tokenizer.pad_token is None:

@@ -13,14 +13,13 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-import os
 from collections.abc import Sequence
 from pathlib import Path
 
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 from transformers import GPT2Config, PreTrainedTokenizerFast
 
-from lorakit.models import ModelError
+from lorakit.models import ModelError, cache_root
 
 TINY_GPT2 = "tiny-gpt2"  # the model.name that loads this model
 ENDOFTEXT = "<|endoftext|>"
@@ -91,11 +90,6 @@ def tiny_gpt2_config(
         pad_token_id=0,
         tie_word_embeddings=True,
     )
-
-
-def cache_root() -> Path:
-    """`$LORAKIT_CACHE`, else `~/.cache/lorakit`."""
-    return Path(os.environ.get("LORAKIT_CACHE") or Path.home() / ".cache" / "lorakit")
 
 
 def default_tiny_gpt2_path(settings: TinyGPT2Settings | None = None) -> Path:
