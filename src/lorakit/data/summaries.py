@@ -4,13 +4,14 @@ ACLSum holds 250 ACL Anthology papers, split by its authors into train / val / t
 100). Of each paper the package keeps the sentences of three sections, and experts wrote a
 one-sentence summary of each of three aspects:
 
-    sentences: abstract, introduction, conclusion      ->  prompt: the sections, then the instruction
-    summary:   challenge, approach, outcome            ->  response: the three in that order
+    sentences: abstract, introduction, conclusion  ->  prompt: the sections, then the instruction
+    summary:   challenge, approach, outcome        ->  response: the three in that order
 
 The three aspects joined read as a three-sentence summary of the paper; the package offers no
 other summary. The sentences come tokenized as the package has them ("In this paper , we ..."),
-joined by a space as the package's own `to_parallel_corpus` does, sections by a blank line. The instruction closes the prompt, so a
-prompt cut from its start (`causal.instruction_dataset`) keeps it.
+joined by a space as the package's own `to_parallel_corpus` does, sections by a blank line. The
+instruction closes the prompt, so a prompt cut from its start (`causal.instruction_dataset`)
+keeps it.
 
 In SmolLM2 tokens, all three sections make a long prompt (median 1,162, p90 1,694, max 3,380);
 the abstract alone a short one (median 176, p90 260, max 1,371: one abstract lists Japanese
