@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import random
 import socket
@@ -15,6 +16,7 @@ import pytest
 from datasets import ClassLabel
 
 from lorakit.data import DataError, dataset_fingerprint, load_dataset, split_of
+from lorakit.data.summaries import SUMMARIZE_INSTRUCTION, aclsum
 from lorakit.network import OfflineError, hub_reachable
 
 SRC = Path(__file__).resolve().parents[1] / "src"
@@ -188,3 +190,57 @@ def test_an_unsure_guess_is_an_error_naming_the_columns(tmp_path):
                                               "label": ["a", "b"] * (rows // 2)})  # fmt: skip
     with pytest.raises(DataError, match=r"text.*columns are \['code', 'label'\].*text_column="):
         guess_columns(no_text)
+
+
+# ---------------------------------------------------------------- aclsum: papers and summaries
+@pytest.fixture(scope="module")
+def data_aclsum():
+    return load_dataset("aclsum")
+
+
+def test_aclsum_keeps_the_package_splits_as_prompt_response_pairs(data_aclsum):
+    dsd = data_aclsum
+    assert {split: len(rows) for split, rows in dsd.items()} == {
+        "train": 100, "validation": 50, "test": 100,
+    }  # fmt: skip
+    for rows in dsd.values():
+        assert rows.column_names == ["prompt", "response"]
+        assert all(p.endswith(f"\n\n{SUMMARIZE_INSTRUCTION}\n") for p in rows["prompt"])
+        assert all(prompt.strip() and response.strip() for prompt, response in zip(
+            rows["prompt"], rows["response"], strict=True))  # fmt: skip
+    first = dsd["train"][0]  # P06-1112, the first line of the package's train.jsonl
+    assert first["prompt"].startswith("In this paper , we explore correlation of dependency")
+    assert first["response"].startswith("A generally accessible NER system for QA systems")
+    assert first["response"].endswith("even better on harder questions where NER performs poorly.")
+
+
+def test_aclsum_loads_the_same_rows_twice(data_aclsum):
+    again = load_dataset("aclsum")
+    for split, rows in data_aclsum.items():
+        assert again[split].to_dict() == rows.to_dict()
+
+
+def test_aclsum_can_take_the_abstract_alone(data_aclsum):
+    abstracts = aclsum(sections=("abstract",))
+    for split, rows in abstracts.items():
+        assert rows["response"] == data_aclsum[split]["response"]
+        shorter = zip(rows["prompt"], data_aclsum[split]["prompt"], strict=True)
+        assert all(len(short) < len(full) for short, full in shorter)
+    with pytest.raises(DataError, match="abstract, introduction, conclusion"):
+        aclsum(sections=("methods",))
+
+
+def test_aclsum_missing_names_the_install_command(monkeypatch):
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(
+        importlib.util,
+        "find_spec",
+        lambda name, *a: None if name == "aclsum" else find_spec(name, *a),
+    )
+    with pytest.raises(DataError, match=r"pip install aclsum==0\.1\.2"):
+        load_dataset("aclsum")
+
+
+def test_aclsum_refuses_a_validation_fraction():
+    with pytest.raises(DataError, match="own validation split"):
+        load_dataset("aclsum", validation_fraction=0.2)

@@ -13,6 +13,7 @@ from lorakit.data.files import FILE_SUFFIXES, load_file, load_split_folder, spli
 from lorakit.data.formats import aclimdb, find_aclimdb
 from lorakit.data.hub import HUB_DATASETS, load_hub
 from lorakit.data.records import Records, to_dataset_dict
+from lorakit.data.summaries import BUILTIN_PAIRS
 
 ACCEPTED = (
     "a .csv, .tsv, .jsonl or .parquet file with text and label columns, an AG News CSV, an "
@@ -21,11 +22,12 @@ ACCEPTED = (
 
 
 def _unknown(name: str) -> DataError:
-    known = [*BUILTIN, *HUB_DATASETS]
+    known = [*BUILTIN, *BUILTIN_PAIRS, *HUB_DATASETS]
     close = difflib.get_close_matches(name, known, n=len(known), cutoff=0.0)
     return DataError(
         f"Unknown dataset {name!r}. Did you mean {close[0]!r}? Built-in (offline): "
-        f"{', '.join(BUILTIN)}; hub (needs a network): {', '.join(HUB_DATASETS)}; "
+        f"{', '.join(BUILTIN)}; prompt/response (offline): {', '.join(BUILTIN_PAIRS)}; "
+        f"hub (needs a network): {', '.join(HUB_DATASETS)}; "
         f"or a path to {ACCEPTED}. Names by closeness: {', '.join(close)}."
     )
 
@@ -64,6 +66,8 @@ def load_dataset(
     Columns are `text` (str) and `label` (`datasets.ClassLabel` with names). `name_or_path` is a
     built-in name (`rotten-tomatoes`, `bbc-news`), a hub name (`imdb`, `ag_news`,
     `rotten_tomatoes`; needs a network), or a path to a file or folder (see `ACCEPTED`).
+    A built-in prompt/response name (`aclsum`) gives its own splits with columns `prompt` and
+    `response` instead.
     `text_column` / `label_column` name the columns of a generic file. `validation_fraction`
     overrides the validation share: 0.1 for hash splits, 0.05 when carved from a given train split.
     `training=False` loads data only to evaluate on: one class is enough and a split may be empty.
@@ -74,6 +78,12 @@ def load_dataset(
             f"validation_fraction must be between 0 and 0.9, not {validation_fraction}."
         )
     name = str(name_or_path)
+    if name in BUILTIN_PAIRS:
+        if validation_fraction is not None:
+            raise DataError(
+                f"{name} has its own validation split; leave validation_fraction unset."
+            )
+        return BUILTIN_PAIRS[name]()
     if name in BUILTIN:
         return to_dataset_dict(BUILTIN[name](), validation_fraction, training)
     if name in HUB_DATASETS and not Path(name).exists():

@@ -1,4 +1,4 @@
-"""The figures a run reports: perplexity, accuracy, verdict accuracy and the confusion matrix.
+"""The figures a run reports: perplexity, accuracy, verdict accuracy, the confusion matrix, ROUGE.
 
 Every recipe takes its numbers from here, so a figure means the same in each summary.json:
 
@@ -10,6 +10,8 @@ Every recipe takes its numbers from here, so a figure means the same in each sum
 - ``confusion_matrix``: counts, rows true labels and columns predictions; ``per_class_scores``
   each class's precision, recall and F1 from it.
 - ``evaluate``: a classifier's loss and accuracy over a loader, with every prediction.
+- ``rouge``: generated summaries against written ones, the mean F-measure of ROUGE-1, ROUGE-2
+  and ROUGE-L (the ``rouge-score`` package, Porter stemming, as most summarization papers report).
 """
 
 from __future__ import annotations
@@ -136,6 +138,28 @@ def verdict_accuracy(
     else:
         raise ValueError(f"method must be 'loglik' or 'generate', got {method!r}")
     return accuracy(predicted, labels)
+
+
+# ---------------------------------------------------------------- summaries
+ROUGE_TYPES = ("rouge1", "rouge2", "rougeL")
+
+
+def rouge(predictions: Sequence[str], references: Sequence[str]) -> dict[str, float]:
+    """Mean F-measure of ROUGE-1, ROUGE-2 and ROUGE-L (longest common subsequence) over the
+    pairs, each text lower-cased, cut at non-alphanumerics and stemmed (``use_stemmer=True``)."""
+    if len(predictions) != len(references):
+        raise ValueError(f"{len(predictions)} predictions but {len(references)} references")
+    if not predictions:
+        raise ValueError("rouge needs at least one prediction and its reference")
+    from rouge_score.rouge_scorer import RougeScorer  # imports nltk: about a second
+
+    scorer = RougeScorer(list(ROUGE_TYPES), use_stemmer=True)
+    totals = dict.fromkeys(ROUGE_TYPES, 0.0)
+    for prediction, reference in zip(predictions, references, strict=True):
+        scores = scorer.score(reference, prediction)  # (target, prediction)
+        for name in ROUGE_TYPES:
+            totals[name] += scores[name].fmeasure
+    return {name: total / len(predictions) for name, total in totals.items()}
 
 
 # ---------------------------------------------------------------- classifiers: loss, accuracy
