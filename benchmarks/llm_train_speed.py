@@ -43,6 +43,7 @@ from torch import nn
 from lorakit.nn.fast_dropout import fast_dropout
 from lorakit.nn.frozen_base import bf16_frozen_base
 from lorakit.nn.labeled_positions import labeled_positions_loss
+from lorakit.train.loop import model_loss
 
 sys.path.insert(0, str(Path(__file__).parent))
 from common import (  # noqa: E402
@@ -57,10 +58,6 @@ from common import (  # noqa: E402
 )
 
 LossFn = Callable[[nn.Module, dict], torch.Tensor]
-
-
-def model_loss(model: nn.Module, batch: dict) -> torch.Tensor:
-    return model(**batch).loss
 
 
 @dataclass(frozen=True)
