@@ -190,3 +190,54 @@ def wait_ready(url: str, server: subprocess.Popen, timeout: float = 180) -> None
             pass
         time.sleep(0.3)
     raise SystemExit("the server did not answer /healthz in time")
+
+
+# ---------------------------------------------------------------- causal LMs (SmolLM2)
+LLM_LORA_OPTIONS = dict(
+    r=8,
+    lora_alpha=16,
+    target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+)
+
+
+def causal_lm(name: str) -> tuple[nn.Module, object]:
+    """(model in fp32, tokenizer) by lorakit's loader: a folder, a hub id or a name it knows."""
+    from transformers.utils import logging
+
+    from lorakit.models.causal_lm import load_causal_lm
+
+    logging.set_verbosity_error()
+    return load_causal_lm(name)
+
+
+def packed_token_rows(tokenizer, rows: int, length: int) -> torch.Tensor:
+    """(rows, length) token ids: rotten-tomatoes reviews tokenized and packed end to end, an eos
+    between two, in a fixed shuffled order. Every row is full: no step is cheaper for padding."""
+    from lorakit.data import load_dataset
+
+    texts = load_dataset("rotten-tomatoes")["train"]["text"]
+    order = torch.randperm(len(texts), generator=torch.Generator().manual_seed(0)).tolist()
+    stream: list[int] = []
+    for i in order:
+        stream += [
+            *tokenizer(texts[i], add_special_tokens=False)["input_ids"],
+            tokenizer.eos_token_id,
+        ]
+        if len(stream) >= rows * length:
+            return torch.tensor(stream[: rows * length]).view(rows, length)
+    raise ValueError(f"rotten-tomatoes holds fewer than {rows * length} tokens")
+
+
+def causal_batch(input_ids: torch.Tensor, labeled: int | None = None) -> dict[str, torch.Tensor]:
+    """A causal-LM batch whose loss counts every position, or with `labeled` only the last
+    `labeled` tokens of each row (instruction tuning: the prompt carries no loss)."""
+    labels = input_ids.clone()
+    if labeled is not None:
+        labels[:, : input_ids.shape[1] - labeled] = -100
+    return {"input_ids": input_ids, "attention_mask": torch.ones_like(input_ids), "labels": labels}
+
+
+def rss_bytes() -> int:
+    """This process's resident set size now."""
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")

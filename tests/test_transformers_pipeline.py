@@ -183,3 +183,19 @@ def test_hf_trainer_takes_the_lora_plus_groups(tmp_path, tiny_bert_dir, stars_cs
     train_hf(config, model, loaders, tmp_path)
     assert (A - a_before).abs().max() < 1e-6
     assert (B - b_before).abs().max() > 1e-4
+
+
+def test_hf_trainer_takes_gradient_checkpointing(tmp_path, tiny_bert_dir, stars_csv):
+    """train.gradient_checkpointing is on while the Trainer trains, and off again afterwards."""
+    from lorakit.nn.checkpointing import is_checkpointing
+
+    config, model, loaders = hf_setup(
+        stars_csv, tiny_bert_dir, ["train.gradient_checkpointing=true"]
+    )
+    seen = []
+    model.register_forward_pre_hook(
+        lambda module, args: seen.append(is_checkpointing(module)) if module.training else None
+    )
+    train_hf(config, model, loaders, tmp_path)
+    assert len(seen) == 3 and all(seen)
+    assert not is_checkpointing(model)

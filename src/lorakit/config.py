@@ -273,6 +273,11 @@ class TrainConfig(_Section):
         description="dropout masks from a fast generator on the CPU (lorakit.nn.fast_dropout); "
         "false: PyTorch's own dropout",
     )
+    gradient_checkpointing: bool = Field(
+        False,
+        description="trades compute for activation memory: each transformer block keeps only its "
+        "input and recomputes the rest in the backward pass (about one more forward a step)",
+    )
     log_every: int = Field(50, gt=0)
     log_to: list[Literal["tensorboard", "wandb"]] | Literal["auto"] = Field(
         "auto",

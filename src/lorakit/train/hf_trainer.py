@@ -22,7 +22,7 @@ from lorakit.nn.fast_dropout import fast_dropout
 from lorakit.rundir import RunDir
 
 from .best import BestEvaluation
-from .loop import TrainResult, parameter_groups
+from .loop import TrainResult, checkpointing_of, parameter_groups
 from .metrics import accuracy
 
 
@@ -143,6 +143,9 @@ def train_with_hf_trainer(
     )
     args = _training_arguments(config, steps_per_epoch, seed, output_dir)
     recorder = _RunDirCallback(run_dir, config.early_stopping_patience, steps_per_epoch)
+    # lorakit's own switch rather than TrainingArguments': the same non-reentrant checkpointing
+    # as the loop's, and the model as before afterwards
+    checkpointing = checkpointing_of(model, config)
     optimizer = None  # the Trainer's own AdamW
     if config.lora_plus_ratio != 1:
         groups = parameter_groups(model, config.lr, config.lora_plus_ratio)
@@ -158,7 +161,7 @@ def train_with_hf_trainer(
         optimizers=(optimizer, None),
     )
     started = time.monotonic()
-    with fast_dropout(model) if config.fast_dropout else nullcontext():
+    with fast_dropout(model) if config.fast_dropout else nullcontext(), checkpointing:
         trainer.train()
     # under bf16 accelerate wrapped model.forward in autocast: take it off, so the test
     # evaluation after training computes in fp32 as every later reload does

@@ -29,7 +29,7 @@ import math
 import sys
 import time
 from collections.abc import Callable, Iterable, Iterator
-from contextlib import nullcontext
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
@@ -42,6 +42,11 @@ from tqdm.auto import tqdm
 from transformers import get_linear_schedule_with_warmup
 
 from lorakit.config import ConfigError, TrainConfig
+from lorakit.nn.checkpointing import (
+    CheckpointingUnsupported,
+    checkpointable_models,
+    gradient_checkpointing,
+)
 from lorakit.nn.fast_dropout import fast_dropout
 from lorakit.nn.frozen_base import bf16_frozen_base
 from lorakit.rundir import RunDir
@@ -242,6 +247,20 @@ def parameter_groups(model: torch.nn.Module, lr: float, lora_plus_ratio: float =
     ]  # fmt: skip
 
 
+def checkpointing_of(model: torch.nn.Module, config: TrainConfig) -> AbstractContextManager:
+    """``train.gradient_checkpointing`` for the length of training (both trainers); a model that
+    cannot is a ConfigError before anything trains."""
+    if not config.gradient_checkpointing:
+        return nullcontext()
+    try:
+        checkpointable_models(model)
+    except CheckpointingUnsupported as err:
+        raise ConfigError(
+            f"train.gradient_checkpointing: {err}; set train.gradient_checkpointing = false"
+        ) from None
+    return gradient_checkpointing(model)
+
+
 def planned_steps(batches_per_epoch: int, config: TrainConfig) -> tuple[int, int]:
     """(optimizer steps per epoch, steps in all) of a run whose epoch is ``batches_per_epoch``
     training batches: one step per ``grad_accum_steps`` batches, ``max_steps`` at most."""
@@ -276,6 +295,7 @@ def train_loop(
     """
     if seed is not None:
         set_seed(seed)
+    checkpointing = checkpointing_of(model, config)
     trainer = _Trainer(
         model, train_loader, eval_loader, config, run_dir=run_dir, metric=metric,
         evaluate_fn=evaluate_fn or evaluate, checkpoint_dir=checkpoint_dir, desc=desc,
@@ -284,10 +304,12 @@ def train_loop(
     if resume is not None:
         trainer.resume(resume)
     # for the loop only: under bf16 the frozen base is held in bf16 (lorakit.nn.frozen_base);
-    # dropout masks come from a fast generator (lorakit.nn.fast_dropout)
+    # dropout masks come from a fast generator (lorakit.nn.fast_dropout); blocks recompute
+    # their activations in the backward pass (lorakit.nn.checkpointing)
     with (
         bf16_frozen_base(trainer.unwrapped) if config.use_bf16 else nullcontext(),
         fast_dropout(trainer.unwrapped) if config.fast_dropout else nullcontext(),
+        checkpointing,
     ):
         trainer.train()
     return trainer.finish()
