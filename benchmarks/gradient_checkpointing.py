@@ -51,7 +51,7 @@ def train_one(args: argparse.Namespace) -> dict:
     loop, and report step times and memory."""
     import lorakit.lora as lora
     from lorakit.config import TrainConfig
-    from lorakit.nn.labeled_positions import labeled_positions_loss
+    from lorakit.nn.output_head import labeled_positions_loss
     from lorakit.train.loop import train_loop
     from lorakit.train.metrics import evaluate_causal
 

@@ -6,7 +6,7 @@ backward and an AdamW step. Settings:
 - "peft fp32" and "peft bf16" (``torch.autocast("cpu", torch.bfloat16)``): PEFT as a user runs it.
 - "lorakit bf16": lorakit's loop with ``train.bf16`` (autocast, the frozen base held in bf16,
   ``lorakit.nn.frozen_base``), its dropout path (``lorakit.nn.fast_dropout``) and the loss of
-  ``lorakit.nn.labeled_positions``: the output head only on positions that carry a label.
+  ``lorakit.nn.output_head``: the output head only on positions that carry a label.
 - "lorakit bf16 full-head loss": the same with the model's own loss (``model(**batch).loss``,
   the head on every position), which shows what the labeled-positions loss adds.
 
@@ -42,7 +42,7 @@ from torch import nn
 
 from lorakit.nn.fast_dropout import fast_dropout
 from lorakit.nn.frozen_base import bf16_frozen_base
-from lorakit.nn.labeled_positions import labeled_positions_loss
+from lorakit.nn.output_head import labeled_positions_loss
 from lorakit.train.loop import model_loss
 
 sys.path.insert(0, str(Path(__file__).parent))

@@ -114,6 +114,8 @@ def chat_dataset(
         ids, labels = _labeled_tokens(tokenizer, conversation, end_of_turn)
         if len(ids) > max_length:
             truncated += 1
+            conversation = _shorter_prompt(tokenizer, conversation, len(ids) - max_length)
+            ids, labels = _labeled_tokens(tokenizer, conversation, end_of_turn)
             ids, labels = ids[-max_length:], labels[-max_length:]
         if all(label == IGNORE_INDEX for label in labels[1:]):
             dropped += 1
@@ -125,6 +127,21 @@ def chat_dataset(
             "data.max_length"
         )
     return ChatRows(padded_rows(rows, _pad(tokenizer, end_of_turn)), end_of_turn, truncated, dropped)
+
+
+def _shorter_prompt(
+    tokenizer: PreTrainedTokenizerBase, conversation: Conversation, excess: int
+) -> Conversation:
+    """A one-exchange conversation whose user turn loses the start of its text, ``excess``
+    tokens and a few more (the end of a prompt, where the instruction sits, is what the answer
+    depends on); any other conversation as it is (the caller then cuts its start)."""
+    users = [i for i, turn in enumerate(conversation) if turn["role"] == "user"]
+    if len(users) != 1:
+        return conversation
+    turn = conversation[users[0]]
+    ids = token_ids(tokenizer, [turn["content"]])[0]
+    kept = tokenizer.decode(ids[excess + 4 :])
+    return [*conversation[: users[0]], {**turn, "content": kept}, *conversation[users[0] + 1 :]]
 
 
 def _pad(tokenizer: PreTrainedTokenizerBase, fallback: int) -> int:

@@ -74,4 +74,10 @@ def aclsum(sections: Sequence[str] = ACLSUM_SECTIONS) -> DatasetDict:
     return DatasetDict(splits)
 
 
-BUILTIN_PAIRS = {"aclsum": aclsum}
+def aclsum_abstracts() -> DatasetDict:
+    """ACLSum with each paper's abstract alone as the document: a prompt a small model on a CPU
+    can afford (median 176 tokens against 1,162 for all three sections)."""
+    return aclsum(sections=("abstract",))
+
+
+BUILTIN_PAIRS = {"aclsum": aclsum, "aclsum-abstracts": aclsum_abstracts}

@@ -47,6 +47,7 @@ from lorakit.data.chat import (
     render,
 )
 from lorakit.models.causal_lm import ChoiceScorer, greedy_continuations, load_causal_lm
+from lorakit.models.gguf import gguf_source
 from lorakit.models.transformer import public_name, weights_bytes
 from lorakit.nn.frozen_base import bf16_inference, set_model_dropout
 from lorakit.nn.output_head import labeled_positions_loss
@@ -55,7 +56,7 @@ from lorakit.recipes.pretrain_tiny_gpt2 import ensure_base_model
 from lorakit.rundir import RunDir, write_json_atomic
 from lorakit.train import engines
 from lorakit.train.loop import train_loop
-from lorakit.train.metrics import evaluate_causal, perplexity
+from lorakit.train.metrics import evaluate_causal, perplexity, rouge
 from lorakit.train.preflight import preflight_checks
 
 SPLITS = ("train", "validation", "test")
@@ -300,8 +301,6 @@ class TaskScores:
         }
 
     def _rouge(self, model) -> dict[str, float]:
-        from lorakit.train.metrics import rouge  # TODO merge
-
         outputs = self._generate(model, self.max_new_tokens)
         texts = [self.tokenizer.decode(ids, skip_special_tokens=True).strip() for ids, _ in outputs]
         figures = rouge(texts, list(self.examples["response"]))
@@ -344,10 +343,15 @@ def _loaders(splits: dict[str, datasets.Dataset], config: Config) -> dict[str, D
 def _model_to_train(config: Config):
     """(model, tokenizer) of ``model.name``, with ``model.dropout`` applied when set: the start
     of both the LoRA run and the full fine-tuning beside it."""
-    model, tokenizer = load_causal_lm(ensure_base_model(config.model.name))
+    model, tokenizer = load_base(config)
     if config.model.dropout is not None:
         set_model_dropout(model, config.model.dropout)
     return model, tokenizer
+
+
+def load_base(config: Config):
+    """(model, tokenizer) of ``model.name`` (and ``model.gguf_file``), as loaded for training."""
+    return load_causal_lm(ensure_base_model(config.model.name), gguf_file=config.model.gguf_file)
 
 
 class CausalLM(Recipe):
@@ -452,6 +456,7 @@ class CausalLM(Recipe):
             "mode": causal_section(self.config).mode,
             "chat_template": self.data["chat"],
             "base_model_path": self.base_path,
+            "base_model_gguf": gguf_source(self.base_path),
             "trainer": "lorakit",
             "test_perplexity": test["perplexity"],
             "base_test_perplexity": base["perplexity"],
@@ -492,14 +497,14 @@ class CausalLM(Recipe):
 
     def trainable_report(self) -> str:
         """Loads the real model."""
-        model, _ = load_causal_lm(ensure_base_model(self.config.model.name))
+        model, _ = load_base(self.config)
         model = engines.apply_lora(model, self.config.lora, base_name=model.name_or_path)
         return lora_report(self.config.model.name, model)
 
     # ------------------------------------------------------------ a finished run
     def reload_base(self):
         # what summary.json's base_model names
-        return load_causal_lm(ensure_base_model(self.config.model.name))
+        return load_base(self.config)
 
     def predictor(self, run_dir: Path):
         raise ConfigError(
