@@ -48,3 +48,11 @@ def smollm2_folder(lorakit_cache):
     from lorakit.models.gguf import converted_folder, smollm2_gguf
 
     return converted_folder(smollm2_gguf())
+
+
+@pytest.fixture(scope="session")
+def tiny_llama_dir(smollm2_folder, tmp_path_factory):
+    """A 2-layer random Llama with SmolLM2's tokenizer and chat template (a model folder)."""
+    from tiny_models import save_tiny_llama_chat
+
+    return save_tiny_llama_chat(tmp_path_factory.mktemp("tiny-llama"), smollm2_folder)

@@ -150,3 +150,22 @@ def train_small_classic(root: Path) -> Path:
         "compare=false",
     ])  # fmt: skip
     return root / "run"
+
+
+def save_tiny_llama_chat(folder: Path, tokenizer_folder: Path, seed: int = 0) -> Path:
+    """A randomly initialised 2-layer Llama (SmolLM2's shape in miniature: grouped-query
+    attention, tied embeddings) with SmolLM2's real tokenizer and chat template, saved as an
+    ordinary model folder."""
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_folder)
+    config = LlamaConfig(
+        vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+        tie_word_embeddings=True, bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+    )  # fmt: skip
+    torch.manual_seed(seed)
+    LlamaForCausalLM(config).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
