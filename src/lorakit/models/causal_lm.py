@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -139,6 +140,12 @@ class ChoiceScorer:
             [[*self.start, *self.prompt_ids[i][-room:][:room], *choice] for i in rows], self.pad
         )
 
+    def single_tokens(self) -> list[int] | None:
+        """The choices' token ids when every choice is a single token, else None."""
+        if all(len(choice) == 1 for choice in self.choice_ids):
+            return [choice[0] for choice in self.choice_ids]
+        return None
+
     @torch.no_grad()
     def __call__(self, model: PreTrainedModel) -> torch.Tensor:
         was_training = model.training
@@ -157,10 +164,11 @@ class ChoiceScorer:
         """(len(rows), choices) log-likelihoods. When every choice is one token, one forward
         pass of the prompts scores them all; otherwise one pass per choice."""
         device = next(model.parameters()).device
-        if all(len(choice) == 1 for choice in self.choice_ids):
+        single = self.single_tokens()
+        if single is not None:
             batch = {k: v.to(device) for k, v in self._batch(rows, []).items()}
             log_probs = _last_logits(model, batch, 1)[:, -1].float().log_softmax(-1)
-            return log_probs[:, [choice[0] for choice in self.choice_ids]].double().cpu()
+            return log_probs[:, single].double().cpu()
         columns = []
         for choice in self.choice_ids:
             batch = {k: v.to(device) for k, v in self._batch(rows, choice).items()}
@@ -187,6 +195,16 @@ def left_padded(seqs: Sequence[Sequence[int]], pad: int) -> dict[str, torch.Tens
     return {"input_ids": input_ids, "attention_mask": mask, "position_ids": positions}
 
 
+@dataclass(frozen=True)
+class Continuations:
+    """Greedy continuations of prompts, in the prompts' order."""
+
+    tokens: list[list[int]]  # the new tokens up to the first stop token (not included)
+    ended: list[bool]  # whether a stop token ended it (else max_new_tokens did)
+    # log-probabilities of the watched tokens as the first new token: (prompts, watched)
+    first_log_probs: torch.Tensor | None
+
+
 @torch.no_grad()
 def greedy_continuations(
     model: PreTrainedModel,
@@ -195,14 +213,17 @@ def greedy_continuations(
     stop_ids: Sequence[int],
     pad: int,
     batch_size: int = 32,
-) -> list[tuple[list[int], bool]]:
-    """Greedy continuation of each prompt (token ids, the model's own tokens in full): the new
-    tokens up to the first stop token (not included), and whether a stop token ended it.
-    Prompts are batched by length."""
+    watch: Sequence[int] = (),
+) -> Continuations:
+    """Greedy continuation of each prompt (token ids, the model's own tokens in full), prompts
+    batched by length. ``watch``: token ids whose log-probability as the first new token is
+    kept too (a closed set of one-token answers scored in the same pass)."""
     was_training = model.training
     model.eval()
     order = sorted(range(len(prompt_ids)), key=lambda i: len(prompt_ids[i]))
-    results: list[tuple[list[int], bool]] = [([], False)] * len(prompt_ids)
+    tokens: list[list[int]] = [[] for _ in prompt_ids]
+    ended = [False] * len(prompt_ids)
+    first = torch.zeros(len(prompt_ids), len(watch), dtype=torch.float64)
     try:
         with contiguous_head_inputs(model):
             for begin in range(0, len(order), batch_size):
@@ -212,14 +233,20 @@ def greedy_continuations(
                 out = model.generate(
                     **{k: v.to(model.device) for k, v in batch.items()},
                     max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=pad,
-                    eos_token_id=list(stop_ids),
+                    eos_token_id=list(stop_ids), output_logits=bool(watch),
+                    return_dict_in_generate=True,
                 )  # fmt: skip
-                for row, new in zip(rows, out[:, batch["input_ids"].shape[1] :].tolist(), strict=True):
-                    stops = [j for j, token in enumerate(new) if token in stop_ids]
-                    results[row] = (new[: stops[0]], True) if stops else (new, False)
+                new = out.sequences[:, batch["input_ids"].shape[1] :].tolist()
+                for row, ids in zip(rows, new, strict=True):
+                    stops = [j for j, token in enumerate(ids) if token in stop_ids]
+                    tokens[row] = ids[: stops[0]] if stops else ids
+                    ended[row] = bool(stops)
+                if watch:
+                    log_probs = out.logits[0].float().log_softmax(-1)[:, list(watch)]
+                    first[rows] = log_probs.double().cpu()
     finally:
         model.train(was_training)
-    return results
+    return Continuations(tokens, ended, first if watch else None)
 
 
 def _last_logits(model: PreTrainedModel, batch: dict, keep: int) -> torch.Tensor:

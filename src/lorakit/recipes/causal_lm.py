@@ -274,37 +274,44 @@ class TaskScores:
 
     def __call__(self, model) -> dict[str, float]:
         figures: dict[str, float] = {}
-        if self.verdicts:
-            figures["verdict_accuracy"] = self.likelihood_accuracy(model)
         if self.chat and self.verdicts:
             figures.update(self._generated_verdicts(model))
+        elif self.verdicts:
+            figures["verdict_accuracy"] = self.likelihood_accuracy(model)
         if self.rouge:
             figures.update(self._rouge(model))
         return figures
 
-    def _generate(self, model, max_new_tokens: int) -> list[tuple[list[int], bool]]:
+    def _generate(self, model, max_new_tokens: int, watch=()):
         stops = sorted({self.end_of_turn, eos_id(self.tokenizer)})
         return greedy_continuations(
-            model, self.prompt_ids, max_new_tokens, stops, pad_id(self.tokenizer), self.batch_size
-        )
+            model, self.prompt_ids, max_new_tokens, stops, pad_id(self.tokenizer),
+            self.batch_size, watch=watch,
+        )  # fmt: skip
 
     def _generated_verdicts(self, model) -> dict[str, float]:
+        """Verdicts by likelihood and by greedy generation from one pass: the first generated
+        token's log-probabilities score the one-token answers."""
         words = verdict_choices(chat=True)
-        outputs = self._generate(model, VERDICT_NEW_TOKENS)
-        texts = [self.tokenizer.decode(ids, skip_special_tokens=True).strip() for ids, _ in outputs]
-        picked = [words.index(t) if t in words else -1 for t in texts]
-        truth = self.truth.tolist()
+        single = self.scorer.single_tokens()
+        out = self._generate(model, VERDICT_NEW_TOKENS, watch=single or ())
+        texts = [self.tokenizer.decode(ids, skip_special_tokens=True).strip() for ids in out.tokens]
+        picked = torch.tensor([words.index(t) if t in words else -1 for t in texts])
+        if single is None:
+            likelihood = self.likelihood_accuracy(model)
+        else:
+            likelihood = float((out.first_log_probs.argmax(1) == self.truth).double().mean())
         return {
-            "generated_verdict_accuracy": sum(p == y for p, y in zip(picked, truth, strict=True))
-            / len(truth),
-            "end_of_turn_rate": sum(ended for _, ended in outputs) / len(outputs),
+            "verdict_accuracy": likelihood,
+            "generated_verdict_accuracy": float((picked == self.truth).double().mean()),
+            "end_of_turn_rate": sum(out.ended) / len(out.ended),
         }
 
     def _rouge(self, model) -> dict[str, float]:
-        outputs = self._generate(model, self.max_new_tokens)
-        texts = [self.tokenizer.decode(ids, skip_special_tokens=True).strip() for ids, _ in outputs]
+        out = self._generate(model, self.max_new_tokens)
+        texts = [self.tokenizer.decode(ids, skip_special_tokens=True).strip() for ids in out.tokens]
         figures = rouge(texts, list(self.examples["response"]))
-        figures["end_of_turn_rate"] = sum(ended for _, ended in outputs) / len(outputs)
+        figures["end_of_turn_rate"] = sum(out.ended) / len(out.ended)
         self.last_generations = texts
         return figures
 
