@@ -185,7 +185,14 @@ def test_eval_measures_the_runs_test_figures_again(chat_run, capsys):
     assert printed["perplexity"] == pytest.approx(figures["perplexity"], rel=1e-9)
 
 
-def test_eval_refuses_a_split_a_causal_run_does_not_measure(chat_run):
+def test_eval_measures_validation_and_other_data(chat_run, tmp_path):
+    summary = json.loads((chat_run / "summary.json").read_text())
+    validation = lk.evaluate(chat_run, split="validation")["perplexity"]
+    assert validation == pytest.approx(summary["best_validation"]["perplexity"], rel=1e-6)
+    other = write_chats(tmp_path / "other.jsonl", rows=80)
+    figures = lk.evaluate(chat_run, data=str(other))
+    assert figures["dataset"] == str(other)
+    assert figures["perplexity"] != pytest.approx(summary["test_perplexity"], rel=1e-6)
     with pytest.raises(ConfigError, match="split"):
         lk.evaluate(chat_run, split="train")
 
