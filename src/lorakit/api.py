@@ -9,6 +9,7 @@ lk.Predictor("runs/classic-...").predict(texts)               # loaded once, for
 lk.list_recipes()                                             # {name: description}
 lk.sweep("classic", {"r": [2, 8]})                            # {"succeeded", ..., "sweep_dir"}
 lk.merge("runs/classic-...", "merged/")                       # a standalone model folder
+lk.generate("runs/instruct-...", "Is this review fresh or rotten? ...", temperature=0)
 ```
 """
 
@@ -31,6 +32,7 @@ from lorakit.recipes import (
     read_merge_record,
     recipe_class,
     recipe_names,
+    recipe_of_run,
 )
 from lorakit.rundir import read_run_summary
 
@@ -143,11 +145,19 @@ def predict(run_dir: str | Path, texts: Sequence[str]) -> list[dict[str, Any]]:
 
 def evaluate(run_dir: str | Path, data: str | None = None, split: str = "test") -> dict[str, Any]:
     """Accuracy and loss of a finished run (or a merged folder) on a split of its data (or of
-    ``data``)."""
+    ``data``); for a causal-LM run its perplexity, loss and task figures (``remeasure``).
+    ``recorded_test_...`` are the figures the run recorded in summary.json."""
     from lorakit.data import DataError, load_dataset
     from lorakit.data.errors import first_few
     from lorakit.data.files import COLUMN_FIX
 
+    if not is_merged_model(run_dir):
+        run_dir, _, summary = _finished_run(run_dir)
+        if summary.get("task") == "causal-lm":
+            figures = recipe_of_run(run_dir).remeasure(run_dir, data=data, split=split)
+            recorded = {f"recorded_{k}": v for k, v in summary.items()
+                        if k.startswith("test_") and k[5:] in figures}  # fmt: skip
+            return figures | recorded
     run_data, recorded = _evaluated(run_dir)
     text, label = run_data.text_column, run_data.label_column
     try:
@@ -235,21 +245,30 @@ def generate(
     temperature: float = 1.0,
     top_p: float = 1.0,
     seed: int | None = None,
+    raw: bool = False,
     stream: bool = False,
     on_text=None,
+    echo_prompt: bool = False,
 ) -> str:
-    """Continue ``prompt`` with a causal-LM run's base model + adapter; return the new text.
+    """Answer ``prompt`` (a run on a chat template: the prompt is the user's turn) or continue it
+    with a causal-LM run's base model + adapter, or a merged folder; return the new text.
 
-    ``temperature=0`` decodes greedily; ``stream=True`` hands each piece of text to ``on_text``
-    (stdout by default) as it is decoded."""
+    ``raw=True`` continues the text as given, without the chat template. ``temperature=0``
+    decodes greedily; ``stream=True`` hands each piece of text to ``on_text`` (stdout by default)
+    as it is decoded, after the prompt itself when ``echo_prompt`` and the text continues it."""
     from lorakit.generate import generate as continue_text
-    from lorakit.recipes.causal_lm import load_generator
+    from lorakit.recipes.causal_lm import chat_prompting, load_generator
 
-    run_dir, _, summary = _finished_run(run_dir)
-    if summary.get("task") != "causal-lm":
+    if is_merged_model(run_dir):
+        task = read_merge_record(run_dir).get("task")
+    else:
+        run_dir, _, summary = _finished_run(run_dir)
+        task = summary.get("task")
+    if task != "causal-lm":
         raise ConfigError(
-            f"{run_dir} is a {summary.get('task', 'classification')} run; `generate` needs a "
-            "causal-LM run (recipes causal-lm, instruct-verdicts); use `lorakit predict` here"
+            f"{run_dir} is a {task or 'classification'} model; `generate` needs a causal-LM run "
+            "(recipes causal-lm, instruct, summarize) or its merged folder; use `lorakit predict` "
+            "here"
         )
     problems = []
     if max_new_tokens < 1:
@@ -260,10 +279,12 @@ def generate(
         problems.append(f"top_p: must be in (0, 1] (got {top_p})")
     if problems:
         raise ConfigError(problems)
+    chat, system_prompt = chat_prompting(run_dir)
     model, tokenizer = load_generator(run_dir)
     return continue_text(
         model, tokenizer, prompt, max_new_tokens=max_new_tokens, temperature=temperature,
-        top_p=top_p, seed=seed, stream=stream, on_text=on_text,
+        top_p=top_p, seed=seed, stream=stream, on_text=on_text, chat=chat,
+        system_prompt=system_prompt, raw=raw, echo_prompt=echo_prompt,
     )  # fmt: skip
 
 

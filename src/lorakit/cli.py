@@ -90,7 +90,7 @@ def eval_(
     ] = None,
     split: Annotated[str, typer.Option(help="train, validation or test")] = "test",
 ) -> None:
-    """Evaluate a run's adapter on a split."""
+    """Evaluate a run's adapter on a split (a causal-LM run: its perplexity and task figures)."""
     echo_json(api.evaluate(run_dir, data=data, split=split), indent=2)
 
 
@@ -258,25 +258,25 @@ def merge(
 
 @app.command()
 def generate(
-    run_dir: Annotated[Path, typer.Argument(help="a causal-LM run directory")],
-    prompt: Annotated[str, typer.Argument(help="the text to continue")],
+    run_dir: Annotated[Path, typer.Argument(help="a causal-LM run directory or its merged folder")],
+    prompt: Annotated[str, typer.Argument(help="the question (chat runs) or the text to continue")],
     max_new_tokens: Annotated[int, typer.Option(help="tokens to generate at most")] = 50,
     temperature: Annotated[float, typer.Option(help="0 = greedy decoding")] = 1.0,
     top_p: Annotated[float, typer.Option(help="nucleus sampling: the probability kept")] = 1.0,
     seed: Annotated[int | None, typer.Option(help="makes sampling repeatable")] = None,
+    raw: Annotated[
+        bool, typer.Option("--raw", help="continue PROMPT as given, without the chat template")
+    ] = False,
 ) -> None:
-    """Continue PROMPT with the run's base model + adapter, streamed as it is decoded."""
-    started: list[bool] = []
+    """Answer PROMPT with the run's model (base + adapter, or merged), streamed as it is decoded.
 
-    def show(text: str) -> None:  # the prompt first, once the model has loaded
-        if not started:
-            typer.echo(prompt, nl=False)
-            started.append(True)
-        typer.echo(text, nl=False)
-
+    A run trained on its chat template gets PROMPT as the user's turn and stops at the end of
+    the assistant's; other runs (and --raw) continue PROMPT, printed first.
+    """
     api.generate(
         run_dir, prompt, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
-        seed=seed, stream=True, on_text=show,
+        seed=seed, raw=raw, stream=True, on_text=lambda text: typer.echo(text, nl=False),
+        echo_prompt=True,
     )  # fmt: skip
 
 

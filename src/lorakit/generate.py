@@ -1,4 +1,15 @@
-"""Text generation from a causal LM (base, base + adapter, or merged), streamed as it is decoded."""
+"""Text generation from a causal LM (base, base + adapter, or merged), streamed as it is decoded.
+
+The prompt reaches the model in the shape the run trained on:
+- a chat run (its examples rendered with the tokenizer's chat template): the prompt is the
+  user's turn, after the run's system prompt when it set one, rendered by the template up to the
+  opening of the assistant's turn; generation stops at the end-of-turn token (or eos), and the
+  answer comes back without special tokens.
+- any other run: eos, then the prompt (every training row began with eos, GPT-2's bos).
+- ``raw=True`` on a chat run: the text exactly as given, with only the special tokens the
+  tokenizer itself adds (none for SmolLM2's, whose bos ``<|im_start|>`` opens a turn and belongs
+  to the template; ``<s>`` for a tokenizer that adds one).
+"""
 
 from __future__ import annotations
 
@@ -7,6 +18,9 @@ from collections.abc import Callable
 
 import torch
 from transformers import GenerationConfig, PreTrainedModel, PreTrainedTokenizerBase, TextStreamer
+
+from lorakit.data.causal import eos_id, pad_id, token_ids
+from lorakit.data.chat import end_of_turn_id, render
 
 
 class _CallbackStreamer(TextStreamer):
@@ -25,6 +39,32 @@ def _write_stdout(text: str) -> None:
     sys.stdout.flush()
 
 
+def prompt_ids(
+    tokenizer: PreTrainedTokenizerBase,
+    prompt: str,
+    *,
+    chat: bool = False,
+    system_prompt: str | None = None,
+    raw: bool = False,
+) -> list[int]:
+    """The token ids the model continues: the chat rendering of ``prompt`` (``chat``), the text
+    as given (``chat`` and ``raw``), or eos and the text."""
+    if chat and not raw:
+        turns = [{"role": "system", "content": system_prompt}] if system_prompt else []
+        turns.append({"role": "user", "content": prompt})
+        # the template writes any bos itself: no special tokens added on top
+        return token_ids(tokenizer, [render(tokenizer, turns, open_turn=True)])[0]
+    if chat:
+        ids = tokenizer(prompt)["input_ids"]
+        return list(ids) or [eos_id(tokenizer)]  # nothing to continue: start after an ending
+    return [eos_id(tokenizer), *token_ids(tokenizer, [prompt])[0]]
+
+
+def stop_ids(tokenizer: PreTrainedTokenizerBase, chat: bool) -> list[int]:
+    """The tokens that end generation: eos, and on a chat run the end of the assistant's turn."""
+    return sorted({eos_id(tokenizer), end_of_turn_id(tokenizer)} if chat else {eos_id(tokenizer)})
+
+
 @torch.no_grad()
 def generate(
     model: PreTrainedModel,
@@ -36,11 +76,18 @@ def generate(
     seed: int | None = None,
     stream: bool = True,
     on_text: Callable[[str], None] | None = None,
+    *,
+    chat: bool = False,
+    system_prompt: str | None = None,
+    raw: bool = False,
+    echo_prompt: bool = False,
 ) -> str:
-    """Continue `prompt` and return the new text; greedy when `temperature == 0`.
+    """Continue ``prompt`` (or answer it, on a ``chat`` run) and return the new text, special
+    tokens left out; greedy when ``temperature == 0``.
 
-    With `stream=True` each piece of text goes to `on_text` (stdout by default) as soon as it is
-    decoded. `seed` makes sampling repeatable. The prompt is preceded by eos, GPT-2's bos.
+    With ``stream=True`` each piece of text goes to ``on_text`` (stdout by default) as soon as it
+    is decoded, after the prompt itself when ``echo_prompt`` and the text continues it (not a
+    chat answer). ``seed`` makes sampling repeatable. The module docstring says what the model sees.
     """
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be at least 1, got {max_new_tokens}")
@@ -57,18 +104,24 @@ def generate(
         temperature=None if greedy else temperature,
         top_p=None if greedy else top_p,
         top_k=None if greedy else 0,
-        pad_token_id=tokenizer.pad_token_id
-        if tokenizer.pad_token_id is not None
-        else tokenizer.eos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=pad_id(tokenizer),
+        eos_token_id=stop_ids(tokenizer, chat),
     )
-    text = (tokenizer.bos_token or "") + prompt
-    inputs = tokenizer(text, return_tensors="pt", add_special_tokens=False).to(model.device)
-    streamer = _CallbackStreamer(tokenizer, on_text or _write_stdout) if stream else None
+    ids = prompt_ids(tokenizer, prompt, chat=chat, system_prompt=system_prompt, raw=raw)
+    input_ids = torch.tensor([ids], device=model.device)
+    streamer = None
+    if stream:
+        on_text = on_text or _write_stdout
+        if echo_prompt and (raw or not chat):
+            on_text(prompt)
+        streamer = _CallbackStreamer(tokenizer, on_text)
     was_training = model.training
     model.eval()
     try:
-        output = model.generate(**inputs, generation_config=config, streamer=streamer)
+        output = model.generate(
+            input_ids=input_ids, attention_mask=torch.ones_like(input_ids),
+            generation_config=config, streamer=streamer,
+        )  # fmt: skip
     finally:
         model.train(was_training)
-    return tokenizer.decode(output[0, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
+    return tokenizer.decode(output[0, len(ids) :], skip_special_tokens=True)

@@ -10,7 +10,8 @@ What loads each kind (``load`` in ``OUT_DIR/merge.json`` says it too):
 - transformers classifiers (``sentiment``, ``topics``, ``classify``, the seeds): plain
   transformers (``AutoModelForSequenceClassification``, ``AutoTokenizer``), and lorakit:
   ``lorakit predict OUT_DIR``, ``lorakit eval OUT_DIR``;
-- causal LMs (``task = "causal-lm"``): ``AutoModelForCausalLM``;
+- causal LMs (``task = "causal-lm"``): ``AutoModelForCausalLM``, and ``lorakit generate OUT_DIR``
+  (``merge.json`` keeps whether the run used its chat template, and its system prompt);
 - the ``classic`` recipe's GloVe classifier, which is not a transformers model, in its own
   format (``model.safetensors``, ``config.json``, ``vocab.txt``): lorakit only, ``lorakit
   predict OUT_DIR``, ``lorakit eval OUT_DIR``, or ``lorakit.models.classic.load_classic``.
@@ -47,7 +48,7 @@ LOADS = {  # what loads a merged folder, by the class or function that reads it
     CLASSIC_LOADER: f"lorakit predict/eval MERGED_DIR, or {CLASSIC_LOADER}(MERGED_DIR)",
     "AutoModelForSequenceClassification": "transformers' AutoModelForSequenceClassification, "
     "or lorakit predict/eval MERGED_DIR",
-    "AutoModelForCausalLM": "transformers' AutoModelForCausalLM",
+    "AutoModelForCausalLM": "transformers' AutoModelForCausalLM, or lorakit generate MERGED_DIR",
 }
 SAMPLE_SIZE = 8
 # Used when the run's own data cannot be read (a moved file) and for causal-LM runs.
@@ -190,6 +191,7 @@ def merge(run_dir: str | Path, out_dir: str | Path, force: bool = False) -> Path
             "data": config.data.model_dump(mode="json"),  # for `lorakit eval MERGED_DIR`
             "eval_batch_size": config.train.eval_batch_size,
             "test_accuracy": summary.get("test_accuracy"),
+            **_prompting(config, summary),
             "lorakit_version": lora.lorakit_version(),
             "created": datetime.now(UTC).isoformat(timespec="seconds"),
         }
@@ -201,6 +203,15 @@ def merge(run_dir: str | Path, out_dir: str | Path, force: bool = False) -> Path
     print(f"merged {run_dir} into {out_dir}; max |difference| {diff:.2e} on {len(texts)} "
           f"texts; load it with {LOADS[loads_with]}", flush=True)  # fmt: skip
     return out_dir
+
+
+def _prompting(config: Config, summary: dict[str, Any]) -> dict[str, Any]:
+    """A causal LM's prompt shape, for `lorakit generate MERGED_DIR`: whether the run rendered
+    its examples with the chat template, and its system prompt."""
+    if summary.get("task") != "causal-lm":
+        return {}
+    system = config.causal.system_prompt if config.causal else None
+    return {"chat_template": bool(summary.get("chat_template")), "system_prompt": system}
 
 
 def _move_into_place(tmp: Path, out_dir: Path) -> None:

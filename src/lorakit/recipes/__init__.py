@@ -116,8 +116,9 @@ def merged_predictor(folder: str | Path) -> Predictor:
     record = read_merge_record(folder)
     if record.get("task") == "causal-lm":
         raise ConfigError(
-            f"{folder} is a merged causal LM; `lorakit predict` and `eval` classify: load it with "
-            "transformers' AutoModelForCausalLM, or `lorakit generate` its run"
+            f"{folder} is a merged causal LM; `lorakit predict` and `eval` classify: use "
+            f'`lorakit generate {folder} "a prompt"`, `lorakit eval` on its run directory, or '
+            "transformers' AutoModelForCausalLM"
         )
     name = "classic" if is_classic(folder) else TASK_PIPELINES["classification"]
     return importlib.import_module(f"lorakit.recipes.{name}").RECIPE.merged_predictor(

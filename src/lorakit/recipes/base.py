@@ -169,6 +169,11 @@ class Recipe:
         """A ``Predictor`` of the finished run (``lorakit predict`` / ``eval``)."""
         raise ConfigError(f"{run_dir}: the {self.config.recipe!r} recipe makes no predictor")
 
+    def remeasure(self, run_dir: Path, data: str | None = None, split: str = "test"):
+        """The run's own figures on ``split`` measured again with base + the saved adapter
+        (``lorakit eval`` of a recipe that makes no predictor)."""
+        raise ConfigError(f"{run_dir}: the {self.config.recipe!r} recipe cannot be re-measured")
+
     @classmethod
     def merged_predictor(cls, folder: Path, record: dict[str, Any]):
         """A ``Predictor`` of the model ``lorakit merge`` wrote to ``folder`` (``record``: its

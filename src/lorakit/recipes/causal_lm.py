@@ -1,4 +1,4 @@
-"""Pipeline for the causal-LM recipes (`causal-lm`, `instruct-verdicts`): LoRA on a GPT-2-like model.
+"""Pipeline for the causal-LM recipes (`causal-lm`, `instruct`, `summarize`): LoRA on a causal LM.
 
 1. Load the base model (`model.name`: "tiny-gpt2", a folder or a hub id) and measure its test
    perplexity.
@@ -10,6 +10,8 @@
    validation perplexity.
 4. Test; save the adapter; reload it into a fresh base with both engines and compare logits.
    `compare = true` adds a full fine-tuning row beside LoRA in comparison.json / .md.
+5. A finished run: `remeasure` (`lorakit eval`) measures the saved adapter again;
+   `load_generator` and `chat_prompting` serve `lorakit generate`.
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ import datasets
 import torch
 from torch.utils.data import DataLoader
 
-from lorakit.config import CausalConfig, Config, ConfigError
+from lorakit.config import CausalConfig, Config, ConfigError, load_config
 from lorakit.data import dataset_fingerprint, load_dataset, split_of
 from lorakit.data.causal import (
     eos_id,
@@ -51,9 +53,10 @@ from lorakit.models.gguf import gguf_source
 from lorakit.models.transformer import public_name, weights_bytes
 from lorakit.nn.frozen_base import bf16_inference, set_model_dropout
 from lorakit.nn.output_head import labeled_positions_loss
+from lorakit.recipes import is_merged_model, read_merge_record
 from lorakit.recipes.base import Recipe, lora_report
 from lorakit.recipes.pretrain_tiny_gpt2 import ensure_base_model
-from lorakit.rundir import RunDir, write_json_atomic
+from lorakit.rundir import RunDir, read_run_summary, write_json_atomic
 from lorakit.train import engines
 from lorakit.train.loop import train_loop
 from lorakit.train.metrics import evaluate_causal, perplexity, rouge
@@ -66,6 +69,7 @@ TASK_FIGURES = ("verdict_accuracy", "generated_verdict_accuracy", "end_of_turn_r
 VERDICT_NEW_TOKENS = 4  # a verdict word and the end-of-turn token, with room to spare
 INSTRUCTION_FILE_TYPES = (".jsonl", ".csv")
 RELOAD_TOLERANCE = 1e-4
+EVAL_SPLITS = ("test", "validation")  # the splits `lorakit eval` measures a run on
 
 
 def causal_section(config: Config) -> CausalConfig:
@@ -385,12 +389,14 @@ class CausalLM(Recipe):
                                      split="validation")  # fmt: skip
         return self.data["fingerprint"]
 
-    def measure(self, model) -> dict[str, float]:
-        """Test perplexity and the task's figures, in the precision training uses."""
+    def measure(self, model, split: str = "test") -> dict[str, float]:
+        """Perplexity and the task's figures on the test (or validation) split, in the
+        precision training uses."""
+        scores = self.test_scores if split == "test" else self.val_scores
+        batch_size = self.config.train.eval_batch_size
         with bf16_inference(model, self.config.train.use_bf16):
-            figures = {"perplexity": perplexity(
-                model, self.data["splits"]["test"], self.config.train.eval_batch_size)}
-            figures.update(self.test_scores(model))
+            figures = {"perplexity": perplexity(model, self.data["splits"][split], batch_size)}
+            figures.update(scores(model))
         return figures
 
     def build_model(self, run_dir: RunDir, resume: Path | None):
@@ -515,10 +521,31 @@ class CausalLM(Recipe):
 
     def predictor(self, run_dir: Path):
         raise ConfigError(
-            f"{run_dir} is a causal-LM run: `lorakit predict` / `lorakit eval` are for "
-            f'classification runs; use `lorakit generate {run_dir} "a prompt"` '
-            "(lorakit.api.generate)"
+            f"{run_dir} is a causal-LM run: `lorakit predict` is for classification runs; use "
+            f'`lorakit generate {run_dir} "a prompt"` (lorakit.api.generate)'
         )
+
+    def remeasure(self, run_dir: Path, data: str | None = None, split: str = "test"):
+        """The run's figures (perplexity, task scores) measured again with base + the saved
+        adapter, on its own data or on ``data`` (a file or a built-in name)."""
+        if split not in EVAL_SPLITS:
+            raise ConfigError(
+                f"split: a causal-LM run is measured on {' or '.join(EVAL_SPLITS)}, not {split!r}"
+            )
+        if data is not None:
+            path = Path(data).expanduser()
+            where = {"path": str(path)} if path.exists() else {"name": data, "path": None}
+            self.config = self.config.model_copy(
+                update={"data": self.config.data.model_copy(update=where)}
+            )
+        self.load_data()
+        model = engines.load(self.base, Path(run_dir) / "adapter").eval()
+        figures = self.measure(model, split)
+        return {
+            "split": split, "dataset": self.config.data.source,
+            "examples": len(self.data["splits"][split]),
+            "loss": math.log(figures["perplexity"]), **figures,
+        }  # fmt: skip
 
 
 def _figures_line(figures: dict[str, float]) -> str:
@@ -584,9 +611,24 @@ def comparison_rows(recipe: CausalLM, summary: dict[str, Any]) -> list[dict]:
 
 
 # ---------------------------------------------------------------- inference on a finished run
-def load_generator(run_dir: str | Path):
-    """(model, tokenizer): the run's base model with its adapter, ready for generation."""
-    return CausalLM.of_run(run_dir).load_adapted(run_dir)
+def load_generator(folder: str | Path):
+    """(model, tokenizer): the run's base model with its adapter, or the model `lorakit merge`
+    wrote to ``folder``, ready for generation."""
+    if is_merged_model(folder):
+        model, tokenizer = load_causal_lm(folder)
+        return model.eval(), tokenizer
+    return CausalLM.of_run(folder).load_adapted(folder)
+
+
+def chat_prompting(folder: str | Path) -> tuple[bool, str | None]:
+    """Whether the run rendered its examples with the chat template, and its system prompt
+    (the run's summary.json and config.toml, or a merged folder's merge.json)."""
+    if is_merged_model(folder):
+        record = read_merge_record(folder)
+        return bool(record.get("chat_template")), record.get("system_prompt")
+    config = load_config(Path(folder) / "config.toml")
+    chat = bool(read_run_summary(folder).get("chat_template"))
+    return chat, causal_section(config).system_prompt
 
 
 RECIPE = CausalLM
