@@ -169,3 +169,43 @@ def test_a_messages_file_with_chat_off_is_a_one_line_config_error(tiny_llama_dir
     with pytest.raises(ConfigError, match="messages") as err:
         lk.train("instruct", out=tmp_path / "run", overrides=overrides)
     assert "\n" not in str(err.value) and "causal.chat" in str(err.value)
+
+
+# ---------------------------------------------------------------- the real SmolLM2
+@pytest.mark.slow
+def test_smollm2_adapter_reloads_in_plain_peft_and_answers_end_their_turn(
+    smollm2_folder, chats_jsonl, tmp_path
+):
+    """The one test on the real SmolLM2-135M-Instruct: two LoRA steps on a small messages
+    file, then the adapter in plain PEFT on a fresh transformers model."""
+    import peft
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from lorakit.data.chat import render
+    from lorakit.models.causal_lm import greedy_continuations, load_causal_lm
+    from lorakit.recipes.causal_lm import load_generator
+
+    model, tokenizer = load_causal_lm("smollm2")
+    assert model.name_or_path == str(smollm2_folder) and tokenizer.chat_template
+    del model
+    overrides = ["model.name=smollm2", f"data.path={chats_jsonl}", "data.max_train_samples=8",
+                 "data.max_eval_samples=4", "train.max_steps=2", "train.batch_size=4",
+                 "train.eval_batch_size=8", "train.eval_every=0", "train.checkpoint_every=0"]  # fmt: skip
+    summary = lk.train("instruct", out=tmp_path / "run", overrides=overrides)
+    assert summary["chat_template"] is True and summary["steps"] == 2
+    assert summary["base_model_gguf"]["gguf_file"].endswith("SmolLM2-135M-Instruct.Q4_1.gguf")
+    assert summary["reload_lorakit_identical"] and summary["reload_peft_identical"]
+
+    adapted, tokenizer = load_generator(tmp_path / "run")
+    question = [{"role": "user", "content": "What is the capital of France?"}]
+    ids = tokenizer(render(tokenizer, question, open_turn=True), add_special_tokens=False)
+    ids = torch.tensor([ids["input_ids"]])
+    in_peft = peft.PeftModel.from_pretrained(
+        AutoModelForCausalLM.from_pretrained(smollm2_folder), str(tmp_path / "run" / "adapter")
+    ).eval()
+    with torch.no_grad():
+        assert torch.allclose(in_peft(ids).logits, adapted(ids).logits, atol=1e-4)
+    end = tokenizer.convert_tokens_to_ids("<|im_end|>")
+    [(answer, ended)] = greedy_continuations(adapted, ids.tolist(), 40, [end], end)
+    assert ended and answer, tokenizer.decode(answer)
