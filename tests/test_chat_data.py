@@ -7,8 +7,14 @@ import pytest
 import torch
 from transformers import AutoTokenizer
 
-from lorakit.data import DataError
-from lorakit.data.causal import IGNORE_INDEX, trim_padding
+from lorakit.data import DataError, load_dataset
+from lorakit.data.causal import (
+    IGNORE_INDEX,
+    VERDICT_CHAT_PROMPT,
+    rotten_tomatoes_verdicts,
+    trim_padding,
+    verdict_choices,
+)
 from lorakit.data.chat import (
     chat_dataset,
     end_of_turn_id,
@@ -129,6 +135,18 @@ def test_padded_with_extra_width_trims_to_the_longest_real_row():
     assert batch["input_ids"].tolist() == [[5, 6, 0], [7, 8, 9]]
     assert batch["labels"].tolist() == [[5, 6, -100], [-100, 8, 9]]
     assert batch["choice"].tolist() == [1, 0]  # a 1-d column is stacked, not cut
+
+
+def test_chat_verdicts_ask_the_question_and_answer_with_the_bare_word():
+    reviews = load_dataset("rotten-tomatoes")
+    plain, chat = rotten_tomatoes_verdicts(reviews), rotten_tomatoes_verdicts(reviews, chat=True)
+    assert verdict_choices() == (" fresh", " rotten")
+    assert verdict_choices(chat=True) == ("fresh", "rotten")
+    row, source = chat["test"][0], reviews["test"][0]
+    assert row["prompt"] == VERDICT_CHAT_PROMPT.format(text=source["text"])
+    assert row["response"] == verdict_choices(chat=True)[row["choice"]]
+    assert chat["train"]["choice"] == plain["train"]["choice"]
+    assert [r.strip() for r in plain["test"]["response"]] == chat["test"]["response"]
 
 
 # ---------------------------------------------------------------- messages files
