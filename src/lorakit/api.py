@@ -249,7 +249,7 @@ def generate(
     if summary.get("task") != "causal-lm":
         raise ConfigError(
             f"{run_dir} is a {summary.get('task', 'classification')} run; `generate` needs a "
-            "causal-LM run (recipes causal-lm, instruct-verdicts); use `lorakit predict` here"
+            "causal-LM run (recipes causal-lm, instruct, summarize); use `lorakit predict` here"
         )
     problems = []
     if max_new_tokens < 1:

@@ -1,4 +1,4 @@
-"""Pipeline for the causal-LM recipes (`causal-lm`, `instruct-verdicts`): LoRA on a GPT-2-like model.
+"""Pipeline for the causal-LM recipes (`causal-lm`, `instruct`, `summarize`): LoRA on a causal LM.
 
 1. Load the base model (`model.name`: "tiny-gpt2", a folder or a hub id) and measure its test
    perplexity.
