@@ -19,6 +19,8 @@ from lorakit.report.plots import curves_from_events, metric_name
 from tiny_models import save_tiny_causal_lm
 
 PROMPT = "The film is"
+# the instruct recipe's settings for SmolLM2, back to the plain prompt format of the tiny GPT-2
+GPT2_INSTRUCT = ["causal.chat=off", "lora.target_modules=c_attn,c_proj,c_fc", "train.lr=2e-3"]
 
 
 @pytest.fixture(scope="module")
@@ -112,9 +114,9 @@ def test_causal_runs_point_predict_to_generate_and_refuse_bad_settings(lm_run, c
 
 
 def test_instruct_verdicts_reports_verdict_accuracy(tiny_gpt2, tmp_path):
-    overrides = [f"model.name={tiny_gpt2}", "data.max_train_samples=200", "data.max_length=48",
+    overrides = [*GPT2_INSTRUCT, f"model.name={tiny_gpt2}", "data.max_train_samples=200", "data.max_length=48",
                  "train.epochs=1"]  # fmt: skip
-    summary = lk.train("instruct-verdicts", out=tmp_path / "run", overrides=overrides)
+    summary = lk.train("instruct", out=tmp_path / "run", overrides=overrides)
     assert 0 <= summary["test_verdict_accuracy"] <= 1
     assert 0 <= summary["base_test_verdict_accuracy"] <= 1
     assert summary["test_perplexity"] < summary["base_test_perplexity"]
@@ -130,11 +132,11 @@ def test_instruct_verdicts_reports_verdict_accuracy(tiny_gpt2, tmp_path):
 
 def test_a_run_repeats_itself_with_its_seed(tiny_gpt2, tmp_path):
     """Same seed, same run: LoRA's random A matrices are drawn from the run's seed."""
-    overrides = [f"model.name={tiny_gpt2}", "data.max_train_samples=64", "data.max_length=48",
+    overrides = [*GPT2_INSTRUCT, f"model.name={tiny_gpt2}", "data.max_train_samples=64", "data.max_length=48",
                  "train.max_steps=4", "train.log_every=1"]  # fmt: skip
 
     def train_losses(out):
-        lk.train("instruct-verdicts", out=out, overrides=overrides)
+        lk.train("instruct", out=out, overrides=overrides)
         events = [json.loads(line) for line in (out / "metrics.jsonl").open()]
         return [e["loss"] for e in events if e["event"] == "train"]
 
@@ -144,9 +146,9 @@ def test_a_run_repeats_itself_with_its_seed(tiny_gpt2, tmp_path):
 
 
 def test_select_by_verdict_accuracy_keeps_the_most_accurate_adapter(tiny_gpt2, tmp_path):
-    overrides = [f"model.name={tiny_gpt2}", "data.max_train_samples=200", "data.max_length=48",
+    overrides = [*GPT2_INSTRUCT, f"model.name={tiny_gpt2}", "data.max_train_samples=200", "data.max_length=48",
                  "train.epochs=2", "train.eval_every=5", "causal.select_by=verdict_accuracy"]  # fmt: skip
-    summary = lk.train("instruct-verdicts", out=tmp_path / "run", overrides=overrides)
+    summary = lk.train("instruct", out=tmp_path / "run", overrides=overrides)
     events = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").open()]
     evals = [e for e in events if e["event"] == "eval"]
     best = max(evals, key=lambda e: e["verdict_accuracy"])  # the first of equals, as the loop
@@ -175,16 +177,20 @@ def test_instruction_file_trains_on_its_own_columns(tiny_gpt2, tmp_path):
         json.dumps({"question": f"Summarise: {t}", "answer": " " + t.split()[0]}) + "\n"
         for t in reviews["text"]
     ))  # fmt: skip
-    overrides = [f"model.name={tiny_gpt2}", f"data.path={path}", "causal.prompt_column=question",
+    overrides = [*GPT2_INSTRUCT, f"model.name={tiny_gpt2}", f"data.path={path}", "causal.prompt_column=question",
                  "causal.response_column=answer"]  # fmt: skip
-    summary = lk.train("instruct-verdicts", out=tmp_path / "run", overrides=overrides)
+    summary = lk.train("instruct", out=tmp_path / "run", overrides=overrides)
     assert summary["mode"] == "instruction" and "test_verdict_accuracy" not in summary
     metrics = (tmp_path / "run" / "metrics.jsonl").read_text()
     assert '"split": "validation"' in metrics and "verdict_accuracy" not in metrics
     assert summary["test_perplexity"] < summary["base_test_perplexity"]
-    bad = [f"model.name={tiny_gpt2}", f"data.path={path}"]  # the default columns are missing
+    bad = [
+        *GPT2_INSTRUCT,
+        f"model.name={tiny_gpt2}",
+        f"data.path={path}",
+    ]  # the default columns are missing
     with pytest.raises(DataError, match="question"):
-        lk.train("instruct-verdicts", out=tmp_path / "bad", overrides=bad)
+        lk.train("instruct", out=tmp_path / "bad", overrides=bad)
 
 
 def test_padded_sequences_train_one_row_per_review(tiny_gpt2, tmp_path):

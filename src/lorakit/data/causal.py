@@ -21,11 +21,12 @@ from lorakit.data.errors import DataError
 IGNORE_INDEX = -100
 VERDICT_PROMPT = "Review: {text}\nVerdict:"
 VERDICT_CHOICES = (" fresh", " rotten")
-# the same task for a chat model: the question as the user's turn, the bare word as the answer
+# the same task for a chat model: the question as the user's turn, one word as the answer (each
+# a single token in SmolLM2's vocabulary, where "rotten" is two), in VERDICT_CHOICES' order
 VERDICT_CHAT_PROMPT = (
-    "Is this movie review fresh (positive) or rotten (negative)? Answer with one word.\n\n"
-    "Review: {text}"
+    "Is this movie review positive or negative? Answer with one word.\n\nReview: {text}"
 )
+VERDICT_CHAT_CHOICES = ("positive", "negative")
 # label name -> response; lorakit.data names rotten-tomatoes' classes negative / positive
 VERDICT_RESPONSES = {
     "positive": " fresh",
@@ -202,7 +203,7 @@ def load_instruction_file(
 def rotten_tomatoes_verdicts(dsd: datasets.DatasetDict, chat: bool = False) -> datasets.DatasetDict:
     """Turn review/label splits into prompt "Review: {text}\nVerdict:" and response
     " fresh"/" rotten"; for a chat model (``chat``) the question of `VERDICT_CHAT_PROMPT` and the
-    bare words "fresh"/"rotten", which the chat template wraps.
+    words "positive"/"negative", which the chat template wraps.
 
     Besides `prompt` and `response`, a `choice` column holds the index of the response in
     `VERDICT_CHOICES`, which is what `verdict_accuracy` scores against.
@@ -229,6 +230,6 @@ def rotten_tomatoes_verdicts(dsd: datasets.DatasetDict, chat: bool = False) -> d
 
 
 def verdict_choices(chat: bool = False) -> tuple[str, ...]:
-    """The verdict answers as a model writes them: after "Verdict:" with a space, or as a chat
-    answer on their own."""
-    return tuple(c.strip() for c in VERDICT_CHOICES) if chat else VERDICT_CHOICES
+    """The verdict answers as a model writes them: " fresh"/" rotten" after "Verdict:", or a
+    chat answer "positive"/"negative"."""
+    return VERDICT_CHAT_CHOICES if chat else VERDICT_CHOICES

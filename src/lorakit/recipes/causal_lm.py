@@ -158,6 +158,14 @@ def conversations_of(examples: datasets.Dataset, system: str | None) -> list:
     return pair_conversations(examples["prompt"], examples["response"], system)
 
 
+def responses_of(examples: datasets.Dataset) -> list[str]:
+    """Each example's reference answer: its `response`, or its conversation's last turn (the
+    assistant's)."""
+    if "messages" in examples.column_names:
+        return [conversation[-1]["content"] for conversation in examples["messages"]]
+    return list(examples["response"])
+
+
 def build_data(config: Config, tokenizer, max_positions: int) -> dict[str, Any]:
     """Tokenized splits (`input_ids`, `attention_mask`, `labels`), the raw validation and test
     examples, how the examples were rendered, and the fingerprint of the source data."""
@@ -314,7 +322,7 @@ class TaskScores:
     def _rouge(self, model) -> dict[str, float]:
         out = self._generate(model, self.max_new_tokens)
         texts = [self.tokenizer.decode(ids, skip_special_tokens=True).strip() for ids in out.tokens]
-        figures = rouge(texts, list(self.examples["response"]))
+        figures = rouge(texts, responses_of(self.examples))
         figures["end_of_turn_rate"] = sum(out.ended) / len(out.ended)
         self.last_generations = texts
         return figures
