@@ -11,9 +11,9 @@ from lorakit.data import load_dataset
 from lorakit.data.causal import pack_texts, padded_lm_dataset
 from lorakit.generate import generate
 from lorakit.models import ModelError
-from lorakit.models.causal_lm import choice_log_likelihoods, generated_choices, load_causal_lm
+from lorakit.models.causal_lm import ChoiceScorer, load_causal_lm
 from lorakit.network import OfflineError
-from lorakit.train.metrics import perplexity, verdict_accuracy
+from lorakit.train.metrics import perplexity
 from tiny_models import save_tiny_causal_lm
 
 
@@ -85,7 +85,7 @@ def test_choice_log_likelihood_is_the_direct_sum(saved_model, reviews):
     # each row must still score as if it were alone
     prompts = [f"Review: {reviews[0]} {reviews[1]}\nVerdict:", f"Review: {reviews[2]}\nVerdict:"]
     choices = (" fresh", " rotten", " so-so")
-    scores = choice_log_likelihoods(model, tokenizer, prompts, choices, batch_size=2)
+    scores = ChoiceScorer(tokenizer, prompts, choices, 128, batch_size=2)(model)
     assert scores.shape == (2, 3)
     eos = tokenizer.eos_token_id
     for i, prompt in enumerate(prompts):
@@ -98,34 +98,6 @@ def test_choice_log_likelihood_is_the_direct_sum(saved_model, reviews):
             start = 1 + len(p_ids)
             direct = sum(log_probs[start - 1 + k, t].item() for k, t in enumerate(c_ids))
             assert scores[i, j].item() == pytest.approx(direct, abs=1e-4)
-
-
-def test_generated_choice_is_the_greedy_next_token(saved_model, reviews):
-    _, model, tokenizer = saved_model
-    prompts = [f"Review: {r}\nVerdict:" for r in reviews[:6]]
-    eos = tokenizer.eos_token_id
-    greedy = []
-    for p in prompts:  # one at a time, no padding
-        ids = torch.tensor([[eos, *tokenizer(p, add_special_tokens=False)["input_ids"]]])
-        with torch.no_grad():
-            greedy.append(int(model(ids).logits[0, -1].argmax()))
-    choices = list(dict.fromkeys(tokenizer.decode([t]) for t in greedy))[:2]
-    if len(choices) < 2:
-        choices.append(" zzzz")
-    expected = [
-        choices.index(tokenizer.decode([t])) if tokenizer.decode([t]) in choices else -1
-        for t in greedy
-    ]
-    assert generated_choices(model, tokenizer, prompts, choices, batch_size=4) == expected
-    labels = [max(e, 0) for e in expected]
-    accuracy = verdict_accuracy(model, tokenizer, prompts, labels, choices, method="generate")
-    assert accuracy == sum(e >= 0 for e in expected) / len(expected)
-
-
-def test_verdict_accuracy_rejects_an_unknown_method(saved_model):
-    _, model, tokenizer = saved_model
-    with pytest.raises(ValueError, match="loglik"):
-        verdict_accuracy(model, tokenizer, ["a"], [0], method="vote")
 
 
 def test_greedy_generation_is_deterministic_and_streams(saved_model):

@@ -9,7 +9,7 @@ lk.Predictor("runs/classic-...").predict(texts)               # loaded once, for
 lk.list_recipes()                                             # {name: description}
 lk.sweep("classic", {"r": [2, 8]})                            # {"succeeded", ..., "sweep_dir"}
 lk.merge("runs/classic-...", "merged/")                       # a standalone model folder
-lk.generate("runs/instruct-...", "Is this review fresh or rotten? ...", temperature=0)
+lk.generate("runs/instruct-...", "Is this movie review positive or negative? ...", temperature=0)
 ```
 """
 

@@ -176,7 +176,9 @@ class CausalConfig(_Section):
         "against the reference, for the base model and the tuned one",
     )
     max_new_tokens: int = Field(
-        128, gt=0, description="generation at test time (rouge, end-of-turn check): new tokens at most"
+        128,
+        gt=0,
+        description="generation at test time (rouge, end-of-turn check): new tokens at most",
     )
     full_lr: float | None = Field(
         None, gt=0, description="compare = true: full fine-tuning's lr; default train.lr / 10"

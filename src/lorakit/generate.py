@@ -108,6 +108,12 @@ def generate(
         eos_token_id=stop_ids(tokenizer, chat),
     )
     ids = prompt_ids(tokenizer, prompt, chat=chat, system_prompt=system_prompt, raw=raw)
+    positions = _positions(model)
+    if positions is not None and len(ids) + max_new_tokens > positions:
+        raise ValueError(
+            f"the prompt's {len(ids)} tokens and {max_new_tokens} new ones exceed the model's "
+            f"{positions} positions; give a shorter prompt or a smaller --max-new-tokens"
+        )
     input_ids = torch.tensor([ids], device=model.device)
     streamer = None
     if stream:
@@ -125,3 +131,10 @@ def generate(
     finally:
         model.train(was_training)
     return tokenizer.decode(output[0, len(ids) :], skip_special_tokens=True)
+
+
+def _positions(model) -> int | None:
+    """The longest sequence the model takes, when its config says."""
+    config = model.config
+    value = getattr(config, "n_positions", None) or getattr(config, "max_position_embeddings", None)
+    return int(value) if value else None

@@ -42,9 +42,7 @@ def render(
 ) -> str:
     """The conversation as the template writes it; ``open_turn`` adds the start of the assistant's
     next turn (the prompt a model answers)."""
-    return tokenizer.apply_chat_template(
-        messages, tokenize=False, add_generation_prompt=open_turn
-    )
+    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=open_turn)
 
 
 def end_of_turn_id(tokenizer: PreTrainedTokenizerBase) -> int:
@@ -53,6 +51,11 @@ def end_of_turn_id(tokenizer: PreTrainedTokenizerBase) -> int:
     probe = [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}]
     prompt = token_ids(tokenizer, [render(tokenizer, probe[:1], open_turn=True)])[0]
     whole = token_ids(tokenizer, [render(tokenizer, probe)])[0]
+    if whole[: len(prompt)] != prompt:
+        raise ChatTemplateError(
+            "the chat template renders a conversation differently from its beginning, so the "
+            "end of a turn cannot be found; use prompt/response data with causal.chat = 'off'"
+        )
     special = set(tokenizer.all_special_ids)
     for token in whole[len(prompt) :]:
         if token in special:
@@ -83,9 +86,7 @@ def check_conversation(messages, where: str) -> Conversation:
         if not isinstance(turn, dict) or not isinstance(turn.get("content"), str):
             raise DataError(f"{where}: each turn needs a 'role' and a text 'content', got {turn!r}")
         if turn.get("role") not in ROLES:
-            raise DataError(
-                f"{where}: role {turn.get('role')!r} is none of {', '.join(ROLES)}"
-            )
+            raise DataError(f"{where}: role {turn.get('role')!r} is none of {', '.join(ROLES)}")
     if messages[-1]["role"] != "assistant":
         raise DataError(f"{where}: the last turn must be the assistant's (what is learned)")
     return [{"role": t["role"], "content": t["content"]} for t in messages]
@@ -114,7 +115,7 @@ def chat_dataset(
         ids, labels = _labeled_tokens(tokenizer, conversation, end_of_turn)
         if len(ids) > max_length:
             truncated += 1
-            conversation = _shorter_prompt(tokenizer, conversation, len(ids) - max_length)
+            conversation = shorten_user_turn(tokenizer, conversation, len(ids) - max_length)
             ids, labels = _labeled_tokens(tokenizer, conversation, end_of_turn)
             ids, labels = ids[-max_length:], labels[-max_length:]
         if all(label == IGNORE_INDEX for label in labels[1:]):
@@ -126,10 +127,12 @@ def chat_dataset(
             f"no conversation keeps an assistant token within {max_length} tokens; raise "
             "data.max_length"
         )
-    return ChatRows(padded_rows(rows, _pad(tokenizer, end_of_turn)), end_of_turn, truncated, dropped)
+    return ChatRows(
+        padded_rows(rows, _pad(tokenizer, end_of_turn)), end_of_turn, truncated, dropped
+    )
 
 
-def _shorter_prompt(
+def shorten_user_turn(
     tokenizer: PreTrainedTokenizerBase, conversation: Conversation, excess: int
 ) -> Conversation:
     """A one-exchange conversation whose user turn loses the start of its text, ``excess``
@@ -190,7 +193,7 @@ def read_conversations(path: str | Path) -> list[Conversation] | None:
             except json.JSONDecodeError as err:
                 raise DataError(f"{path}:{number}: not valid JSON ({err.msg})") from None
             if not isinstance(row, dict) or "messages" not in row:
-                if number == 1:
+                if not conversations:
                     return None
                 raise DataError(f"{path}:{number}: no `messages`, unlike the first line")
             conversations.append(check_conversation(row["messages"], f"{path}:{number}"))

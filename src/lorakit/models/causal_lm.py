@@ -1,10 +1,11 @@
 """Causal language models: loading (local folder, GGUF file, hub id, lorakit's tiny GPT-2 or
 SmolLM2) and scoring.
 
-A closed set of answers ("fresh" / "rotten") after a prompt is scored two ways: by the answers'
-log-likelihood (one batched forward pass per answer, no sampling, the output head run only at the
-answer's positions; `ChoiceScorer`) or by greedy generation (`generated_choices`). The figures
-made from them, perplexity and verdict accuracy, are `lorakit.train.metrics`'.
+A closed set of answers ("fresh" / "rotten") after a prompt is scored by the answers'
+log-likelihood (batched forward passes, the output head run only at the answer's positions;
+`ChoiceScorer`); `greedy_continuations` generates greedily for many prompts at once, batched by
+length, and can score one-token answers from the same pass. The recipes make their figures
+(verdict accuracy, the end-of-turn rate, ROUGE) from these.
 
 Loading never trains: `"tiny-gpt2"` is read from its cache, which the `pretrain-tiny-gpt2` recipe
 fills (`lorakit.recipes.pretrain_tiny_gpt2.ensure_tiny_gpt2`). A GGUF file (`"smollm2"`, a
@@ -14,6 +15,7 @@ fills (`lorakit.recipes.pretrain_tiny_gpt2.ensure_tiny_gpt2`). A GGUF file (`"sm
 
 from __future__ import annotations
 
+import inspect
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -94,21 +96,16 @@ def load_causal_lm(
     return model, tokenizer
 
 
-def _max_length(model: PreTrainedModel) -> int:
-    config = model.config
-    return int(
-        getattr(config, "n_positions", None) or getattr(config, "max_position_embeddings", 1024)
-    )
-
-
 class ChoiceScorer:
     """Scores a closed set of answers after each prompt: ``scorer(model)`` is
-    (len(prompts), len(choices)), log P(choice tokens | eos + prompt) summed over the tokens.
+    (len(prompts), len(choices)), log P(choice tokens | start + prompt) summed over the tokens;
+    ``start`` is eos (GPT-2's bos) unless given (none for a prompt the chat template rendered).
 
     Tokenizes once, so the same scorer can rate a model many times (every evaluation of a
-    training run). Rows are `eos prompt choice`, left-padded so that every row's choice sits at
-    the end: only those last positions go through the output head, which at an 8k vocabulary is
-    as costly as the rest of a small model, and prompts are batched by length.
+    training run). Rows are `start prompt choice`, left-padded so that every row's choice sits at
+    the end: only those last positions go through the output head, which for a small model's
+    large vocabulary is as costly as the rest of the model, and prompts are batched by length.
+    One-token choices are all scored from one pass.
     """
 
     def __init__(
@@ -134,7 +131,7 @@ class ChoiceScorer:
 
     def _batch(self, rows: list[int], choice: list[int]) -> dict[str, torch.Tensor]:
         # the prompt loses its start when too long, as in `instruction_dataset` (room for the
-        # choice and a closing eos)
+        # choice and the eos that closes a training row)
         room = max(self.max_length - len(choice) - len(self.start) - 1, 0)
         return left_padded(
             [[*self.start, *self.prompt_ids[i][-room:][:room], *choice] for i in rows], self.pad
@@ -252,51 +249,11 @@ def greedy_continuations(
 def _last_logits(model: PreTrainedModel, batch: dict, keep: int) -> torch.Tensor:
     """The logits of the last `keep` positions; the output head runs on those alone where the
     model takes `logits_to_keep` (transformers' causal LMs do)."""
-    try:
+    if _takes_logits_to_keep(model):
         return model(**batch, logits_to_keep=keep).logits[:, -keep:]
-    except TypeError:  # a model without logits_to_keep: every position, then the last ones
-        return model(**batch).logits[:, -keep:]
+    return model(**batch).logits[:, -keep:]
 
 
-def choice_log_likelihoods(
-    model: PreTrainedModel,
-    tokenizer: PreTrainedTokenizerBase,
-    prompts: Sequence[str],
-    choices: Sequence[str],
-    batch_size: int = 32,
-) -> torch.Tensor:
-    """(len(prompts), len(choices)): log P(choice tokens | eos + prompt), summed over tokens."""
-    return ChoiceScorer(tokenizer, prompts, choices, _max_length(model), batch_size)(model)
-
-
-@torch.no_grad()
-def generated_choices(
-    model: PreTrainedModel,
-    tokenizer: PreTrainedTokenizerBase,
-    prompts: Sequence[str],
-    choices: Sequence[str],
-    batch_size: int = 32,
-) -> list[int]:
-    """Index of the choice that greedy generation starts with, or -1 when it starts with none."""
-    was_training, side = model.training, tokenizer.padding_side
-    model.eval()
-    tokenizer.padding_side = "left"
-    new_tokens = max(len(tokenizer(c, add_special_tokens=False)["input_ids"]) for c in choices)
-    picked: list[int] = []
-    try:
-        for start in range(0, len(prompts), batch_size):
-            texts = [tokenizer.eos_token + p for p in prompts[start : start + batch_size]]
-            enc = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False)
-            out = model.generate(
-                **enc.to(model.device),
-                max_new_tokens=new_tokens,
-                do_sample=False,
-                pad_token_id=tokenizer.pad_token_id,
-            )
-            for text in tokenizer.batch_decode(out[:, enc["input_ids"].shape[1] :]):
-                hits = [i for i, c in enumerate(choices) if text.strip().startswith(c.strip())]
-                picked.append(hits[0] if hits else -1)
-    finally:
-        tokenizer.padding_side = side
-        model.train(was_training)
-    return picked
+def _takes_logits_to_keep(model: torch.nn.Module) -> bool:
+    inner = model.get_base_model() if hasattr(model, "get_base_model") else model  # PEFT
+    return "logits_to_keep" in inspect.signature(inner.forward).parameters

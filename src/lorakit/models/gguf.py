@@ -22,6 +22,7 @@ declares dependencies lorakit does not install).
 from __future__ import annotations
 
 import fcntl
+import functools
 import hashlib
 import importlib.util
 import io
@@ -98,9 +99,16 @@ def _checked_gguf(path: Path) -> Path:
     return path
 
 
-def _sha256(path: Path) -> str:
+@functools.lru_cache(maxsize=32)
+def _sha256_of(path: Path, size: int, mtime_ns: int) -> str:
     with path.open("rb") as handle:
         return hashlib.file_digest(handle, "sha256").hexdigest()
+
+
+def _sha256(path: Path) -> str:
+    """The file's digest, hashed once per process while its size and mtime stay the same."""
+    stat = path.stat()
+    return _sha256_of(path.resolve(), stat.st_size, stat.st_mtime_ns)
 
 
 def _is_converted(folder: Path) -> bool:

@@ -48,14 +48,15 @@ def bf16_frozen_base(model: nn.Module) -> Iterator[None]:
     """Frozen fp32 weights held in bf16 and eager attention while inside; exactly restored after.
     Use it under bf16 autocast (the trainable weights stay fp32 for the optimizer)."""
     originals: dict[nn.Parameter, torch.Tensor] = {}
-    for param in _frozen_alone(model):
-        if param.dtype == torch.float32:
-            originals[param] = param.data
-            param.data = param.data.to(torch.bfloat16)
-    kernels = {m: m.config._attn_implementation for m in pretrained_models(model)}
-    for module in kernels:
-        module.set_attn_implementation("eager")
+    kernels: dict[nn.Module, str | None] = {}
     try:
+        for param in _frozen_alone(model):
+            if param.dtype == torch.float32:
+                originals[param] = param.data
+                param.data = param.data.to(torch.bfloat16)
+        for module in pretrained_models(model):
+            kernels[module] = module.config._attn_implementation
+            module.set_attn_implementation("eager")
         yield
     finally:
         for param, data in originals.items():
@@ -101,8 +102,8 @@ def _configs(model: nn.Module) -> list[object]:
 
 @contextmanager
 def bf16_inference(model: nn.Module, enabled: bool = True) -> Iterator[None]:
-    """Evaluation and generation in bf16 (``enabled``): every weight held in bf16 under bf16
-    autocast, without gradients; the exact weights come back after. A small LLM's forward pass
+    """Evaluation and generation in bf16 (``enabled``): the weights held in bf16 (normalization
+    layers aside) under bf16 autocast, without gradients; the exact weights come back after. A small LLM's forward pass
     is about ten times faster so on a CPU with bf16 matrix units."""
     if not enabled:
         with torch.no_grad():

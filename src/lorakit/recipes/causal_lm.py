@@ -47,6 +47,7 @@ from lorakit.data.chat import (
     pair_conversations,
     read_conversations,
     render,
+    shorten_user_turn,
 )
 from lorakit.models.causal_lm import ChoiceScorer, greedy_continuations, load_causal_lm
 from lorakit.models.gguf import gguf_source
@@ -141,14 +142,14 @@ def _first_user_turn(conversation: list[dict[str, str]]) -> str:
 def uses_chat(config: Config, tokenizer) -> bool:
     """Whether instruction examples are rendered with the tokenizer's chat template."""
     chat = causal_section(config).chat
+    if causal_section(config).mode != "instruction":
+        return False
     if chat == "on" and not has_chat_template(tokenizer):
         raise ConfigError(
             f"causal.chat: 'on' but {config.model.name}'s tokenizer has no chat template; set "
             "causal.chat = 'auto' (plain prompt/response rows) or use a chat model"
         )
-    return causal_section(config).mode == "instruction" and (
-        chat == "on" or (chat == "auto" and has_chat_template(tokenizer))
-    )
+    return chat == "on" or (chat == "auto" and has_chat_template(tokenizer))
 
 
 def conversations_of(examples: datasets.Dataset, system: str | None) -> list:
@@ -206,7 +207,7 @@ def build_data(config: Config, tokenizer, max_positions: int) -> dict[str, Any]:
         }  # fmt: skip
         splits = {s: rows[s].dataset for s in SPLITS}
         end_of_turn = rows["train"].end_of_turn
-        truncated = sum(r.truncated for r in rows.values())
+        truncated = rows["train"].truncated
     else:
         splits = {
             s: instruction_dataset(
@@ -262,6 +263,14 @@ class TaskScores:
         self.max_new_tokens = causal.max_new_tokens
         if not (self.verdicts or self.rouge):
             return
+        # prompts cut as training cut its rows, leaving room for the answer
+        answer_room = VERDICT_NEW_TOKENS if self.verdicts else self.max_new_tokens
+        self.prompt_room = max_length - answer_room
+        if self.prompt_room < 1:
+            raise ConfigError(
+                f"causal.max_new_tokens: {answer_room} new tokens leave no room for a prompt in "
+                f"{max_length} positions; lower causal.max_new_tokens or raise data.max_length"
+            )
         prompts = self._prompts(causal.system_prompt)
         if self.verdicts:
             self.scorer = ChoiceScorer(
@@ -270,16 +279,28 @@ class TaskScores:
             )  # fmt: skip
             self.truth = torch.tensor(self.examples["choice"])
         self.prompt_ids = token_ids(tokenizer, prompts)
-        if not self.chat:
-            self.prompt_ids = [[eos_id(tokenizer), *ids] for ids in self.prompt_ids]
+        if not self.chat:  # the end of a plain prompt is kept, as instruction_dataset keeps it
+            room = self.prompt_room - 1
+            self.prompt_ids = [[eos_id(tokenizer), *ids[len(ids) - room :][:room]]
+                               for ids in self.prompt_ids]  # fmt: skip
 
     def _prompts(self, system: str | None) -> list[str]:
         """Each example's prompt as the model sees it: the chat rendering up to the assistant's
         turn, or the plain prompt."""
         if not self.chat:
             return list(self.examples["prompt"])
-        return [render(self.tokenizer, conversation[:-1], open_turn=True)
+        return [self._chat_prompt(conversation[:-1])
                 for conversation in conversations_of(self.examples, system)]  # fmt: skip
+
+    def _chat_prompt(self, turns: list) -> str:
+        """The turns rendered with the assistant's turn opened; a user turn too long for the
+        prompt's room loses its start, as a training row does."""
+        text = render(self.tokenizer, turns, open_turn=True)
+        excess = len(token_ids(self.tokenizer, [text])[0]) - self.prompt_room
+        if excess > 0:
+            text = render(self.tokenizer, shorten_user_turn(self.tokenizer, turns, excess),
+                          open_turn=True)  # fmt: skip
+        return text
 
     def likelihood_accuracy(self, model) -> float:
         return float((self.scorer(model).argmax(1) == self.truth).double().mean())
@@ -307,7 +328,8 @@ class TaskScores:
         words = verdict_choices(chat=True)
         single = self.scorer.single_tokens()
         out = self._generate(model, VERDICT_NEW_TOKENS, watch=single or ())
-        texts = [self.tokenizer.decode(ids, skip_special_tokens=True).strip() for ids in out.tokens]
+        texts = [self.tokenizer.decode(ids, skip_special_tokens=True).strip(" .!\n").lower()
+                 for ids in out.tokens]  # fmt: skip
         picked = torch.tensor([words.index(t) if t in words else -1 for t in texts])
         if single is None:
             likelihood = self.likelihood_accuracy(model)
@@ -324,7 +346,6 @@ class TaskScores:
         texts = [self.tokenizer.decode(ids, skip_special_tokens=True).strip() for ids in out.tokens]
         figures = rouge(texts, responses_of(self.examples))
         figures["end_of_turn_rate"] = sum(out.ended) / len(out.ended)
-        self.last_generations = texts
         return figures
 
 
@@ -392,9 +413,12 @@ class CausalLM(Recipe):
                 "'instruction' on the built-in rotten-tomatoes verdicts); set causal.select_by = "
                 "'perplexity'"
             )
-        self.test_scores = TaskScores(config, self.data, self.tokenizer, self.positions)
-        self.val_scores = TaskScores(config, self.data, self.tokenizer, self.positions,
-                                     split="validation")  # fmt: skip
+        # the rows' length: the model's positions, or data.max_length for instruction rows
+        length = self.positions
+        if causal_section(config).mode == "instruction":
+            length = min(config.data.max_length, self.positions)
+        self.test_scores = TaskScores(config, self.data, self.tokenizer, length)
+        self.val_scores = TaskScores(config, self.data, self.tokenizer, length, split="validation")
         return self.data["fingerprint"]
 
     def measure(self, model, split: str = "test") -> dict[str, float]:
@@ -476,6 +500,7 @@ class CausalLM(Recipe):
             "task": "causal-lm",
             "mode": causal_section(self.config).mode,
             "chat_template": self.data["chat"],
+            "evaluation_precision": "bf16" if self.config.train.use_bf16 else "fp32",
             "base_model_path": self.base_path,
             "base_model_gguf": gguf_source(self.base_path),
             "trainer": "lorakit",
@@ -519,7 +544,10 @@ class CausalLM(Recipe):
     def trainable_report(self) -> str:
         """Loads the real model."""
         model, _ = load_base(self.config)
-        model = engines.apply_lora(model, self.config.lora, base_name=model.name_or_path)
+        model = engines.apply_lora(
+            model, self.config.lora, base_name=public_name(model.name_or_path),
+            task_type="CAUSAL_LM",
+        )  # fmt: skip
         return lora_report(self.config.model.name, model)
 
     # ------------------------------------------------------------ a finished run

@@ -25,10 +25,8 @@ import numpy as np
 import torch
 from accelerate import Accelerator
 from torch import nn
-from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from lorakit.data.causal import IGNORE_INDEX
-from lorakit.models.causal_lm import choice_log_likelihoods, generated_choices
 from lorakit.nn.output_head import labeled_positions_loss
 
 CAUSAL_INPUTS = ("input_ids", "attention_mask", "labels")
@@ -49,7 +47,9 @@ def causal_lm_loss(model: nn.Module, batches: Iterable[dict], accelerator=None) 
         if targets == 0:
             continue
         loss = labeled_positions_loss(model, batch, reduction="sum")
-        nll += torch.stack([loss.double(), torch.tensor(targets, dtype=torch.float64, device=device)])
+        nll += torch.stack(
+            [loss.double(), torch.tensor(targets, dtype=torch.float64, device=device)]
+        )
     if accelerator is not None and accelerator.num_processes > 1:
         nll = accelerator.reduce(nll, "sum")
     model.train(was_training)
@@ -109,35 +109,6 @@ def per_class_scores(matrix: list[list[int]], labels: list[str]) -> list[dict[st
         scores.append({"label": label, "precision": precision, "recall": recall, "f1": f1,
                        "support": int(support)})  # fmt: skip
     return scores
-
-
-def verdict_accuracy(
-    model: PreTrainedModel,
-    tokenizer: PreTrainedTokenizerBase,
-    prompts: Sequence[str],
-    labels: Sequence[int],
-    choices: Sequence[str] = (" fresh", " rotten"),
-    *,
-    method: str = "loglik",
-    batch_size: int = 32,
-) -> float:
-    """Share of prompts whose answer is `choices[label]`.
-
-    `method="loglik"` picks the likeliest choice; `method="generate"` decodes greedily and counts
-    an answer that starts with none of the choices as wrong.
-    """
-    if len(prompts) != len(labels):
-        raise ValueError(f"{len(prompts)} prompts but {len(labels)} labels")
-    if not prompts:
-        raise ValueError("verdict_accuracy needs at least one prompt")
-    if method == "loglik":
-        scores = choice_log_likelihoods(model, tokenizer, prompts, choices, batch_size)
-        predicted = scores.argmax(1).tolist()
-    elif method == "generate":
-        predicted = generated_choices(model, tokenizer, prompts, choices, batch_size)
-    else:
-        raise ValueError(f"method must be 'loglik' or 'generate', got {method!r}")
-    return accuracy(predicted, labels)
 
 
 # ---------------------------------------------------------------- summaries

@@ -17,7 +17,8 @@ import datasets
 from torch import nn
 from transformers import PreTrainedTokenizerBase
 
-IGNORE_INDEX = -100
+from lorakit.data.causal import IGNORE_INDEX
+
 ADAPTER_BYTES_PER_PARAMETER = 4  # adapters are saved in fp32
 
 
@@ -68,12 +69,12 @@ def preflight_checks(
     else:
         checks.append(_check("pad_equals_eos", False, f"pad token {tokenizer.pad_token!r} differs "
                              f"from eos {tokenizer.eos_token!r}"))  # fmt: skip
-    ending = (labels == end_of_turn).any(1)
+    ending = (labels[:, 1:] == end_of_turn).any(1)  # the first position is never predicted
     name = tokenizer.convert_ids_to_tokens(end_of_turn)
     share = float(ending.double().mean())
     what = "end-of-turn" if chat else "end (eos)"
     line = f"{what} token {name!r} is a label in {100 * share:.1f}% of training rows"
-    if share < 1:
+    if share < 1 and bool((labels[:, 1:] == IGNORE_INDEX).any()):  # rows, not packed text
         line += " (rows without it never teach the model to stop)"
     checks.append(_check("end_of_turn_in_labels", share, line))
     loss_share = float(targets_at.sum() / mask[:, 1:].sum().clamp(min=1))
@@ -86,4 +87,3 @@ def preflight_checks(
                              f"{truncated:,} examples longer than data.max_length lost their "
                              "start"))  # fmt: skip
     return checks
-
