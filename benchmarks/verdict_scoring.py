@@ -1,7 +1,7 @@
 """Verdict scoring: log P(" fresh") and log P(" rotten") after each validation prompt.
 
 Two scorers on the same model (the cached tiny GPT-2) and the same 1,295 validation prompts of
-`instruct-verdicts`, timed round-robin:
+the `instruct` recipe in its plain format (`causal.chat = "off"`), timed round-robin:
 - "full logits": right-padded `eos prompt answer eos` rows of the whole split (what lorakit did
   before `ChoiceScorer`): every position of every row through the output head.
 - "ChoiceScorer": prompts batched by length, left-padded, the output head only at the answer.

@@ -63,6 +63,57 @@ def test_labeled_positions_loss_is_the_models_own_loss_with_the_same_gradients(n
     assert not output_head(model)._forward_pre_hooks  # the hook is gone
 
 
+def frozen_head_model(name: str):
+    """The model with its output head (and the embedding tied to it) frozen, as under LoRA."""
+    model = MODELS[name]()
+    output_head(model).weight.requires_grad_(False)
+    return model
+
+
+@pytest.mark.parametrize("name", sorted(MODELS))
+def test_a_frozen_head_takes_the_fused_loss_with_the_models_loss_and_gradients(name, monkeypatch):
+    import lorakit.nn.output_head as head_module
+
+    monkeypatch.setattr(head_module, "LOSS_CHUNK", 4)  # several chunks, the last one short
+    calls = []
+    fused = head_module.FrozenHeadCrossEntropy.apply
+    monkeypatch.setattr(head_module.FrozenHeadCrossEntropy, "apply",
+                        lambda *args: calls.append(1) or fused(*args))  # fmt: skip
+    model, batch = frozen_head_model(name), padded_batch()
+    expected = model(**batch).loss
+    expected.backward()
+    expected_grads = gradients(model)
+    loss = labeled_positions_loss(model, batch)
+    loss.backward()
+    assert calls == [1]
+    assert torch.allclose(loss, expected, atol=1e-6), (loss, expected)
+    grads = gradients(model)
+    assert grads.keys() == expected_grads.keys() and grads
+    for key, grad in grads.items():
+        assert torch.allclose(grad, expected_grads[key], atol=1e-6), key
+    assert not output_head(model)._forward_pre_hooks
+
+
+def test_the_fused_loss_under_bf16_autocast_is_the_models_within_bf16_rounding():
+    model, batch = frozen_head_model("llama"), padded_batch()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        expected = model(**batch).loss
+        loss = labeled_positions_loss(model, batch)
+    assert torch.allclose(loss, expected, rtol=2e-2), (loss, expected)
+
+
+def test_logits_that_are_more_than_the_heads_product_keep_the_models_head(monkeypatch):
+    """A model that caps or scales its logits (Gemma 2's softcapping) is not fused."""
+    import lorakit.nn.output_head as head_module
+
+    monkeypatch.setattr(head_module.FrozenHeadCrossEntropy, "apply",
+                        lambda *args: pytest.fail("fused a capped head"))  # fmt: skip
+    model, batch = frozen_head_model("llama"), padded_batch()
+    model.config.final_logit_softcapping = 30.0
+    expected = model(**batch).loss
+    assert torch.allclose(labeled_positions_loss(model, batch), expected, atol=1e-6)
+
+
 def test_labeled_positions_loss_sums_and_refuses_a_batch_without_targets():
     model, batch = tiny_llama(), padded_batch()
     targets = int((batch["labels"][:, 1:] != IGNORE).sum())

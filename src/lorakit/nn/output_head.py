@@ -12,6 +12,15 @@ states whose next token carries a label. The head returns (positions, vocabulary
 the loss is the cross-entropy of those against their labels: the same number as the model's
 own ``labels=`` loss (mean over labeled tokens), for less work.
 
+**A frozen head, fused with its loss.** Under LoRA the head is frozen (SmolLM2's is tied to the
+token embedding), so its only gradient is the one it passes back to the hidden states. Then the
+pre-hook takes the labeled hidden states and hands the head no rows, and
+``FrozenHeadCrossEntropy`` computes logits, loss and that gradient together, 128 positions at a
+time: the (positions x 49,152) fp32 logits are never held whole, and the cross-entropy's
+elementwise passes run on chunks that stay in cache (0.48 s against 0.73 s for the head and loss
+of a 16 x 128 batch here). A head that trains, or a model that caps or scales its logits, keeps
+the path above.
+
 **Contiguous inputs.** Generation and answer scoring ask the model for the last position's
 logits alone (``logits_to_keep``), so the head gets ``hidden[:, -1:]``, a strided view. For a
 3-d input that cannot be viewed as 2-d, ``torch.matmul`` expands the weight to a batch of copies
@@ -32,15 +41,87 @@ from torch import nn
 IGNORE_INDEX = -100
 
 
-def output_head(model: nn.Module) -> nn.Module:
-    """The module that maps hidden states to vocabulary logits, through PEFT / DDP wrappers."""
+# config fields of models whose logits are more than the head's product (a fused loss would
+# skip what they do to the logits)
+LOGIT_TRANSFORMS = ("final_logit_softcapping", "logit_scale", "logits_scaling")
+LOSS_CHUNK = 128  # positions whose fp32 logits are held at once by the fused loss
+
+
+def _language_model(model: nn.Module) -> nn.Module:
     inner = model
     while not hasattr(inner, "get_output_embeddings") and hasattr(inner, "module"):
         inner = inner.module  # DDP
+    return inner
+
+
+def output_head(model: nn.Module) -> nn.Module:
+    """The module that maps hidden states to vocabulary logits, through PEFT / DDP wrappers."""
+    inner = _language_model(model)
     head = inner.get_output_embeddings() if hasattr(inner, "get_output_embeddings") else None
     if head is None:
         raise ValueError(f"{type(inner).__name__} has no output head (get_output_embeddings)")
     return head
+
+
+def _frozen_plain_head(model: nn.Module, head: nn.Module) -> bool:
+    """Whether the head is a frozen bias-free nn.Linear whose product is the logits."""
+    config = getattr(_language_model(model), "config", None)
+    return (
+        type(head) is nn.Linear
+        and head.bias is None
+        and not head.weight.requires_grad
+        and not any(getattr(config, name, None) for name in LOGIT_TRANSFORMS)
+    )
+
+
+class FrozenHeadCrossEntropy(torch.autograd.Function):
+    """Mean cross-entropy of ``hidden @ weight.T`` against ``targets``, chunk by chunk, for a
+    frozen head: each chunk's gradient with respect to ``hidden`` is made in the forward pass
+    (softmax minus one-hot, times the weight), so the (positions x vocabulary) logits are never
+    held whole nor kept for the backward pass."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, targets, dtype):
+        count = hidden.shape[0]
+        loss = torch.zeros((), dtype=torch.float32, device=hidden.device)
+        grad = torch.empty_like(hidden, dtype=dtype)
+        weight = weight.to(dtype)
+        with torch.autocast(hidden.device.type, enabled=False):
+            for start in range(0, count, LOSS_CHUNK):
+                rows = slice(start, start + LOSS_CHUNK)
+                # one kernel reads the logits in the compute dtype and writes fp32 log-probabilities
+                log_probs = F.log_softmax(hidden[rows].to(dtype) @ weight.T, 1, dtype=torch.float32)
+                wanted = targets[rows].unsqueeze(1)
+                loss -= log_probs.gather(1, wanted).sum()
+                # the gradient of the chunk's loss by its logits: softmax minus one-hot
+                probs = log_probs.exp_()
+                probs.scatter_add_(1, wanted, probs.new_full(wanted.shape, -1.0))
+                grad[rows] = probs.to(dtype) @ weight
+        ctx.save_for_backward(grad)
+        ctx.count, ctx.hidden_dtype = count, hidden.dtype
+        return loss / count
+
+    @staticmethod
+    def backward(ctx, grad_loss):
+        (grad,) = ctx.saved_tensors
+        return (grad * (grad_loss / ctx.count)).to(ctx.hidden_dtype), None, None, None
+
+
+@contextmanager
+def _captured_head_inputs(model: nn.Module, keep: torch.Tensor, kept: list) -> Iterator[None]:
+    """While inside, the head's input at ``keep`` goes to ``kept`` and the head itself gets no
+    rows: the fused loss does its work."""
+
+    def capture(module: nn.Module, args: tuple) -> tuple:
+        hidden = args[0]
+        kept.append(hidden[keep.to(hidden.device)])
+        return (hidden[..., :0, :], *args[1:])
+
+    handle = output_head(model).register_forward_pre_hook(capture)
+    try:
+        yield
+    finally:
+        handle.remove()
 
 
 @contextmanager
@@ -89,6 +170,18 @@ def labeled_positions_loss(
     if not bool(keep.any()):
         raise ValueError("the batch has no target tokens (every label is -100)")
     inputs = {k: v for k, v in batch.items() if k != "labels"}
+    head = output_head(model)
+    if reduction == "mean" and torch.is_grad_enabled() and _frozen_plain_head(model, head):
+        kept: list[torch.Tensor] = []
+        with _captured_head_inputs(model, keep, kept):
+            model(**inputs)
+        hidden = kept[0]
+        dtype = (torch.get_autocast_dtype(hidden.device.type)
+                 if torch.is_autocast_enabled(hidden.device.type) else head.weight.dtype)  # fmt: skip
+        if head.weight.dtype == torch.bfloat16:
+            dtype = torch.bfloat16
+        targets = targets[keep].to(hidden.device)
+        return FrozenHeadCrossEntropy.apply(hidden, head.weight, targets, dtype)
     with head_on_positions(model, keep):
         logits = model(**inputs).logits
     return F.cross_entropy(logits.float(), targets[keep].to(logits.device), reduction=reduction)
