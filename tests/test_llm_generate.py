@@ -202,7 +202,8 @@ def test_the_merged_llama_loads_in_transformers_and_generates_as_base_plus_adapt
     chat_run, tmp_path
 ):
     adapter = json.loads((chat_run / "adapter" / "adapter_config.json").read_text())
-    assert set(adapter["target_modules"]) == LORA_TARGETS
+    # all-linear resolved: every projection of every layer, the head left alone
+    assert {name.rsplit(".", 1)[-1] for name in adapter["target_modules"]} == LORA_TARGETS
     merged_dir = merge(chat_run, tmp_path / "merged")
     assert json.loads((merged_dir / "merge.json").read_text())["chat_template"] is True
     merged = AutoModelForCausalLM.from_pretrained(merged_dir).eval()
