@@ -56,3 +56,14 @@ def tiny_llama_dir(smollm2_folder, tmp_path_factory):
     from tiny_models import save_tiny_llama_chat
 
     return save_tiny_llama_chat(tmp_path_factory.mktemp("tiny-llama"), smollm2_folder)
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """Tiny models run faster on one thread, and much faster on a busy machine."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -14,13 +14,7 @@ from lorakit.nn.fast_dropout import fast_dropout
 from lorakit.train.loop import train_loop
 from lorakit.train.metrics import evaluate_causal
 
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # a tiny model: one thread is faster
 
 
 def tiny_llama_with_lora(engine: str = "lorakit", dropout: float = 0.0) -> torch.nn.Module:

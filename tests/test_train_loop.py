@@ -14,14 +14,7 @@ from lorakit.rundir import RunDir
 from lorakit.train.loop import parameter_groups, train_loop
 from lorakit.train.metrics import evaluate
 
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # a tiny model: one thread is faster, and much faster on a busy machine
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # a tiny model: one thread is faster
 
 
 @pytest.fixture(scope="module")
