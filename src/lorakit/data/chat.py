@@ -98,7 +98,7 @@ class ChatRows:
 
     dataset: datasets.Dataset  # input_ids, attention_mask, labels
     end_of_turn: int  # the token id that closes an assistant turn
-    truncated: int  # conversations cut at max_length (their start dropped)
+    truncated: int  # conversations longer than max_length (a user turn's start or the end cut)
     dropped: int  # conversations with no assistant token left after the cut
 
 
@@ -106,7 +106,8 @@ def chat_dataset(
     tokenizer: PreTrainedTokenizerBase, conversations: Sequence[Conversation], max_length: int
 ) -> ChatRows:
     """Rows of rendered conversations whose loss counts the assistant turns only, each turn's
-    end-of-turn token included. A row longer than ``max_length`` loses its start."""
+    end-of-turn token included. A row longer than ``max_length`` loses the start of its user
+    turn (one exchange: the end of a prompt is what the answer depends on), else its end."""
     if not has_chat_template(tokenizer):
         raise ChatTemplateError("the tokenizer has no chat template; set causal.chat = 'off'")
     end_of_turn = end_of_turn_id(tokenizer)
@@ -117,7 +118,9 @@ def chat_dataset(
             truncated += 1
             conversation = shorten_user_turn(tokenizer, conversation, len(ids) - max_length)
             ids, labels = _labeled_tokens(tokenizer, conversation, end_of_turn)
-            ids, labels = ids[-max_length:], labels[-max_length:]
+            # still too long (several user turns, or a long answer): the end goes, so the
+            # template's start stays whole; the pre-flight checks show the answers cut short
+            ids, labels = ids[:max_length], labels[:max_length]
         if all(label == IGNORE_INDEX for label in labels[1:]):
             dropped += 1
             continue

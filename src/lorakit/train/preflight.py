@@ -84,6 +84,6 @@ def preflight_checks(
         f"({int(targets_at.sum()):,} targets in {labels.shape[0]:,} rows)"))  # fmt: skip
     if truncated:
         checks.append(_check("truncated_examples", truncated,
-                             f"{truncated:,} examples longer than data.max_length lost their "
-                             "start"))  # fmt: skip
+                             f"{truncated:,} examples longer than data.max_length were cut "
+                             "(a prompt's start, else the end)"))  # fmt: skip
     return checks
