@@ -437,7 +437,7 @@ class CausalLM(Recipe):
         config, model = self.config, self.base
         started = time.monotonic()
         self.base_figures = self.measure(model)
-        print(f"{config.run_name}: base model {self.base_name}: "
+        print(f"{config.run_name}: base model {config.model.name}: "
               f"{_figures_line(self.base_figures)} ({time.monotonic() - started:.0f} s)",
               flush=True)  # fmt: skip
         torch.manual_seed(config.seed)  # LoRA's A matrices start random: from the run's seed
