@@ -44,7 +44,8 @@ def stars_csv(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def smollm2_folder(lorakit_cache):
-    """SmolLM2-135M-Instruct converted once (about 20 s) into the session's lorakit cache."""
+    """SmolLM2-135M-Instruct converted into the session's lorakit cache (about 20 s), shared by
+    every test that needs it."""
     from lorakit.models.gguf import converted_folder, smollm2_gguf
 
     return converted_folder(smollm2_gguf())

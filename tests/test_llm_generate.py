@@ -12,8 +12,8 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 import lorakit.api as lk
 from lorakit.cli import main
 from lorakit.config import ConfigError
-from lorakit.data.chat import end_of_turn_id
-from lorakit.generate import generate, prompt_ids, stop_ids
+from lorakit.data.chat import end_of_turn_id, stop_ids
+from lorakit.generate import generate, prompt_ids
 from lorakit.merge import merge
 from lorakit.recipes.causal_lm import load_generator
 

@@ -20,7 +20,8 @@ import torch
 from transformers import GenerationConfig, PreTrainedModel, PreTrainedTokenizerBase, TextStreamer
 
 from lorakit.data.causal import eos_id, pad_id, token_ids
-from lorakit.data.chat import end_of_turn_id, render
+from lorakit.data.chat import render, stop_ids
+from lorakit.models.causal_lm import max_positions
 
 
 class _CallbackStreamer(TextStreamer):
@@ -58,11 +59,6 @@ def prompt_ids(
         ids = tokenizer(prompt)["input_ids"]
         return list(ids) or [eos_id(tokenizer)]  # nothing to continue: start after an ending
     return [eos_id(tokenizer), *token_ids(tokenizer, [prompt])[0]]
-
-
-def stop_ids(tokenizer: PreTrainedTokenizerBase, chat: bool) -> list[int]:
-    """The tokens that end generation: eos, and on a chat run the end of the assistant's turn."""
-    return sorted({eos_id(tokenizer), end_of_turn_id(tokenizer)} if chat else {eos_id(tokenizer)})
 
 
 @torch.no_grad()
@@ -108,7 +104,7 @@ def generate(
         eos_token_id=stop_ids(tokenizer, chat),
     )
     ids = prompt_ids(tokenizer, prompt, chat=chat, system_prompt=system_prompt, raw=raw)
-    positions = _positions(model)
+    positions = max_positions(model)
     if positions is not None and len(ids) + max_new_tokens > positions:
         raise ValueError(
             f"the prompt's {len(ids)} tokens and {max_new_tokens} new ones exceed the model's "
@@ -131,10 +127,3 @@ def generate(
     finally:
         model.train(was_training)
     return tokenizer.decode(output[0, len(ids) :], skip_special_tokens=True)
-
-
-def _positions(model) -> int | None:
-    """The longest sequence the model takes, when its config says."""
-    config = model.config
-    value = getattr(config, "n_positions", None) or getattr(config, "max_position_embeddings", None)
-    return int(value) if value else None

@@ -22,7 +22,7 @@ from pathlib import Path
 import datasets
 from transformers import PreTrainedTokenizerBase
 
-from lorakit.data.causal import IGNORE_INDEX, padded_rows, token_ids
+from lorakit.data.causal import IGNORE_INDEX, eos_id, pad_id, padded_rows, token_ids
 from lorakit.data.errors import DataError
 
 Conversation = list[dict[str, str]]
@@ -64,6 +64,11 @@ def end_of_turn_id(tokenizer: PreTrainedTokenizerBase) -> int:
         "the chat template closes an assistant turn with no special token, so generation could "
         "not stop at the end of a turn; use a model whose template has an end-of-turn token"
     )
+
+
+def stop_ids(tokenizer: PreTrainedTokenizerBase, chat: bool) -> list[int]:
+    """The tokens that end generation: eos, and on a chat run the end of the assistant's turn."""
+    return sorted({eos_id(tokenizer), end_of_turn_id(tokenizer)} if chat else {eos_id(tokenizer)})
 
 
 def pair_conversations(
@@ -130,9 +135,7 @@ def chat_dataset(
             f"no conversation keeps an assistant token within {max_length} tokens; raise "
             "data.max_length"
         )
-    return ChatRows(
-        padded_rows(rows, _pad(tokenizer, end_of_turn)), end_of_turn, truncated, dropped
-    )
+    return ChatRows(padded_rows(rows, pad_id(tokenizer)), end_of_turn, truncated, dropped)
 
 
 def shorten_user_turn(
@@ -148,10 +151,6 @@ def shorten_user_turn(
     ids = token_ids(tokenizer, [turn["content"]])[0]
     kept = tokenizer.decode(ids[excess + 4 :])
     return [*conversation[: users[0]], {**turn, "content": kept}, *conversation[users[0] + 1 :]]
-
-
-def _pad(tokenizer: PreTrainedTokenizerBase, fallback: int) -> int:
-    return int(tokenizer.pad_token_id if tokenizer.pad_token_id is not None else fallback)
 
 
 def _labeled_tokens(

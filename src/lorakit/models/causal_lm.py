@@ -96,6 +96,14 @@ def load_causal_lm(
     return model, tokenizer
 
 
+def max_positions(model: PreTrainedModel) -> int | None:
+    """The longest sequence the model takes, when its config says (GPT-2's `n_positions`, else
+    `max_position_embeddings`)."""
+    config = model.config
+    value = getattr(config, "n_positions", None) or getattr(config, "max_position_embeddings", None)
+    return int(value) if value else None
+
+
 class ChoiceScorer:
     """Scores a closed set of answers after each prompt: ``scorer(model)`` is
     (len(prompts), len(choices)), log P(choice tokens | start + prompt) summed over the tokens;

@@ -31,7 +31,7 @@ of its input (a few kilobytes) instead.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
 import torch
@@ -108,51 +108,42 @@ class FrozenHeadCrossEntropy(torch.autograd.Function):
 
 
 @contextmanager
-def _captured_head_inputs(model: nn.Module, keep: torch.Tensor, kept: list) -> Iterator[None]:
+def _head_inputs(
+    model: nn.Module, change: Callable[[torch.Tensor], torch.Tensor]
+) -> Iterator[None]:
+    """While inside, the output head's input goes through ``change`` first."""
+
+    def hook(module: nn.Module, args: tuple) -> tuple:
+        return (change(args[0]), *args[1:])
+
+    handle = output_head(model).register_forward_pre_hook(hook)
+    try:
+        yield
+    finally:
+        handle.remove()
+
+
+def _captured_head_inputs(model: nn.Module, keep: torch.Tensor, kept: list):
     """While inside, the head's input at ``keep`` goes to ``kept`` and the head itself gets no
     rows: the fused loss does its work."""
 
-    def capture(module: nn.Module, args: tuple) -> tuple:
-        hidden = args[0]
+    def capture(hidden: torch.Tensor) -> torch.Tensor:
         kept.append(hidden[keep.to(hidden.device)])
-        return (hidden[..., :0, :], *args[1:])
+        return hidden[..., :0, :]
 
-    handle = output_head(model).register_forward_pre_hook(capture)
-    try:
-        yield
-    finally:
-        handle.remove()
+    return _head_inputs(model, capture)
 
 
-@contextmanager
-def head_on_positions(model: nn.Module, keep: torch.Tensor) -> Iterator[None]:
+def head_on_positions(model: nn.Module, keep: torch.Tensor):
     """While inside, the output head sees only the hidden states where ``keep`` (batch, length)
     is True, in row-major order, and returns (keep.sum(), vocabulary) logits."""
-
-    def select(module: nn.Module, args: tuple) -> tuple:
-        hidden = args[0]
-        return (hidden[keep.to(hidden.device)], *args[1:])
-
-    handle = output_head(model).register_forward_pre_hook(select)
-    try:
-        yield
-    finally:
-        handle.remove()
+    return _head_inputs(model, lambda hidden: hidden[keep.to(hidden.device)])
 
 
-@contextmanager
-def contiguous_head_inputs(model: nn.Module) -> Iterator[None]:
+def contiguous_head_inputs(model: nn.Module):
     """While inside, the output head's input is made contiguous first (see the module's
     docstring)."""
-
-    def contiguous(module: nn.Module, args: tuple) -> tuple:
-        return (args[0].contiguous(), *args[1:])
-
-    handle = output_head(model).register_forward_pre_hook(contiguous)
-    try:
-        yield
-    finally:
-        handle.remove()
+    return _head_inputs(model, lambda hidden: hidden.contiguous())
 
 
 def shifted_labels(labels: torch.Tensor) -> torch.Tensor:

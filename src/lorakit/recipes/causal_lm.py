@@ -48,8 +48,14 @@ from lorakit.data.chat import (
     read_conversations,
     render,
     shorten_user_turn,
+    stop_ids,
 )
-from lorakit.models.causal_lm import ChoiceScorer, greedy_continuations, load_causal_lm
+from lorakit.models.causal_lm import (
+    ChoiceScorer,
+    greedy_continuations,
+    load_causal_lm,
+    max_positions,
+)
 from lorakit.models.gguf import gguf_source
 from lorakit.models.transformer import public_name, weights_bytes
 from lorakit.nn.frozen_base import bf16_inference, set_model_dropout
@@ -167,15 +173,16 @@ def responses_of(examples: datasets.Dataset) -> list[str]:
     return list(examples["response"])
 
 
-def build_data(config: Config, tokenizer, max_positions: int) -> dict[str, Any]:
+def build_data(config: Config, tokenizer, positions: int) -> dict[str, Any]:
     """Tokenized splits (`input_ids`, `attention_mask`, `labels`), the raw validation and test
-    examples, how the examples were rendered, and the fingerprint of the source data."""
+    examples, how the examples were rendered, the rows' length (`max_length`: what test prompts
+    are cut to as well) and the fingerprint of the source data."""
     causal = causal_section(config)
     if causal.mode == "lm":
-        if causal.block_size > max_positions:
+        if causal.block_size > positions:
             raise ConfigError(
-                f"causal.block_size: {causal.block_size} exceeds the model's {max_positions} "
-                f"positions; set causal.block_size <= {max_positions}"
+                f"causal.block_size: {causal.block_size} exceeds the model's {positions} "
+                f"positions; set causal.block_size <= {positions}"
             )
         dsd = load_dataset(
             config.data.source,
@@ -187,18 +194,18 @@ def build_data(config: Config, tokenizer, max_positions: int) -> dict[str, Any]:
         if causal.packing:
             splits = {s: pack_texts(tokenizer, dsd[s]["text"], causal.block_size) for s in SPLITS}
         else:
-            max_length = min(config.data.max_length, max_positions)
+            max_length = min(config.data.max_length, positions)
             splits = {s: padded_lm_dataset(tokenizer, dsd[s]["text"], max_length) for s in SPLITS}
         return {
             "splits": splits, "val_pairs": None, "test_pairs": None, "chat": False,
-            "end_of_turn": eos_id(tokenizer), "truncated": 0,
+            "end_of_turn": eos_id(tokenizer), "truncated": 0, "max_length": positions,
             "fingerprint": dataset_fingerprint(dsd),
         }  # fmt: skip
     chat = uses_chat(config, tokenizer)
     examples = _instruction_examples(config, chat)
     examples["train"] = _limit(examples["train"], config.data.max_train_samples, config)
     examples["validation"] = _limit(examples["validation"], config.data.max_eval_samples, config)
-    max_length = min(config.data.max_length, max_positions)
+    max_length = min(config.data.max_length, positions)
     if chat:
         rows = {
             s: chat_dataset(tokenizer, conversations_of(examples[s], causal.system_prompt),
@@ -219,7 +226,7 @@ def build_data(config: Config, tokenizer, max_positions: int) -> dict[str, Any]:
     return {
         "splits": splits, "val_pairs": examples["validation"], "test_pairs": examples["test"],
         "chat": chat, "end_of_turn": end_of_turn, "truncated": truncated,
-        "fingerprint": _examples_fingerprint(examples),
+        "max_length": max_length, "fingerprint": _examples_fingerprint(examples),
     }  # fmt: skip
 
 
@@ -236,8 +243,13 @@ def _examples_fingerprint(examples: datasets.DatasetDict) -> str:
 
 
 def _positions(model) -> int:
-    config = model.config
-    return int(getattr(config, "n_positions", None) or config.max_position_embeddings)
+    positions = max_positions(model)
+    if positions is None:
+        raise ConfigError(
+            f"{type(model).__name__}'s config gives no maximum length (n_positions or "
+            "max_position_embeddings); use a model whose config does"
+        )
+    return positions
 
 
 # ---------------------------------------------------------------- evaluation
@@ -252,11 +264,11 @@ class TaskScores:
     greedy generation's verdict accuracy and how often it closes its turn by itself; ROUGE of
     generated responses against the references (``causal.rouge``)."""
 
-    def __init__(self, config: Config, data: dict[str, Any], tokenizer, max_length: int,
-                 split: str = "test"):  # fmt: skip
+    def __init__(self, config: Config, data: dict[str, Any], tokenizer, split: str = "test"):
         causal = causal_section(config)
+        max_length = data["max_length"]  # prompts are cut as the rows were
         self.examples = data[f"{'val' if split == 'validation' else 'test'}_pairs"]
-        self.tokenizer, self.chat, self.end_of_turn = tokenizer, data["chat"], data["end_of_turn"]
+        self.tokenizer, self.chat = tokenizer, data["chat"]
         self.batch_size = config.train.eval_batch_size
         self.verdicts = _has_verdicts(self.examples)
         self.rouge = causal.rouge and self.examples is not None
@@ -316,9 +328,9 @@ class TaskScores:
         return figures
 
     def _generate(self, model, max_new_tokens: int, watch=()):
-        stops = sorted({self.end_of_turn, eos_id(self.tokenizer)})
         return greedy_continuations(
-            model, self.prompt_ids, max_new_tokens, stops, pad_id(self.tokenizer),
+            model, self.prompt_ids, max_new_tokens, stop_ids(self.tokenizer, self.chat),
+            pad_id(self.tokenizer),
             self.batch_size, watch=watch,
         )  # fmt: skip
 
@@ -413,12 +425,8 @@ class CausalLM(Recipe):
                 "'instruction' on the built-in rotten-tomatoes verdicts); set causal.select_by = "
                 "'perplexity'"
             )
-        # the rows' length: the model's positions, or data.max_length for instruction rows
-        length = self.positions
-        if causal_section(config).mode == "instruction":
-            length = min(config.data.max_length, self.positions)
-        self.test_scores = TaskScores(config, self.data, self.tokenizer, length)
-        self.val_scores = TaskScores(config, self.data, self.tokenizer, length, split="validation")
+        self.test_scores = TaskScores(config, self.data, self.tokenizer)
+        self.val_scores = TaskScores(config, self.data, self.tokenizer, split="validation")
         return self.data["fingerprint"]
 
     def measure(self, model, split: str = "test") -> dict[str, float]:
