@@ -168,6 +168,8 @@ def describe_adapter(folder: str | Path) -> dict[str, Any]:
         "r": config.r,
         "lora_alpha": config.lora_alpha,
         "scaling": config.lora_alpha / (config.r**0.5 if config.use_rslora else config.r),
+        "use_rslora": config.use_rslora,
+        "use_dora": config.use_dora,
         "target_modules": config.target_modules,
         "modules_to_save": config.modules_to_save,
         "bias": config.bias,
@@ -232,6 +234,8 @@ def adapter_text(info: dict[str, Any], run: dict[str, Any] | None = None) -> str
     fields = {
         "r": info["r"],
         "lora_alpha": f"{info['lora_alpha']:g} (scaling {info['scaling']:g})",
+        "use_rslora": info["use_rslora"],
+        "use_dora": info["use_dora"],
         "target_modules": info["target_modules"],
         "LoRA on": "\n".join(info["lora_modules"]) or "(none)",
         "modules_to_save": info["modules_to_save"] or "(none)",

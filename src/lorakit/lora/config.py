@@ -52,7 +52,11 @@ class LoraConfig:
         not change the learning rate one needs; with `use_rslora`, by lora_alpha / sqrt(r)
         (Kalajdzievski 2023, "rank-stabilized LoRA"). Any number in [-MAX_ALPHA, MAX_ALPHA]
         (2**16): 0 switches the update off, a negative value flips its sign.
-    lora_dropout: dropout on the input of the LoRA branch only.
+    lora_dropout: dropout on the input of the LoRA branch only (with use_dora, in training,
+        also of the base product that the magnitude rescales, as in PEFT).
+    use_dora: weight-decomposed LoRA (Liu et al. 2024, "DoRA"): a trained magnitude per output
+        (`lora_magnitude_vector`) rescales the direction W0 + scaling·B·A, whose norm is held
+        constant in the backward pass; on Linear, GPT-2's Conv1D and Embedding (`dora.py`).
     target_modules: which modules get LoRA: a list of names (a module matches when its full name
         equals an entry or ends with "." + entry), a regex string (full match), or "all-linear".
         None is allowed here, as in PEFT, but lorakit has no per-model default: injecting fails
@@ -82,6 +86,7 @@ class LoraConfig:
     modules_to_save: list[str] | None = None
     bias: Literal["none", "all", "lora_only"] = "none"
     use_rslora: bool = False
+    use_dora: bool = False
     rank_pattern: dict[str, int] = field(default_factory=dict)
     alpha_pattern: dict[str, float] = field(default_factory=dict)
     init_lora_weights: bool | Literal["gaussian"] = True
@@ -134,7 +139,7 @@ class LoraConfig:
                 "init_lora_weights",
                 f"init_lora_weights must be True, False or 'gaussian', got {self.init_lora_weights!r}",
             )
-        for key in ("use_rslora", "fan_in_fan_out", "inference_mode"):
+        for key in ("use_rslora", "use_dora", "fan_in_fan_out", "inference_mode"):
             if not isinstance(getattr(self, key), bool):
                 raise LoraConfigError(
                     key, f"{key} must be True or False, got {getattr(self, key)!r}"
@@ -246,7 +251,6 @@ class LoraConfig:
         data = dataclasses.asdict(self)  # copies: PEFT extends modules_to_save in place
         extra = data.pop("extra")
         data.update(peft_type="LORA", revision=None)
-        data.update(use_dora=False)
         return {**extra, **data}
 
     @classmethod
@@ -254,8 +258,6 @@ class LoraConfig:
         """Reads PEFT's adapter_config.json; fields lorakit does not use are kept in `extra`."""
         if data.get("peft_type", "LORA") != "LORA":
             raise LoraError(f"only LoRA adapters are supported, this one is {data['peft_type']!r}")
-        if data.get("use_dora"):
-            raise LoraError("DoRA adapters (use_dora=true) are not supported by lorakit's engine")
         for key in UNSUPPORTED:
             if data.get(key):  # else lorakit would drop the tensors or the changes they bring
                 raise LoraError(

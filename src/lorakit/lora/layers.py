@@ -8,8 +8,14 @@ A starts random and B at zero, so an untouched adapter leaves the model exactly 
 (LoRA paper, Hu et al. 2021, section 4.1). Merging writes scaling·B·A into W0, after which the
 layer costs nothing extra; unmerging subtracts it again.
 
+An adapter with `use_dora` also has a magnitude per output (`lora_magnitude_vector`), which
+rescales the adapted layer's output row by row (DoRA; the math is in dora.py). Its norm is
+computed from low-rank products on every training step and kept in eval mode until a weight
+changes.
+
 The attribute names are PEFT's (`base_layer`, `lora_A`, `lora_B`, `lora_embedding_A`,
-`lora_embedding_B`, `lora_dropout`, `scaling`), so state-dict keys line up with PEFT's files.
+`lora_embedding_B`, `lora_magnitude_vector`, `lora_dropout`, `scaling`), so state-dict keys line
+up with PEFT's files.
 """
 
 from __future__ import annotations
@@ -21,6 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import dora
 from .config import LoraConfig
 from .errors import LoraError
 
@@ -43,9 +50,15 @@ class LoraLayer(nn.Module):
         self.r: dict[str, int] = {}
         self.lora_alpha: dict[str, float] = {}
         self.scaling: dict[str, float] = {}
+        self.lora_magnitude_vector = nn.ParameterDict()  # DoRA adapters only
         self.active_adapter: str | None = None
         self.merged_adapters: list[str] = []
         self.disabled = False
+        # DoRA's norms, none of them state: eval mode's per adapter, keyed by the tensors' states;
+        # the base's squared row norms; the norms each merged DoRA adapter was merged with
+        self._dora_norms: dict[str, tuple[tuple, torch.Tensor]] = {}
+        self._weight_squared: tuple[tuple, torch.Tensor] | None = None
+        self._merged_norms: dict[str, torch.Tensor] = {}
 
     @property
     def merged(self) -> bool:
@@ -79,6 +92,8 @@ class LoraLayer(nn.Module):
         self._init_weights(adapter_name, config.init_lora_weights)
         weight = self.base_layer.weight
         self._to(adapter_name, device=weight.device)
+        if config.use_dora:
+            self._init_magnitude(adapter_name)
 
     def delete_adapter(self, adapter_name: str) -> None:
         if adapter_name in self.merged_adapters:
@@ -86,36 +101,114 @@ class LoraLayer(nn.Module):
         for store in [*self._adapter_stores(), self.lora_dropout]:
             if adapter_name in store:
                 del store[adapter_name]
-        for table in (self.r, self.lora_alpha, self.scaling):
+        for table in (self.r, self.lora_alpha, self.scaling, self._dora_norms):
             table.pop(adapter_name, None)
         if self.active_adapter == adapter_name:
             self.active_adapter = None
 
     def merge(self, adapter_names: list[str] | None = None, safe_merge: bool = False) -> None:
-        """Adds scaling·B·A to the base weight. safe_merge checks the result for NaN/inf first."""
+        """Adds scaling·B·A to the base weight (DoRA: W0 + scaling·B·A rescaled to the
+        magnitudes). safe_merge checks the result for NaN/inf first."""
         names = adapter_names or ([self.active_adapter] if self.active_adapter else [])
         weight = self.base_layer.weight
         for name in names:
             if name in self.merged_adapters:
                 continue
-            delta = self.get_delta_weight(name).to(weight.dtype)
-            if safe_merge:
-                merged = weight.data + delta
-                if not torch.isfinite(merged).all():
+            if safe_merge or name in self.lora_magnitude_vector:
+                merged = self._merged(name, weight.data)
+                if safe_merge and not torch.isfinite(merged).all():
                     raise LoraError(
                         f"merging adapter {name!r} gives NaN/inf weights; the adapter is broken "
                         "(retrain it, or lower the learning rate)"
                     )
                 weight.data = merged
             else:
-                weight.data += delta
+                weight.data += self.get_delta_weight(name).to(weight.dtype)
             self.merged_adapters.append(name)
+        self._forget_norms()
 
     def unmerge(self) -> None:
         weight = self.base_layer.weight
         while self.merged_adapters:
             name = self.merged_adapters.pop()
-            weight.data -= self.get_delta_weight(name).to(weight.dtype)
+            if name in self._merged_norms:
+                weight.data = self._unmerged(name, weight.data)
+                del self._merged_norms[name]
+            else:
+                weight.data -= self.get_delta_weight(name).to(weight.dtype)
+        self._forget_norms()
+
+    def train(self, mode: bool = True) -> LoraLayer:
+        if mode:  # the weights will change: eval mode's norms are computed again
+            self._dora_norms.clear()
+        return super().train(mode)
+
+    # ---------------------------------------------------------------- DoRA
+    def _init_magnitude(self, adapter_name: str) -> None:
+        """m = ||W0 + scaling·B·A|| per output: the adapted layer starts as the plain LoRA one."""
+        A, _ = self.lora_factors(adapter_name)
+        norm = self._dora_norm(adapter_name, self.base_layer.weight)
+        self.lora_magnitude_vector[adapter_name] = nn.Parameter(norm.to(A.dtype))
+
+    def _dora_scale(self, adapter_name: str) -> torch.Tensor:
+        """m / ||W0 + scaling·B·A|| per output; the norm is a constant to autograd (section 4.3
+        of the DoRA paper), so only m gets a gradient from it."""
+        return self.lora_magnitude_vector[adapter_name] / self._dora_norm(adapter_name)
+
+    def _dora_norm(self, adapter_name: str, weight: torch.Tensor | None = None) -> torch.Tensor:
+        """||weight + scaling·B·A|| per output (weight: the base's unless given), from the
+        low-rank products of dora.py. In eval mode it is kept until a weight changes (the
+        tensors' in-place versions tell); training computes it on every step."""
+        A, B = self.lora_factors(adapter_name)
+        scaling, in_out = self.scaling[adapter_name], self._stores_in_out()
+        if weight is not None:
+            return dora.weight_norm(weight, A, B, scaling, in_out)
+        weight = self.base_layer.weight
+        key = (_state(weight), _state(A), _state(B), scaling)
+        cached = self._dora_norms.get(adapter_name)
+        if cached is not None and cached[0] == key:
+            return cached[1]
+        if self._weight_squared is None or self._weight_squared[0] != _state(weight):
+            self._weight_squared = (_state(weight), dora.row_norms_squared(weight, in_out))
+        norm = dora.weight_norm(weight, A, B, scaling, in_out, self._weight_squared[1])
+        if not self.training:
+            self._dora_norms[adapter_name] = (key, norm)
+        return norm
+
+    def _forget_norms(self) -> None:
+        self._dora_norms.clear()
+        self._weight_squared = None
+
+    def _merged(self, name: str, weight: torch.Tensor) -> torch.Tensor:
+        """`weight` with adapter `name` merged in, as a new tensor. DoRA's norm is that of the
+        unmerged base plus the update, as in forward (PEFT's rule when adapters are merged one
+        after another), and is kept for unmerging: the merged weight no longer tells it."""
+        delta = self.get_delta_weight(name).to(weight.dtype)
+        if name not in self.lora_magnitude_vector:
+            return weight + delta
+        norm = self._dora_norm(name, self._unmerged_weight())
+        self._merged_norms[name] = norm
+        return ((weight + delta) * self._per_output(name, norm)).to(weight.dtype)
+
+    def _unmerged(self, name: str, weight: torch.Tensor) -> torch.Tensor:
+        """`weight` with the merged adapter `name` taken out, as a new tensor."""
+        delta = self.get_delta_weight(name).to(weight.dtype)
+        if name not in self._merged_norms:
+            return weight - delta
+        factor = self._per_output(name, self._merged_norms[name])
+        return (weight / factor - delta).to(weight.dtype)
+
+    def _unmerged_weight(self) -> torch.Tensor:
+        """The base weight with every merged adapter taken out: what forward computes with."""
+        weight = self.base_layer.weight.data
+        for name in reversed(self.merged_adapters):
+            weight = self._unmerged(name, weight)
+        return weight
+
+    def _per_output(self, name: str, norm: torch.Tensor) -> torch.Tensor:
+        """m / norm shaped to multiply the stored weight, one factor per output."""
+        factor = self.lora_magnitude_vector[name].detach() / norm
+        return factor.view(1, -1) if self._stores_in_out() else factor.view(-1, 1)
 
     def _lora_active(self) -> str | None:
         if self.disabled or self.merged or self.active_adapter not in self.r:
@@ -124,13 +217,26 @@ class LoraLayer(nn.Module):
 
     def _to(self, adapter_name: str, device: torch.device) -> None:
         for store in self._adapter_stores():
-            if adapter_name in store:
-                store[adapter_name].to(device)
+            if adapter_name not in store:
+                continue
+            entry = store[adapter_name]
+            if isinstance(entry, nn.Module):
+                entry.to(device)
+            else:  # a parameter: moved in place, so the dict keeps the same one
+                entry.data = entry.data.to(device)
 
     def _adapter_stores(self) -> list[nn.ModuleDict | nn.ParameterDict]:
         return [getattr(self, name) for name in self.adapter_layer_names]
 
     # implemented by each layer type
+    def lora_factors(self, adapter_name: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """The adapter's A (r × in) and B (out × r), outputs as DoRA's norm counts them."""
+        raise NotImplementedError
+
+    def _stores_in_out(self) -> bool:
+        """Whether the base weight is stored (in × out) rather than (out × in)."""
+        raise NotImplementedError
+
     def _create_weights(self, adapter_name: str, r: int) -> None:
         raise NotImplementedError
 
@@ -144,7 +250,7 @@ class LoraLayer(nn.Module):
 class Linear(LoraLayer):
     """LoRA for `nn.Linear` (weight out × in) and GPT-2's `Conv1D` (weight in × out)."""
 
-    adapter_layer_names = ("lora_A", "lora_B")
+    adapter_layer_names = ("lora_A", "lora_B", "lora_magnitude_vector")
 
     def __init__(self, base_layer: nn.Module, adapter_name: str, config: LoraConfig) -> None:
         super().__init__(base_layer)
@@ -173,8 +279,14 @@ class Linear(LoraLayer):
         else:
             nn.init.zeros_(B)
 
+    def lora_factors(self, adapter_name):
+        return self.lora_A[adapter_name].weight, self.lora_B[adapter_name].weight
+
+    def _stores_in_out(self):
+        return self.fan_in_fan_out
+
     def get_delta_weight(self, adapter_name: str) -> torch.Tensor:
-        A, B = self.lora_A[adapter_name].weight, self.lora_B[adapter_name].weight
+        A, B = self.lora_factors(adapter_name)
         delta = (B @ A) * self.scaling[adapter_name]  # out × in
         return delta.T if self.fan_in_fan_out else delta
 
@@ -183,10 +295,42 @@ class Linear(LoraLayer):
         name = self._lora_active()
         if name is None:
             return result
-        A, B = self.lora_A[name].weight, self.lora_B[name].weight
+        A, B = self.lora_factors(name)
         x, dtype = _to_adapter_dtype(x, A), result.dtype
+        if name in self.lora_magnitude_vector:
+            return self._dora_forward(name, x, result).to(dtype)
         down = F.linear(self.lora_dropout[name](x), A)  # (..., r): the cheap half
         return add_scaled_product(result, down, B, self.scaling[name]).to(dtype)
+
+    def _dora_forward(self, name: str, x: torch.Tensor, result: torch.Tensor) -> torch.Tensor:
+        """(m/n)·(W0·x + s·B·A·x) + b from the base output `result` = W0·x + b: two passes over
+        the output more than LoRA (PEFT's `DoraLinearLayer.forward`, fused)."""
+        A, B = self.lora_factors(name)
+        dropout, scaling = self.lora_dropout[name], self.scaling[name]
+        scale = self._dora_scale(name)
+        if isinstance(dropout, nn.Identity) or not self.training:
+            out = add_scaled_product(result, F.linear(x, A), B, scaling)
+            return dora.rescale(out, scale, self.base_layer.bias)
+        # with dropout in training, PEFT rescales the base output of the dropped-out input:
+        # result + (m/n - 1)·W0·dropout(x) + (m/n)·s·B·A·dropout(x), one more product with W0
+        x = dropout(x)
+        base = self._base_product(x)
+        kept = result - base  # first: the fused product below may write into `base`
+        out = add_scaled_product(base, F.linear(x, A), B, scaling)
+        return kept + dora.rescale(out, scale, None)
+
+    def _base_product(self, x: torch.Tensor) -> torch.Tensor:
+        """W0·x without the bias."""
+        weight = self.base_layer.weight
+        if not torch.is_autocast_enabled(x.device.type):
+            weight = weight.to(x.dtype)
+        return F.linear(x, weight.T if self.fan_in_fan_out else weight)
+
+
+def _state(tensor: torch.Tensor) -> tuple:
+    """What changes when a tensor's values are replaced or changed in place (not through
+    `.data`, which no version counter sees: merging and unmerging forget the norms instead)."""
+    return tensor.data_ptr(), tensor._version, tensor.dtype, tuple(tensor.shape)
 
 
 def _to_adapter_dtype(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
@@ -219,7 +363,7 @@ def add_scaled_product(result: torch.Tensor, down: torch.Tensor, B: torch.Tensor
 class Embedding(LoraLayer):
     """LoRA for `nn.Embedding`: a lookup in A, then a product with B (PEFT's layout)."""
 
-    adapter_layer_names = ("lora_embedding_A", "lora_embedding_B")
+    adapter_layer_names = ("lora_embedding_A", "lora_embedding_B", "lora_magnitude_vector")
 
     def __init__(self, base_layer: nn.Embedding, adapter_name: str, config: LoraConfig) -> None:
         super().__init__(base_layer)
@@ -241,10 +385,6 @@ class Embedding(LoraLayer):
         else:
             nn.init.zeros_(A)
 
-    def _to(self, adapter_name, device):
-        for store in self._adapter_stores():
-            store[adapter_name].data = store[adapter_name].data.to(device)
-
     def _embed_scale(self) -> torch.Tensor | None:
         """The factor a scaled embedding (Gemma's, BART's: `embed_scale`) multiplies its lookup
         by; the update is scaled alike, as in PEFT, so merged and unmerged outputs agree."""
@@ -256,8 +396,14 @@ class Embedding(LoraLayer):
             return scale
         return None
 
+    def lora_factors(self, adapter_name):
+        return self.lora_embedding_A[adapter_name], self.lora_embedding_B[adapter_name]
+
+    def _stores_in_out(self):
+        return True  # num_embeddings × embedding_dim: DoRA's outputs are the dimensions
+
     def get_delta_weight(self, adapter_name: str) -> torch.Tensor:
-        A, B = self.lora_embedding_A[adapter_name], self.lora_embedding_B[adapter_name]
+        A, B = self.lora_factors(adapter_name)
         return (B @ A).T * self.scaling[adapter_name]  # num_embeddings × embedding_dim
 
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
@@ -271,9 +417,12 @@ class Embedding(LoraLayer):
         scale = self._embed_scale()
         if scale is not None:
             update = update * scale.to(update.dtype)
+        out = result + update
+        if name in self.lora_magnitude_vector:  # an embedding has no bias
+            out = dora.rescale(out, self._dora_scale(name), None)
         if torch.is_autocast_enabled(update.device.type):
-            return result + update
-        return (result + update).to(result.dtype)  # the base's dtype, as in Linear
+            return out
+        return out.to(result.dtype)  # the base's dtype, as in Linear
 
 
 class ModulesToSaveWrapper(nn.Module):
