@@ -257,7 +257,7 @@ def test_the_norm_is_cached_in_eval_and_recomputed_when_weights_change(monkeypat
     assert (logits(fresh, ids) - changed).abs().max() <= 1e-6
 
     model.train()
-    assert all(not layer._dora_norms for _, layer in lora.lora_layers(model))
+    assert all(not layer._dora_norms.kept for _, layer in lora.lora_layers(model))
     before = len(calls)
     model(input_ids=ids)  # training computes the norm on every step
     model(input_ids=ids)
@@ -321,3 +321,12 @@ def test_use_dora_is_a_config_key_and_shows_in_inspect(tmp_path):
     assert info["use_dora"] is True and info["use_rslora"] is False
     text = inspect(tmp_path / "adapter")
     assert "use_dora" in text and "True" in text
+
+
+def test_the_server_counts_the_magnitude_as_the_adapter_s_not_the_base_s(tmp_path):
+    from lorakit.serve.registry import base_tensors
+
+    lora.save_adapter(lorakit_dora("bert"), tmp_path / "adapter")
+    _, tensors, _ = lora.read_adapter(tmp_path / "adapter")
+    assert any("lora_magnitude_vector" in key for key in tensors)
+    assert base_tensors(tiny_bert(), ["classifier"], tensors) == []

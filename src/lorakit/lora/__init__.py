@@ -5,10 +5,12 @@ LoRA (Hu et al. 2021) freezes a pretrained weight W0 and learns a low-rank chang
     h = W0·x + (alpha / r) · B·A·dropout(x)        A: r × in,  B: out × r,  r << min(in, out)
 
 Only A and B train, so an adapter is tiny next to the model, and after training B·A can be
-merged into W0 so that inference costs nothing extra.
+merged into W0 so that inference costs nothing extra. DoRA (`use_dora`) also trains one
+magnitude per output, which rescales W0 + (alpha / r)·B·A to it.
 
     layers.py         the LoRA layers (Linear, GPT-2 Conv1D, Embedding) and ModulesToSaveWrapper;
                       each declares its adapter parameters (`adapter_params`)
+    dora.py           DoRA's math: the weight norm from low-rank products, kept in eval mode
     targeting.py      which modules get LoRA or are saved whole: PEFT's name matching
     model.py          a model's adapters: inject, add, set, delete, disable; parameter counts
     merging.py        merge into the base weights, unmerge, merge_and_unload, unload

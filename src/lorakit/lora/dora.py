@@ -5,8 +5,8 @@ The adapted weight is split into a direction and a magnitude per output:
     W' = m · (W0 + s·B·A) / ||W0 + s·B·A||        m: one number per output (`lora_magnitude_vector`)
     h  = W'·x + b = (m / n) · (W0·x + s·B·A·x) + b,          n = ||W0 + s·B·A|| per output
 
-m starts at n, so a new adapter changes nothing; A, B and m train. The norm n is treated as a
-constant in the backward pass (section 4.3: it is detached), as PEFT does.
+m starts at n, so the layer starts as plain LoRA does (the base, while B is zero); A, B and m
+train. The norm n is a constant in the backward pass (section 4.3: it is detached), as in PEFT.
 
 PEFT computes n by building W0 + s·B·A (out × in) on every step. Here it is expanded per output
 row i instead, with B_i the i-th row of B:
@@ -16,6 +16,9 @@ row i instead, with B_i the i-th row of B:
 ||W0_i||² is the frozen base's and is computed once; W0·Aᵀ (out × r) and A·Aᵀ (r × r) are
 low-rank products, so a step reads W0 once and writes nothing of its size. In fp32 the two agree
 to about 1e-7 relative (tests/test_dora.py holds it to PEFT's within 1e-5).
+
+In eval mode a layer keeps its norms (`Norms`) until W0, A or B changes; training computes them
+on every step (A and B change), but ||W0_i||² only once.
 
 Orientation: a weight is read as (out × in); GPT-2's Conv1D stores (in × out) and an embedding
 (num_embeddings × dim) is read so too, with `fan_in_fan_out`. For an embedding the "outputs" are
@@ -69,3 +72,44 @@ def rescale(out: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None) -
         return torch.addcmul(bias * (1 - scale), out, scale)
     direction = out if bias is None else out - bias
     return torch.addcmul(out, direction, (scale - 1).to(out.dtype))
+
+
+def per_output(magnitude: torch.Tensor, norm: torch.Tensor, fan_in_fan_out: bool) -> torch.Tensor:
+    """m / norm shaped to multiply a stored weight, one factor per output: merging a DoRA update
+    writes (W0 + delta) times it."""
+    factor = magnitude.detach() / norm
+    return factor.view(1, -1) if fan_in_fan_out else factor.view(-1, 1)
+
+
+class Norms:
+    """What a DoRA layer keeps between calls; none of it is state (nothing is saved): the norm
+    per adapter, kept in eval mode and keyed by the states of W0, A and B; ||W0_i||², keyed by
+    W0's; and the norm each merged adapter was merged with, which unmerging needs."""
+
+    def __init__(self) -> None:
+        self.kept: dict[str, tuple[tuple, torch.Tensor]] = {}
+        self.weight_squared: tuple[tuple, torch.Tensor] | None = None
+        self.merged: dict[str, torch.Tensor] = {}
+
+    def norm(self, name, weight, A, B, scaling, fan_in_fan_out, keep: bool) -> torch.Tensor:
+        """`weight_norm`, from what is kept where nothing changed since; kept if `keep`."""
+        key = (_state(weight), _state(A), _state(B), scaling)
+        cached = self.kept.get(name)
+        if cached is not None and cached[0] == key:
+            return cached[1]
+        if self.weight_squared is None or self.weight_squared[0] != key[0]:
+            self.weight_squared = (key[0], row_norms_squared(weight, fan_in_fan_out))
+        norm = weight_norm(weight, A, B, scaling, fan_in_fan_out, self.weight_squared[1])
+        if keep:
+            self.kept[name] = (key, norm)
+        return norm
+
+    def forget(self) -> None:
+        """After the weights changed through `.data` (merging), which no version counter sees."""
+        self.kept.clear()
+        self.weight_squared = None
+
+
+def _state(tensor: torch.Tensor) -> tuple:
+    """What changes when a tensor's values are replaced or changed in place."""
+    return tensor.data_ptr(), tensor._version, tensor.dtype, tuple(tensor.shape)

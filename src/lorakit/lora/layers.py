@@ -54,11 +54,7 @@ class LoraLayer(nn.Module):
         self.active_adapter: str | None = None
         self.merged_adapters: list[str] = []
         self.disabled = False
-        # DoRA's norms, none of them state: eval mode's per adapter, keyed by the tensors' states;
-        # the base's squared row norms; the norms each merged DoRA adapter was merged with
-        self._dora_norms: dict[str, tuple[tuple, torch.Tensor]] = {}
-        self._weight_squared: tuple[tuple, torch.Tensor] | None = None
-        self._merged_norms: dict[str, torch.Tensor] = {}
+        self._dora_norms = dora.Norms()
 
     @property
     def merged(self) -> bool:
@@ -101,7 +97,7 @@ class LoraLayer(nn.Module):
         for store in [*self._adapter_stores(), self.lora_dropout]:
             if adapter_name in store:
                 del store[adapter_name]
-        for table in (self.r, self.lora_alpha, self.scaling, self._dora_norms):
+        for table in (self.r, self.lora_alpha, self.scaling, self._dora_norms.kept):
             table.pop(adapter_name, None)
         if self.active_adapter == adapter_name:
             self.active_adapter = None
@@ -125,22 +121,22 @@ class LoraLayer(nn.Module):
             else:
                 weight.data += self.get_delta_weight(name).to(weight.dtype)
             self.merged_adapters.append(name)
-        self._forget_norms()
+        self._dora_norms.forget()
 
     def unmerge(self) -> None:
         weight = self.base_layer.weight
         while self.merged_adapters:
             name = self.merged_adapters.pop()
-            if name in self._merged_norms:
+            if name in self._dora_norms.merged:
                 weight.data = self._unmerged(name, weight.data)
-                del self._merged_norms[name]
+                del self._dora_norms.merged[name]
             else:
                 weight.data -= self.get_delta_weight(name).to(weight.dtype)
-        self._forget_norms()
+        self._dora_norms.forget()
 
     def train(self, mode: bool = True) -> LoraLayer:
         if mode:  # the weights will change: eval mode's norms are computed again
-            self._dora_norms.clear()
+            self._dora_norms.kept.clear()
         return super().train(mode)
 
     # ---------------------------------------------------------------- DoRA
@@ -156,28 +152,14 @@ class LoraLayer(nn.Module):
         return self.lora_magnitude_vector[adapter_name] / self._dora_norm(adapter_name)
 
     def _dora_norm(self, adapter_name: str, weight: torch.Tensor | None = None) -> torch.Tensor:
-        """||weight + scaling·B·A|| per output (weight: the base's unless given), from the
-        low-rank products of dora.py. In eval mode it is kept until a weight changes (the
-        tensors' in-place versions tell); training computes it on every step."""
+        """||weight + scaling·B·A|| per output (weight: the base's, kept in eval mode, unless
+        given), from the low-rank products of dora.py."""
         A, B = self.lora_factors(adapter_name)
         scaling, in_out = self.scaling[adapter_name], self._stores_in_out()
         if weight is not None:
             return dora.weight_norm(weight, A, B, scaling, in_out)
-        weight = self.base_layer.weight
-        key = (_state(weight), _state(A), _state(B), scaling)
-        cached = self._dora_norms.get(adapter_name)
-        if cached is not None and cached[0] == key:
-            return cached[1]
-        if self._weight_squared is None or self._weight_squared[0] != _state(weight):
-            self._weight_squared = (_state(weight), dora.row_norms_squared(weight, in_out))
-        norm = dora.weight_norm(weight, A, B, scaling, in_out, self._weight_squared[1])
-        if not self.training:
-            self._dora_norms[adapter_name] = (key, norm)
-        return norm
-
-    def _forget_norms(self) -> None:
-        self._dora_norms.clear()
-        self._weight_squared = None
+        weight, keep = self.base_layer.weight, not self.training
+        return self._dora_norms.norm(adapter_name, weight, A, B, scaling, in_out, keep)
 
     def _merged(self, name: str, weight: torch.Tensor) -> torch.Tensor:
         """`weight` with adapter `name` merged in, as a new tensor. DoRA's norm is that of the
@@ -187,15 +169,17 @@ class LoraLayer(nn.Module):
         if name not in self.lora_magnitude_vector:
             return weight + delta
         norm = self._dora_norm(name, self._unmerged_weight())
-        self._merged_norms[name] = norm
-        return ((weight + delta) * self._per_output(name, norm)).to(weight.dtype)
+        self._dora_norms.merged[name] = norm
+        factor = dora.per_output(self.lora_magnitude_vector[name], norm, self._stores_in_out())
+        return ((weight + delta) * factor).to(weight.dtype)
 
     def _unmerged(self, name: str, weight: torch.Tensor) -> torch.Tensor:
         """`weight` with the merged adapter `name` taken out, as a new tensor."""
         delta = self.get_delta_weight(name).to(weight.dtype)
-        if name not in self._merged_norms:
+        if name not in self._dora_norms.merged:
             return weight - delta
-        factor = self._per_output(name, self._merged_norms[name])
+        norm = self._dora_norms.merged[name]
+        factor = dora.per_output(self.lora_magnitude_vector[name], norm, self._stores_in_out())
         return (weight / factor - delta).to(weight.dtype)
 
     def _unmerged_weight(self) -> torch.Tensor:
@@ -204,11 +188,6 @@ class LoraLayer(nn.Module):
         for name in reversed(self.merged_adapters):
             weight = self._unmerged(name, weight)
         return weight
-
-    def _per_output(self, name: str, norm: torch.Tensor) -> torch.Tensor:
-        """m / norm shaped to multiply the stored weight, one factor per output."""
-        factor = self.lora_magnitude_vector[name].detach() / norm
-        return factor.view(1, -1) if self._stores_in_out() else factor.view(-1, 1)
 
     def _lora_active(self) -> str | None:
         if self.disabled or self.merged or self.active_adapter not in self.r:
@@ -325,12 +304,6 @@ class Linear(LoraLayer):
         if not torch.is_autocast_enabled(x.device.type):
             weight = weight.to(x.dtype)
         return F.linear(x, weight.T if self.fan_in_fan_out else weight)
-
-
-def _state(tensor: torch.Tensor) -> tuple:
-    """What changes when a tensor's values are replaced or changed in place (not through
-    `.data`, which no version counter sees: merging and unmerging forget the norms instead)."""
-    return tensor.data_ptr(), tensor._version, tensor.dtype, tuple(tensor.shape)
 
 
 def _to_adapter_dtype(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:

@@ -102,7 +102,9 @@ def locate_adapter(path: str | Path) -> AdapterSource:
     return source
 
 
-LORA_TENSOR = re.compile(r"(?P<module>.+)\.(lora_A\.weight|lora_B\.weight|lora_embedding_[AB])")
+LORA_TENSOR = re.compile(
+    r"(?P<module>.+)\.(lora_A\.weight|lora_B\.weight|lora_embedding_[AB]|lora_magnitude_vector)"
+)
 
 
 def base_tensors(model: nn.Module, heads: list[str], names) -> list[str]:
