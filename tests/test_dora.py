@@ -330,3 +330,21 @@ def test_the_server_counts_the_magnitude_as_the_adapter_s_not_the_base_s(tmp_pat
     _, tensors, _ = lora.read_adapter(tmp_path / "adapter")
     assert any("lora_magnitude_vector" in key for key in tensors)
     assert base_tensors(tiny_bert(), ["classifier"], tensors) == []
+
+
+@pytest.mark.parametrize("engine", ["lorakit", "peft"])
+def test_lora_use_dora_trains_dora_in_either_engine_and_loads_in_the_other(tmp_path, engine):
+    from lorakit.config import LoraSection
+    from lorakit.train import engines
+
+    ids = input_ids()
+    section = LoraSection(engine=engine, r=4, target_modules=["c_attn"], use_dora=True,
+                          init_lora_weights=False)  # fmt: skip
+    model = engines.apply_lora(tiny_gpt2(), section)
+    assert any("lora_magnitude_vector" in n for n, p in model.named_parameters() if p.requires_grad)
+    spread_magnitudes(model)
+    expected = logits(model.eval(), ids)
+    engines.save(model, tmp_path)
+    other = "peft" if engine == "lorakit" else "lorakit"
+    loaded = engines.load(tiny_gpt2(), tmp_path, engine=other).eval()
+    assert (logits(loaded, ids) - expected).abs().max() <= 1e-5
