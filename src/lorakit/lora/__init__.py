@@ -25,7 +25,7 @@ of file format and names, tested against PEFT itself. Its names load on first us
 import importlib
 
 _EXPORTS = {
-    "arithmetic": ("COMBINATION_TYPES", "add_weighted_adapter"),
+    "arithmetic": ("COMBINATION_TYPES", "add_weighted_adapter", "add_weighted_adapter_files"),
     "adapter_files": (
         "CONFIG_NAME", "WEIGHTS_NAME", "FingerprintWarning", "adapter_state_dict",
         "base_fingerprint", "load_adapter", "lora_tensor_module", "lorakit_version",
