@@ -1,6 +1,7 @@
 """PiSSA and OLoRA starts (`init_lora_weights`), and their conversion to plain LoRA, against PEFT."""
 
 import json
+import re
 import warnings
 
 import peft
@@ -225,3 +226,30 @@ def test_the_start_is_a_set_key(tmp_path):
     assert load_config(path, ["lora.init_lora_weights=true"]).lora.init_lora_weights is True
     with pytest.raises(ConfigError, match="init_lora_weights"):
         load_config(path, ["lora.init_lora_weights=svd"])
+
+
+def test_inspect_shows_how_an_adapter_started(tmp_path):
+    from lorakit.inspect import inspect
+
+    torch.manual_seed(0)
+    config = lora.LoraConfig(r=2, target_modules=["c_attn"], init_lora_weights="olora")
+    model = lora.inject(tiny_gpt2(), config)
+    lora.save_adapter(model, tmp_path / "as-is")
+    lora.save_adapter(model, tmp_path / "converted", convert_to_lora=True)
+    assert re.search(r"init_lora_weights +olora\n", inspect(tmp_path / "as-is"))
+    assert re.search(r"init_lora_weights +True\n", inspect(tmp_path / "converted"))
+
+
+def test_a_run_saves_its_pissa_adapter_converted(tmp_path):
+    """What a run does (train.engines): the adapter folder loads on the untouched base."""
+    from lorakit.config import LoraSection
+    from lorakit.train import engines
+
+    section = LoraSection(r=4, target_modules=["c_attn"], init_lora_weights="pissa_niter_2")
+    torch.manual_seed(0)
+    model = train_a_little(engines.apply_lora(tiny_gpt2(), section))
+    engines.save(model, tmp_path)
+    assert json.loads((tmp_path / lora.CONFIG_NAME).read_text())["init_lora_weights"] is True
+    for engine in ("lorakit", "peft"):
+        loaded = engines.load(tiny_gpt2(), tmp_path, engine).eval()
+        assert (logits(loaded) - logits(model)).abs().max() <= 1e-5
