@@ -396,3 +396,20 @@ def test_magnitude_pruning_keeps_the_largest_share(size, density):
     assert int((kept != 0).sum()) == k
     if 0 < k < size:
         assert kept.abs()[kept != 0].min() >= tensor.abs()[kept == 0].max()
+
+
+def test_merge_adapters_takes_run_directories_through_the_api(tmp_path, monkeypatch):
+    """A run directory stands for its adapter/ folder; the command is a call of lorakit.api."""
+    from lorakit import api
+
+    model = trained_adapters(*MODELS["gpt2"])
+    for name in "ab":
+        lora.save_adapter(model, tmp_path / f"run-{name}" / "adapter", adapter_name=name)
+    calls = []
+    original = api.merge_adapters
+    monkeypatch.setattr(api, "merge_adapters", lambda *a, **k: calls.append(k) or original(*a, **k))
+    runs = [str(tmp_path / "run-a"), str(tmp_path / "run-b")]
+    assert main(["merge-adapters", *runs, "--weights", "1,0.5", "--method", "cat",
+                 "--out", str(tmp_path / "ab")]) == 0  # fmt: skip
+    assert calls[0]["method"] == "cat" and calls[0]["weights"] == [1.0, 0.5]
+    assert json.loads((tmp_path / "ab" / lora.CONFIG_NAME).read_text())["r"] == 8
