@@ -524,7 +524,8 @@ def test_lora_on_a_scaled_embedding_matches_peft_and_its_merge(tmp_path):
 
 def test_an_orthogonally_initialised_peft_adapter_loads_in_lorakit(tmp_path):
     """init_lora_weights "orthogonal" (or "eva") only says how training began; lorakit refused
-    the file. One made with PiSSA (which changes the base weights) is refused by name."""
+    the file. One made with CorDA (which changes the base weights from data lorakit does not
+    have) is refused by name."""
     input_ids = torch.randint(0, 97, (3, 16), generator=torch.Generator().manual_seed(1))
     config = peft.LoraConfig(r=4, target_modules=["c_attn"], init_lora_weights="orthogonal")
     peft_model = peft.get_peft_model(tiny_gpt2(), config).eval()
@@ -535,10 +536,10 @@ def test_an_orthogonally_initialised_peft_adapter_loads_in_lorakit(tmp_path):
 
     config = json.loads((tmp_path / "peft" / lora.CONFIG_NAME).read_text())
     (tmp_path / "peft" / lora.CONFIG_NAME).write_text(
-        json.dumps({**config, "init_lora_weights": "pissa"})
+        json.dumps({**config, "init_lora_weights": "corda"})
     )
     with pytest.raises(
-        lora.AdapterFileError, match="'pissa'.*change the base weights.*lora.engine=peft"
+        lora.AdapterFileError, match="'corda'.*change the base weights.*lora.engine=peft"
     ):
         lora.load_adapter(tiny_gpt2(), tmp_path / "peft")
 

@@ -97,6 +97,18 @@ def tiny_gemma():
     return GemmaForCausalLM(config).eval()
 
 
+def tiny_llama():
+    """A 2-layer random Llama causal LM (SmolLM2's architecture) without a tokenizer."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=97, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+    )  # fmt: skip
+    return LlamaForCausalLM(config).eval()
+
+
 def write_reviews_csv(
     path: Path,
     classes: dict[str, list[str]],

@@ -8,9 +8,9 @@ are built on it. The engine's API is re-exported here, loaded on first use (PEP 
 from lorakit import lora  # cheap: the engine's own names load on first use
 
 _ENGINE_API = (
-    "LoraConfig", "LoraError", "add_adapter", "delete_adapter", "disable_adapters", "inject",
-    "load_adapter", "merge_and_unload", "save_adapter", "set_adapter", "trainable_parameters",
-    "unload",
+    "LoraConfig", "LoraError", "add_adapter", "add_weighted_adapter", "delete_adapter",
+    "disable_adapters", "inject", "load_adapter", "merge_and_unload", "save_adapter",
+    "set_adapter", "trainable_parameters", "unload",
 )  # fmt: skip
 
 __version__ = "0.1.0"

@@ -9,6 +9,7 @@ lk.Predictor("runs/classic-...").predict(texts)               # loaded once, for
 lk.list_recipes()                                             # {name: description}
 lk.sweep("classic", {"r": [2, 8]})                            # {"succeeded", ..., "sweep_dir"}
 lk.merge("runs/classic-...", "merged/")                       # a standalone model folder
+lk.merge_adapters(["runs/a", "runs/b"], "ab/", weights=[0.5, 0.5], method="ties", density=0.5)
 lk.generate("runs/instruct-...", "Is this movie review positive or negative? ...", temperature=0)
 ```
 """
@@ -47,6 +48,7 @@ __all__ = [
     "list_recipes",
     "load_predictor",
     "merge",
+    "merge_adapters",
     "predict",
     "read_texts",
     "report",
@@ -321,6 +323,27 @@ def merge(run_dir: str | Path, out_dir: str | Path, *, force: bool = False) -> P
     from lorakit.merge import merge as merge_run
 
     return merge_run(run_dir, out_dir, force=force)
+
+
+def merge_adapters(
+    adapters: Sequence[str | Path],
+    out_dir: str | Path,
+    *,
+    weights: Sequence[float],
+    method: str = "svd",
+    density: float | None = None,
+    **options: Any,
+) -> Path:
+    """One adapter combined from the adapters of runs (or adapter folders) of one base model,
+    written to ``out_dir`` as an adapter folder (``lorakit.lora.add_weighted_adapter_files``;
+    ``method``: its combination type, ``options``: svd_rank, majority_sign_method, ...)."""
+    from lorakit.lora import CONFIG_NAME, add_weighted_adapter_files
+
+    folders = [Path(a) / "adapter" if (Path(a) / "adapter" / CONFIG_NAME).is_file() else Path(a)
+               for a in adapters]  # fmt: skip
+    return add_weighted_adapter_files(
+        folders, list(weights), out_dir, method, density=density, **options
+    )
 
 
 def report(run_dir: str | Path) -> Path:

@@ -256,6 +256,42 @@ def merge(
     typer.echo(str(api.merge(run_dir, out_dir, force=force)))
 
 
+@app.command("merge-adapters")
+def merge_adapters(
+    adapters: Annotated[
+        list[Path], typer.Argument(help="run directories (or adapter folders) of one base model")
+    ],
+    weights: Annotated[
+        str, typer.Option(help="one weight per adapter, comma-separated, e.g. 0.5,0.5")
+    ],
+    out: Annotated[Path, typer.Option(help="a new folder for the combined adapter")],
+    method: Annotated[
+        str,
+        typer.Option(help="cat, linear, svd, ties, dare_linear, dare_ties, magnitude_prune, ..."),
+    ] = "svd",
+    density: Annotated[
+        float | None, typer.Option(help="share of entries kept, in (0, 1]: ties, dare, ...")
+    ] = None,
+    svd_rank: Annotated[int | None, typer.Option(help="rank of an svd result")] = None,
+    majority_sign_method: Annotated[
+        str, typer.Option(help="ties' sign election: total or frequency")
+    ] = "total",
+) -> None:
+    """Combine adapters into one (PEFT's add_weighted_adapter), written as an adapter folder
+    that lorakit and PEFT load on the same base."""
+    try:
+        numbers = [float(w) for w in weights.split(",")]
+    except ValueError:
+        raise api.ConfigError(
+            f"--weights {weights!r}: give one number per adapter, comma-separated, e.g. 0.5,0.5"
+        ) from None
+    folder = api.merge_adapters(
+        adapters, out, weights=numbers, method=method, density=density, svd_rank=svd_rank,
+        majority_sign_method=majority_sign_method,
+    )  # fmt: skip
+    typer.echo(str(folder))
+
+
 @app.command()
 def generate(
     run_dir: Annotated[Path, typer.Argument(help="a causal-LM run directory or its merged folder")],

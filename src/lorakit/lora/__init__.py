@@ -14,6 +14,8 @@ magnitude per output, which rescales W0 + (alpha / r)·B·A to it.
     targeting.py      which modules get LoRA or are saved whole: PEFT's name matching
     model.py          a model's adapters: inject, add, set, delete, disable; parameter counts
     merging.py        merge into the base weights, unmerge, merge_and_unload, unload
+    arithmetic.py     a new adapter combined from others (add_weighted_adapter: cat, svd, ties, ...)
+    initialisation.py PiSSA and OLoRA starts from the base weight, and their conversion to LoRA
     adapter_files.py  save and load adapters in PEFT's on-disk format
     config.py         LoraConfig, with PEFT's field names and defaults (no torch)
 
@@ -25,6 +27,7 @@ of file format and names, tested against PEFT itself. Its names load on first us
 import importlib
 
 _EXPORTS = {
+    "arithmetic": ("COMBINATION_TYPES", "add_weighted_adapter", "add_weighted_adapter_files"),
     "adapter_files": (
         "CONFIG_NAME", "WEIGHTS_NAME", "FingerprintWarning", "adapter_state_dict",
         "base_fingerprint", "load_adapter", "lora_tensor_module", "lorakit_version",

@@ -23,8 +23,15 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch import nn
 
-from .config import ALL_LINEAR, LoraConfig
+from .config import ALL_LINEAR, PISSA_NITER, LoraConfig
 from .errors import AdapterFileError, AdapterShapeError, LoraError
+from .initialisation import (
+    converted_config,
+    converted_tensors,
+    initial_weights,
+    mutates_base,
+    untouched_base,
+)
 from .layers import LoraLayer, ModulesToSaveWrapper
 from .merging import unload
 from .model import (
@@ -162,11 +169,18 @@ def save_adapter(
     adapter_name: str = "default",
     base_model_name_or_path: str | None = None,
     base_model_path: str | None = None,
+    *,
+    convert_to_lora: bool = False,
+    path_initial_model_for_weight_conversion: str | os.PathLike | None = None,
 ) -> Path:
     """Writes the adapter alone (a few KB to MB), loadable by lorakit and by PEFT.
 
     `base_model_name_or_path`: the name PEFT users load the base by (a hub id where there is
-    one); `base_model_path`: the local folder the base was read from, recorded in the header."""
+    one); `base_model_path`: the local folder the base was read from, recorded in the header.
+    An adapter whose start came from the base weight (PiSSA, OLoRA) is saved as it is, or, with
+    `convert_to_lora`, as the plain LoRA adapter of rank 2r that gives the same model on the
+    untouched base (`initialisation.py`); `path_initial_model_for_weight_conversion` does the
+    same from the adapter as it was saved right after initialisation (PEFT's option)."""
     directory = Path(directory)
     config = adapter_config(model, adapter_name)
     base_name = base_model_name_or_path or config.base_model_name_or_path
@@ -175,13 +189,20 @@ def save_adapter(
         k: v.detach().to("cpu").contiguous().clone()
         for k, v in adapter_state_dict(model, adapter_name).items()
     }
+    with untouched_base(model):  # the base this file loads on
+        fingerprint = "" if merged else base_fingerprint(model, config.saved, stored=tensors)
+    initial = _initial_tensors(model, adapter_name, path_initial_model_for_weight_conversion)
+    if path_initial_model_for_weight_conversion is not None or (
+        convert_to_lora and mutates_base(config.init_lora_weights)
+    ):
+        tensors, config = converted_tensors(tensors, initial), converted_config(config)
     metadata = {
         "format": "pt",
         "lorakit_version": lorakit_version(),
         "base_model": str(base_name or ""),
         "base_model_path": str(base_model_path or base_name or ""),
         # merged weights are not the base's: such a file records no fingerprint (none is checked)
-        "base_fingerprint": "" if merged else base_fingerprint(model, config.saved, stored=tensors),
+        "base_fingerprint": fingerprint,
     }
     config_dict = config.to_dict()
     config_dict["base_model_name_or_path"] = base_name
@@ -204,6 +225,23 @@ def save_adapter(
         CONFIG_NAME: lambda path: path.write_text(config_text, encoding="utf-8"),
     })  # fmt: skip
     return directory
+
+
+def _initial_tensors(
+    model: nn.Module, adapter_name: str, folder: str | os.PathLike | None
+) -> dict[str, torch.Tensor]:
+    """A0 and B0 under their file names: from the adapter folder saved right after
+    initialisation, or as the layers recorded them."""
+    if folder is not None:
+        return read_adapter(folder)[1]
+    tensors = {}
+    for path, layer in lora_layers(model):
+        start = initial_weights(layer, adapter_name)
+        if start is not None:
+            tensors[f"{PREFIX}{path}.lora_A.weight"], tensors[f"{PREFIX}{path}.lora_B.weight"] = (
+                start
+            )
+    return tensors
 
 
 # ---------------------------------------------------------------- loading
@@ -300,6 +338,12 @@ def load_adapter(
     for inference (in eval mode, as PEFT does) unless `is_trainable`. `files`: what
     `read_adapter(directory)` gave, when the folder was read already."""
     config, tensors, metadata = files if files is not None else read_adapter(directory)
+    if PISSA_NITER.fullmatch(str(config.init_lora_weights)):
+        raise AdapterFileError(
+            f"adapter {directory} was saved unconverted after init_lora_weights="
+            f"{config.init_lora_weights!r}, whose randomized SVD cannot be rebuilt on the base; "
+            "save it again with convert_to_lora=True (a plain LoRA adapter of the untouched base)"
+        )
     config.inference_mode = not is_trainable
     recorded = metadata.get("base_fingerprint")
     if recorded:

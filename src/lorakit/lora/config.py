@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -33,6 +34,9 @@ UNSUPPORTED = (
     "alora_invocation_tokens", "use_qalora", "use_bdlora", "arrow_config", "velora_config",
     "monteclora_config", "kasa_config",
 )  # fmt: skip
+
+# PiSSA with a randomized SVD of N subspace iterations
+PISSA_NITER = re.compile(r"pissa_niter_(\d+)")
 
 # PEFT initialisations that leave the base weights as they are: their files load as plain LoRA
 PLAIN_INITS = ("eva", "orthogonal", "mica")
@@ -71,7 +75,10 @@ class LoraConfig:
         regex that must match the end of the module's full name after a dot (PEFT's rule; the
         first matching key wins); other modules take r and lora_alpha.
     init_lora_weights: True = Kaiming-uniform A and zero B, so training starts at the base
-        model (section 4.1); "gaussian" = normal A with std 1/r; False = random B too (tests).
+        model (section 4.1); "gaussian" = normal A with std 1/r; False = random B too (tests);
+        "pissa", "pissa_niter_N" (randomized SVD, N iterations) and "olora" start A and B from
+        W0's SVD or QR and leave the rest in the base weight (`initialisation.py`), so the
+        model still computes as before; such an adapter is saved converted to plain LoRA.
     fan_in_fan_out: the base stores weight as (in, out), as GPT-2's Conv1D does.
     layers_to_transform, layers_pattern: only the layers with these indices (an int or a list)
         get LoRA, with a list target_modules: the index is the number after `layers_pattern`
@@ -89,7 +96,7 @@ class LoraConfig:
     use_dora: bool = False
     rank_pattern: dict[str, int] = field(default_factory=dict)
     alpha_pattern: dict[str, float] = field(default_factory=dict)
-    init_lora_weights: bool | Literal["gaussian"] = True
+    init_lora_weights: bool | str = True
     fan_in_fan_out: bool = False
     layers_to_transform: list[int] | int | None = None
     layers_pattern: list[str] | str | None = None
@@ -134,10 +141,11 @@ class LoraConfig:
             raise LoraConfigError(
                 "bias", f"bias must be 'none', 'all' or 'lora_only', got {self.bias!r}"
             )
-        if self.init_lora_weights not in (True, False, "gaussian"):
+        if not _is_init(self.init_lora_weights):
             raise LoraConfigError(
                 "init_lora_weights",
-                f"init_lora_weights must be True, False or 'gaussian', got {self.init_lora_weights!r}",
+                "init_lora_weights must be True, False, 'gaussian', 'pissa', 'pissa_niter_N' "
+                f"(N iterations, e.g. pissa_niter_4) or 'olora', got {self.init_lora_weights!r}",
             )
         for key in ("use_rslora", "use_dora", "fan_in_fan_out", "inference_mode"):
             if not isinstance(getattr(self, key), bool):
@@ -272,11 +280,11 @@ class LoraConfig:
         init = known.get("init_lora_weights")
         if init in PLAIN_INITS:  # how training began; the file's tensors are all that matter now
             known["init_lora_weights"] = True
-        elif isinstance(init, str) and init != "gaussian":
+        elif isinstance(init, str) and not _is_init(init):
             raise LoraError(
                 f"this adapter was made with PEFT's init_lora_weights={init!r}, which lorakit's "
-                "engine does not support (PiSSA, OLoRA, CorDA, LoftQ and LoRA-GA also change the "
-                "base weights); load it with PEFT (lora.engine=peft)"
+                "engine does not support (CorDA, LoftQ and LoRA-GA also change the base "
+                "weights); load it with PEFT (lora.engine=peft)"
             )
         extra = {k: v for k, v in data.items() if k not in names}
         return cls(**known, extra=extra)
@@ -286,6 +294,12 @@ def _pattern_key(patterns: dict, module_name: str, setting: str, budget: MatchBu
     """The first key of `patterns` that matches the end of `module_name` after a dot, as in
     PEFT's `get_pattern_key`."""
     return next((key for key in patterns if matches_end(key, module_name, setting, budget)), None)
+
+
+def _is_init(value) -> bool:
+    return value in (True, False, "gaussian", "pissa", "olora") or (
+        isinstance(value, str) and PISSA_NITER.fullmatch(value) is not None
+    )
 
 
 def _is_index(value) -> bool:

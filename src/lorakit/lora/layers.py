@@ -30,6 +30,7 @@ from torch import nn
 from . import dora
 from .config import LoraConfig
 from .errors import LoraError
+from .initialisation import init_from_base, mutates_base
 
 try:  # GPT-2 style layers store their weight as (in, out): "fan_in_fan_out"
     from transformers.pytorch_utils import Conv1D
@@ -248,6 +249,9 @@ class Linear(LoraLayer):
         self.lora_B[adapter_name] = nn.Linear(r, self.out_features, bias=False, dtype=dtype)
 
     def _init_weights(self, adapter_name, init):
+        if mutates_base(init):  # PiSSA, OLoRA: A and B from W0 itself (initialisation.py)
+            init_from_base(self, adapter_name, init)
+            return
         A, B = self.lora_A[adapter_name].weight, self.lora_B[adapter_name].weight
         if init == "gaussian":
             nn.init.normal_(A, std=1 / self.r[adapter_name])

@@ -84,9 +84,11 @@ def save(
                 "folder's permissions) and save it again"
             ) from None
     else:
+        # a PiSSA / OLoRA adapter is saved as plain LoRA, so it loads on the untouched base
         lora.save_adapter(
-            model, directory, base_model_name_or_path=base_name, base_model_path=base_path
-        )
+            model, directory, base_model_name_or_path=base_name, base_model_path=base_path,
+            convert_to_lora=True,
+        )  # fmt: skip
     if labels is not None:
         write_labels(directory, labels)
     return folder_bytes(directory)
