@@ -114,6 +114,13 @@ class ModelConfig(_Section):
         **only_for("causal_lm"),
     )
 
+    quantize: Literal["none", "int8", "nf4"] = Field(
+        "none",
+        description="causal LMs: the frozen base's Linears held in 8 bits or 4 (NF4, QLoRA) "
+        "by bitsandbytes; LoRA trains in full precision and saves an ordinary adapter",
+        **only_for("causal_lm"),
+    )
+
     @field_validator("gguf_file")
     @classmethod
     def _a_gguf_file_name(cls, value: str | None) -> str | None:
@@ -330,6 +337,21 @@ class Config(_Section):
     causal: CausalConfig | None = None
     lora: LoraSection = LoraSection()
     train: TrainConfig = TrainConfig()
+
+    @model_validator(mode="after")
+    def _quantize_for_lora_on_causal_lms(self) -> Config:
+        if self.model.quantize == "none":
+            return self
+        if self.task != "causal-lm":
+            raise ValueError(
+                "model.quantize works on causal-lm recipes only; set model.quantize = 'none'"
+            )
+        if self.compare:
+            raise ValueError(
+                "model.quantize cannot run compare = true (full fine-tuning trains the base, "
+                "which quantized weights cannot); set compare = false or model.quantize = 'none'"
+            )
+        return self
 
     @property
     def run_name(self) -> str:

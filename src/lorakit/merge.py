@@ -20,7 +20,8 @@ the adapters on the server's base, as a model of its own.
 
 Before anything is kept, the saved folder is loaded back and its outputs on a few real texts are
 compared with base + adapter: the largest absolute difference goes into ``OUT_DIR/merge.json``,
-and above ``TOLERANCE`` the merge fails. ``merge.json`` also keeps the run's data settings and
+and above ``TOLERANCE`` the merge fails. A run on a quantized base (``model.quantize``) merges
+into the dequantized full-precision weights and is compared with the quantized base + adapter. ``merge.json`` also keeps the run's data settings and
 test accuracy, so ``lorakit eval OUT_DIR`` evaluates on the run's data. The folder is written
 under a temporary name and renamed when complete, so OUT_DIR is never half written.
 """
@@ -43,6 +44,7 @@ from lorakit.recipes import MERGE_RECORD
 from lorakit.rundir import read_run_summary
 
 TOLERANCE = 1e-4
+INT8_TOLERANCE = 0.01  # of the largest |output|: an int8 base also rounds its inputs
 CLASSIC_LOADER = "lorakit.models.classic.load_classic"
 LOADS = {  # what loads a merged folder, by the class or function that reads it
     CLASSIC_LOADER: f"lorakit predict/eval MERGED_DIR, or {CLASSIC_LOADER}(MERGED_DIR)",
@@ -124,13 +126,17 @@ def _merge_classic(model, vocab, run_dir: Path, config: Config, summary, texts, 
 def _merge_transformers(model, tokenizer, config: Config, summary, texts, tmp: Path):
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
+    from lorakit.models.quantize import dequantize_model
+
     causal = summary.get("task") == "causal-lm"
     auto_class = AutoModelForCausalLM if causal else AutoModelForSequenceClassification
     batch = tokenizer(
         texts, padding=True, truncation=True, max_length=config.data.max_length, return_tensors="pt"
     )
     reference = model(**batch).logits
-    merged = lora.merge_and_unload(model)
+    # a quantized base (model.quantize): the update goes into the dequantized full-precision
+    # weights, and the merged model is saved in full precision
+    merged = lora.merge_and_unload(dequantize_model(model))
     merged.save_pretrained(tmp)  # safetensors
     tokenizer.save_pretrained(tmp)
     reloaded = auto_class.from_pretrained(tmp).eval()
@@ -171,10 +177,11 @@ def merge(run_dir: str | Path, out_dir: str | Path, force: bool = False) -> Path
                 model, tokenizer, config, summary, texts, tmp
             )
         diff = float((reference.float() - merged.float()).abs().max())
-        if not diff <= TOLERANCE:
+        tolerance = _tolerance(config, reference)
+        if not diff <= tolerance:
             raise MergeError(
                 f"the merged model's outputs differ from base + adapter by {diff:.3g} "
-                f"(more than {TOLERANCE:g}) on {len(texts)} texts; nothing was written"
+                f"(more than {tolerance:g}) on {len(texts)} texts; nothing was written"
             )
         record = {
             "run_dir": str(run_dir.resolve()),
@@ -182,12 +189,13 @@ def merge(run_dir: str | Path, out_dir: str | Path, force: bool = False) -> Path
             "task": summary.get("task"),
             "base_model": summary.get("base_model"),
             "engine": summary.get("engine"),
+            "quantize": config.model.quantize,
             "loads_with": loads_with,
             "load": LOADS[loads_with],
             "texts": len(texts),
             "texts_from": texts_from,
             "max_abs_diff": diff,
-            "tolerance": TOLERANCE,
+            "tolerance": tolerance,
             "data": config.data.model_dump(mode="json"),  # for `lorakit eval MERGED_DIR`
             "eval_batch_size": config.train.eval_batch_size,
             "test_accuracy": summary.get("test_accuracy"),
@@ -203,6 +211,15 @@ def merge(run_dir: str | Path, out_dir: str | Path, force: bool = False) -> Path
     print(f"merged {run_dir} into {out_dir}; max |difference| {diff:.2e} on {len(texts)} "
           f"texts; load it with {LOADS[loads_with]}", flush=True)  # fmt: skip
     return out_dir
+
+
+def _tolerance(config: Config, reference: torch.Tensor) -> float:
+    """``TOLERANCE``; on an int8 base ``INT8_TOLERANCE`` of the largest output: LLM.int8()
+    rounds the inputs of every product to int8 as well, which full-precision weights do not
+    (an NF4 base computes with its dequantized weights, as the merged model does)."""
+    if config.model.quantize == "int8":
+        return max(TOLERANCE, INT8_TOLERANCE * float(reference.float().abs().max()))
+    return TOLERANCE
 
 
 def _prompting(config: Config, summary: dict[str, Any]) -> dict[str, Any]:

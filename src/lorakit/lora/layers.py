@@ -108,6 +108,11 @@ class LoraLayer(nn.Module):
         magnitudes). safe_merge checks the result for NaN/inf first."""
         names = adapter_names or ([self.active_adapter] if self.active_adapter else [])
         weight = self.base_layer.weight
+        if not weight.is_floating_point():  # 8 or 4 bits: the update would be rounded away
+            raise LoraError(
+                f"the base layer holds its weight quantized ({weight.dtype}); merge into its "
+                "dequantized weights instead (lorakit.models.quantize.dequantize_model first)"
+            )
         for name in names:
             if name in self.merged_adapters:
                 continue
@@ -235,9 +240,11 @@ class Linear(LoraLayer):
     def __init__(self, base_layer: nn.Module, adapter_name: str, config: LoraConfig) -> None:
         super().__init__(base_layer)
         self.fan_in_fan_out = Conv1D is not None and isinstance(base_layer, Conv1D)
-        weight = base_layer.weight
+        # a quantized Linear (bitsandbytes') keeps its codes packed: its shape is not the weight's
         self.in_features, self.out_features = (
-            weight.shape if self.fan_in_fan_out else weight.shape[::-1]
+            base_layer.weight.shape
+            if self.fan_in_fan_out
+            else (base_layer.in_features, base_layer.out_features)
         )
         self.lora_A = nn.ModuleDict()
         self.lora_B = nn.ModuleDict()

@@ -32,6 +32,7 @@ from transformers import (
 from lorakit.data.causal import eos_id, pad_id, token_ids
 from lorakit.models import ModelError, loading_folder, no_progress_bars
 from lorakit.models.gguf import SMOLLM2, converted_folder, smollm2_gguf
+from lorakit.models.quantize import Quantize, quantize_model
 from lorakit.models.tiny_gpt2 import TINY_GPT2, cached_tiny_gpt2
 from lorakit.network import OfflineError, hub_reachable
 from lorakit.nn.output_head import contiguous_head_inputs
@@ -65,11 +66,17 @@ def _resolve(name_or_path: str | Path, gguf_file: str | None = None) -> tuple[st
 
 
 def load_causal_lm(
-    name_or_path: str | Path, *, dtype: torch.dtype | None = None, gguf_file: str | None = None
+    name_or_path: str | Path,
+    *,
+    dtype: torch.dtype | None = None,
+    gguf_file: str | None = None,
+    quantize: Quantize = "none",
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     """Model and tokenizer from a local folder, a hub id, `"tiny-gpt2"` (from its cache),
     `"smollm2"` or a `.gguf` file; with ``gguf_file``, that file in the folder ``name_or_path``.
     A GGUF file is converted into an ordinary folder on first use (`lorakit.models.gguf`).
+    ``quantize`` (``"int8"``, ``"nf4"``): the Linears held quantized (`quantize_model`), read
+    in bf16 so that the fp32 model is never whole in memory.
 
     A hub id without a network is looked up in the local Hugging Face cache; when it is not
     there, an `OfflineError` names the offline alternative instead of waiting on the network.
@@ -79,6 +86,8 @@ def load_causal_lm(
     try:
         with loading_folder(source), no_progress_bars():
             tokenizer = AutoTokenizer.from_pretrained(source, local_files_only=local_only)
+            if quantize != "none" and dtype is None:
+                dtype = torch.bfloat16
             model = AutoModelForCausalLM.from_pretrained(
                 source, dtype=dtype, local_files_only=local_only
             )
@@ -93,7 +102,7 @@ def load_causal_lm(
         raise OSError(f"cannot load causal LM {source!r}: {err}") from err
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
-    return model, tokenizer
+    return quantize_model(model, quantize), tokenizer
 
 
 def max_positions(model: PreTrainedModel) -> int | None:

@@ -403,7 +403,11 @@ def _model_to_train(config: Config):
 
 def load_base(config: Config):
     """(model, tokenizer) of ``model.name`` (and ``model.gguf_file``), as loaded for training."""
-    return load_causal_lm(ensure_base_model(config.model.name), gguf_file=config.model.gguf_file)
+    return load_causal_lm(
+        ensure_base_model(config.model.name),
+        gguf_file=config.model.gguf_file,
+        quantize=config.model.quantize,
+    )
 
 
 class CausalLM(Recipe):
@@ -509,6 +513,7 @@ class CausalLM(Recipe):
             "mode": causal_section(self.config).mode,
             "chat_template": self.data["chat"],
             "evaluation_precision": "bf16" if self.config.train.use_bf16 else "fp32",
+            "quantize": self.config.model.quantize,
             "base_model_path": self.base_path,
             "base_model_gguf": gguf_source(self.base_path),
             "trainer": "lorakit",
