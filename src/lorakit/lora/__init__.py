@@ -12,6 +12,7 @@ merged into W0 so that inference costs nothing extra.
     targeting.py      which modules get LoRA or are saved whole: PEFT's name matching
     model.py          a model's adapters: inject, add, set, delete, disable; parameter counts
     merging.py        merge into the base weights, unmerge, merge_and_unload, unload
+    mixed_batch.py    one forward whose rows go through different adapters (serving)
     adapter_files.py  save and load adapters in PEFT's on-disk format
     config.py         LoraConfig, with PEFT's field names and defaults (no torch)
 
@@ -35,6 +36,7 @@ _EXPORTS = {
     ),
     "layers": ("Embedding", "Linear", "LoraLayer", "ModulesToSaveWrapper"),
     "merging": ("merge_adapter", "merge_and_unload", "unload", "unmerge_adapter"),
+    "mixed_batch": ("MixedBatch",),
     "model": (
         "ParameterCount", "active_adapter", "adapter_config", "adapter_parameters",
         "add_adapter", "configs", "delete_adapter", "disable_adapters", "freeze_base", "inject",
