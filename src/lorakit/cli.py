@@ -176,20 +176,47 @@ def serve(
     log_level: Annotated[
         str, typer.Option(help="uvicorn's: warning hides the access log")
     ] = "info",
+    max_new_tokens: Annotated[
+        int, typer.Option(help="LLM: max_tokens of a request, at most (and its default)")
+    ] = 512,
+    max_batch: Annotated[int, typer.Option(help="LLM: requests decoding at once")] = 32,
+    max_adapters: Annotated[
+        int, typer.Option(help="LLM: adapters on the model at once (least recently used leave)")
+    ] = 64,
+    max_loaded_bytes: Annotated[
+        int, typer.Option(help="LLM: bytes of the adapters on the model at once")
+    ] = 2**30,
+    batching: Annotated[
+        str, typer.Option(help="LLM: 'mixed' (adapters in one forward) or 'grouped' (one each)")
+    ] = "mixed",
+    bf16: Annotated[bool, typer.Option(help="LLM: hold the base in bfloat16")] = False,
 ) -> None:
-    """Serve many LoRA adapters on one base model over HTTP (FastAPI + uvicorn), and merged
-    models (folders `lorakit merge` wrote) beside them."""
+    """Serve many LoRA adapters on one base model over HTTP (FastAPI + uvicorn): classifiers
+    with lorakit's predict API (and merged models beside them), causal LMs (smollm2, a GGUF file,
+    a causal model folder) with OpenAI's API and adapters mixed in each batch."""
     # the server is a shell beside this one (python -m lorakit.serve), not a call of the API
+    import torch
+
     from lorakit.serve import AdapterLimits, ServeError, ServeSettings, parse_adapter_options
     from lorakit.serve import serve as run_server
+    from lorakit.serve.decoding import BatchingSettings
+    from lorakit.serve.openai_api import GenerationSettings
 
     try:
+        if batching not in ("mixed", "grouped"):
+            raise ServeError(f"--batching {batching!r}: use 'mixed' or 'grouped'")
         settings = ServeSettings(max_texts=max_texts, max_text_chars=max_text_chars)
         limits = AdapterLimits(max_adapter_rank, max_adapter_bytes, max_labels, max_merged_bytes)
+        generation = GenerationSettings(
+            max_new_tokens=max_new_tokens, max_adapters=max_adapters,
+            max_loaded_bytes=max_loaded_bytes, dtype=torch.bfloat16 if bf16 else None,
+            batching=BatchingSettings(max_batch=max_batch, mixed=batching == "mixed"),
+        )  # fmt: skip
         run_server(base, parse_adapter_options(adapter or []), host=host, port=port,
                    api_key=api_key, settings=settings, log_level=log_level,
                    adapter_roots=adapter_root or [], adapter_limits=limits,
-                   allow_unauthenticated_admin=allow_unauthenticated_admin)  # fmt: skip
+                   allow_unauthenticated_admin=allow_unauthenticated_admin,
+                   generation=generation)  # fmt: skip
     except ServeError as err:
         typer.echo(f"error: {err}", err=True)
         raise typer.Exit(2) from None

@@ -16,6 +16,7 @@ magnitude per output, which rescales W0 + (alpha / r)·B·A to it.
     merging.py        merge into the base weights, unmerge, merge_and_unload, unload
     arithmetic.py     a new adapter combined from others (add_weighted_adapter: cat, svd, ties, ...)
     initialisation.py PiSSA and OLoRA starts from the base weight, and their conversion to LoRA
+    mixed_batch.py    one forward whose rows go through different adapters (serving)
     adapter_files.py  save and load adapters in PEFT's on-disk format
     config.py         LoraConfig, with PEFT's field names and defaults (no torch)
 
@@ -40,6 +41,7 @@ _EXPORTS = {
     ),
     "layers": ("Embedding", "Linear", "LoraLayer", "ModulesToSaveWrapper"),
     "merging": ("merge_adapter", "merge_and_unload", "unload", "unmerge_adapter"),
+    "mixed_batch": ("MixedBatch",),
     "model": (
         "ParameterCount", "active_adapter", "adapter_config", "adapter_parameters",
         "add_adapter", "configs", "delete_adapter", "disable_adapters", "freeze_base", "inject",

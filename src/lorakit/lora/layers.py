@@ -56,6 +56,7 @@ class LoraLayer(nn.Module):
         self.merged_adapters: list[str] = []
         self.disabled = False
         self._dora_norms = dora.Norms()
+        self.row_adapters = None  # a mixed-adapter batch's weights, while one runs (mixed_batch.py)
 
     @property
     def merged(self) -> bool:
@@ -282,6 +283,8 @@ class Linear(LoraLayer):
 
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         result = self.base_layer(x, *args, **kwargs)
+        if self.row_adapters is not None:  # each row through its own adapter
+            return self.row_adapters.add_to(result, x)
         name = self._lora_active()
         if name is None:
             return result

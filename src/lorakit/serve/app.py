@@ -77,8 +77,9 @@ class ServeSettings:
         return self.max_texts * (self.max_text_chars * 6 + 16) + 65_536
 
 
-def _error(status: int, code: str, detail: str, headers: dict | None = None) -> JSONResponse:
-    return JSONResponse({"error": code, "detail": detail}, status_code=status, headers=headers)
+def lorakit_error(code: str, detail: str) -> dict:
+    """The body of an error answer: `{"error": CODE, "detail": MESSAGE}`."""
+    return {"error": code, "detail": detail}
 
 
 def _describe_validation(exc: RequestValidationError, content_type: str) -> tuple[int, str, str]:
@@ -123,7 +124,13 @@ def _location(loc) -> str:
     return where
 
 
-def _install_error_handlers(app: FastAPI) -> None:
+def _install_error_handlers(app: FastAPI, body=lorakit_error) -> None:
+    """JSON error answers, each `body(code, detail)`, for the server's own errors, invalid
+    requests and unknown routes."""
+
+    def _error(status: int, code: str, detail: str, headers: dict | None = None) -> JSONResponse:
+        return JSONResponse(body(code, detail), status_code=status, headers=headers)
+
     @app.exception_handler(ServeError)
     async def serve_error(_: Request, exc: ServeError) -> JSONResponse:
         headers = {"WWW-Authenticate": "Bearer"} if isinstance(exc, UnauthorizedError) else None

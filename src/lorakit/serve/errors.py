@@ -68,3 +68,10 @@ class AdminClosedError(ServeError):
 
     status = 403
     code = "admin_closed"
+
+
+class ServerBusyError(ServeError):
+    """More requests wait than the server queues: the client should retry later."""
+
+    status = 503
+    code = "server_busy"
