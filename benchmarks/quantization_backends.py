@@ -9,6 +9,7 @@ Per setting, in a process of its own:
   30): RSS after they are built minus RSS before, each block quantized as soon as it is made;
 - error: the largest |quantized - fp32| output of the stack, relative to the largest output.
 
+    pip install torchao==0.18.0 optimum-quanto==0.2.7 --no-deps   # the two not in lorakit
     OMP_NUM_THREADS=1 python benchmarks/quantization_backends.py   # table + results JSON
 """
 
