@@ -164,11 +164,9 @@ def create_generation_app(
         sampling = Sampling(
             prompt.max_tokens, body.temperature, body.top_p, body.seed, tuple(body.stop or ())
         )
-        generation = batcher.submit(
-            Generation(
-                prompt.adapter, prompt.ids, sampling, prompt.stops, asyncio.get_running_loop()
-            )
-        )
+        stops = [] if body.ignore_eos else prompt.stops
+        loop = asyncio.get_running_loop()
+        generation = batcher.submit(Generation(prompt.adapter, prompt.ids, sampling, stops, loop))
         if body.stream:
             return await _stream(generation, reply, body.include_usage())
         text, finished = await _collect(generation, request)

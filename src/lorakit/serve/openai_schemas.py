@@ -35,6 +35,9 @@ class _Sampling(BaseModel):
     stop: Text | list[Text] | None = Field(None, description=f"up to {MAX_STOPS} stop strings")
     n: int = Field(1, description="only 1 is served")
     stream: bool = False
+    ignore_eos: bool = Field(
+        False, description="vLLM's extension: go on past end-of-text tokens (for benchmarks)"
+    )
     stream_options: StreamOptions | None = None
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
