@@ -5,7 +5,13 @@ are built on it. The engine's API is re-exported here, loaded on first use (PEP 
 `import lorakit.config` (or the CLI's --help) does not import torch and transformers.
 """
 
+import logging
+
 from lorakit import lora  # cheap: the engine's own names load on first use
+
+# bitsandbytes (model.quantize), imported by transformers whenever it is installed, warns on
+# every import of a CPU without its optional kernel download, which lorakit never uses
+logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
 
 _ENGINE_API = (
     "LoraConfig", "LoraError", "add_adapter", "add_weighted_adapter", "delete_adapter",
