@@ -18,7 +18,7 @@ import torch
 
 import lorakit.api as lk
 from lorakit.generate import generate
-from lorakit.lora import LoraConfig, inject, save_adapter
+from lorakit.lora import LoraConfig, inject, lora_layers, save_adapter
 from lorakit.models.causal_lm import load_causal_lm
 from lorakit.serve.causal_registry import CausalRegistry
 from lorakit.serve.decoding import BatchingSettings, ContinuousBatcher, Generation, Sampling
@@ -76,7 +76,7 @@ def registry(tiny_llama_dir, runs):
     return registry
 
 
-def decode_together(registry, jobs, mixed=True, later=()):
+def decode_together(registry, jobs, mixed=True, later=(), max_tokens=12):
     """Texts of `jobs` [(adapter, prompt)], greedy, all admitted at the first step; `later` jobs
     join once the first ones have their first tokens."""
     tokenizer = registry.tokenizer
@@ -94,7 +94,7 @@ def decode_together(registry, jobs, mixed=True, later=()):
         )
         ids = tokenizer(ids, add_special_tokens=False)["input_ids"]
         stops = [tokenizer.eos_token_id, tokenizer.convert_tokens_to_ids("<|im_end|>")]
-        return batcher.submit(Generation(adapter, ids, Sampling(12, temperature=0), stops))
+        return batcher.submit(Generation(adapter, ids, Sampling(max_tokens, temperature=0), stops))
 
     first = [submit(*job) for job in jobs]
     batcher.start()
@@ -283,3 +283,35 @@ def test_concurrent_clients_of_many_adapters(live, runs):
         thread.join()
     for (name, prompt), answer in results.items():
         assert answer["choices"][0]["text"] == greedy(runs[name], prompt, 8, raw=True)
+
+
+def test_smollm2_mixed_batch_matches_each_adapter_alone(smollm2_folder, tmp_path):
+    """The real model: two adapters and the base in one batch, each answer what `lorakit
+    generate`'s function gives base + that adapter alone."""
+    from lorakit.lora import load_adapter
+
+    adapters = {}
+    for seed, (r, targets) in enumerate([(4, ["q_proj", "v_proj"]), (8, "all-linear")]):
+        model, _ = load_causal_lm(smollm2_folder)
+        torch.manual_seed(seed)
+        config = LoraConfig(r=r, lora_alpha=2 * r, target_modules=targets)
+        model = inject(model, config)
+        for _, layer in lora_layers(model):  # small random updates: fluent, but not the base's
+            torch.nn.init.normal_(layer.lora_B["default"].weight, std=0.02)
+        adapters[f"s{seed}"] = save_adapter(model, tmp_path / f"s{seed}")
+    registry = CausalRegistry(str(smollm2_folder))
+    for name, folder in adapters.items():
+        registry.register(name, folder)
+    prompts = ["Name three colours.", "Is this review fresh or rotten? A dull, tired film.",
+               "Write one sentence about the sea."]  # fmt: skip
+    jobs = list(zip(["s0", None, "s1"], prompts, strict=True))
+    texts, sizes = decode_together(registry, jobs, max_tokens=16)
+    assert sizes[0] == 3
+    for (name, prompt), text in zip(jobs, texts, strict=True):
+        model, tokenizer = load_causal_lm(smollm2_folder)
+        if name:
+            model = load_adapter(model, adapters[name])
+        expected = generate(model.eval(), tokenizer, prompt, 16, temperature=0, chat=True,
+                            stream=False)  # fmt: skip
+        assert text == expected, name
+    assert len(set(texts)) == 3
