@@ -315,3 +315,13 @@ def test_smollm2_mixed_batch_matches_each_adapter_alone(smollm2_folder, tmp_path
                             stream=False)  # fmt: skip
         assert text == expected, name
     assert len(set(texts)) == 3
+
+
+def test_one_token_answers_end_at_their_prefill(client, runs):
+    for stream in (False, True):
+        reply = client.completions.create(
+            model="r8", prompt=PROMPTS[0], max_tokens=1, temperature=0, stream=stream
+        )
+        chunks = list(reply) if stream else [reply]
+        assert "".join(c.choices[0].text for c in chunks) == greedy(runs["r8"], PROMPTS[0], 1, True)
+        assert [c.choices[0].finish_reason for c in chunks].count("length") == 1

@@ -49,17 +49,19 @@ class MixedBatch:
     """Puts a batch's rows through their adapters: ``with batch.rows(model, names): model(...)``.
 
     The concatenated weights of each set of adapters are kept until `forget` (call it when an
-    adapter is loaded, changed or deleted), so a batch whose rows keep their adapters from step
-    to step builds them once.
+    adapter is loaded, changed or deleted, or another adapter was set on the model), so a batch
+    whose rows keep their adapters from step to step builds them once.
     """
 
     def __init__(self, max_plans: int = 16) -> None:
         self.max_plans = max_plans
         # (adapter names in the batch) -> {layer: (A_cat, B_cat, [(adapter, first, last)...])}
         self._plans: dict[tuple[str, ...], dict] = {}
+        self._active: str | None = None  # the adapter the last uniform batch set
 
     def forget(self) -> None:
         self._plans.clear()
+        self._active = None
 
     @contextlib.contextmanager
     def rows(self, model: nn.Module, names: Sequence[str | None]) -> Iterator[nn.Module]:
@@ -71,7 +73,9 @@ class MixedBatch:
                 yield model
             return
         if len(present) == 1 and None not in names:
-            set_adapter(model, present[0])
+            if self._active != present[0]:  # set_adapter walks every layer: once per change
+                set_adapter(model, present[0])
+                self._active = present[0]
             yield model
             return
         plan = self._plan(model, present)

@@ -337,7 +337,7 @@ class ContinuousBatcher:
             if request.first_token_at is None:
                 request.first_token_at = time.perf_counter()
                 self.hooks.on_first_token(request)
-            if request.cancelled.is_set():
+            if request.done or request.cancelled.is_set():  # done at its prefill: no more
                 continue
             _accept(request, token, self.decode)
             self.hooks.on_token(request)
