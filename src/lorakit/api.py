@@ -9,6 +9,7 @@ lk.Predictor("runs/classic-...").predict(texts)               # loaded once, for
 lk.list_recipes()                                             # {name: description}
 lk.sweep("classic", {"r": [2, 8]})                            # {"succeeded", ..., "sweep_dir"}
 lk.merge("runs/classic-...", "merged/")                       # a standalone model folder
+lk.export("runs/instruct-...", "lora.gguf", format="gguf")    # for llama.cpp (or gguf-merged)
 lk.generate("runs/instruct-...", "Is this movie review positive or negative? ...", temperature=0)
 ```
 """
@@ -42,6 +43,7 @@ __all__ = [
     "Predictor",
     "dry_run",
     "evaluate",
+    "export",
     "generate",
     "inspect",
     "list_recipes",
@@ -321,6 +323,21 @@ def merge(run_dir: str | Path, out_dir: str | Path, *, force: bool = False) -> P
     from lorakit.merge import merge as merge_run
 
     return merge_run(run_dir, out_dir, force=force)
+
+
+def export(
+    run_dir: str | Path,
+    out: str | Path,
+    *,
+    format: str = "gguf",
+    outtype: str | None = None,
+    force: bool = False,
+) -> Path:
+    """Write a causal-LM run as one GGUF file for llama.cpp: its LoRA adapter (``gguf``) or the
+    merged model (``gguf-merged``) in ``outtype``; return ``out`` (``lorakit.export``)."""
+    from lorakit.export import export as export_run
+
+    return export_run(run_dir, out, format=format, outtype=outtype, force=force)
 
 
 def report(run_dir: str | Path) -> Path:
