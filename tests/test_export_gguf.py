@@ -211,11 +211,15 @@ def llama_cpp_greedy(model_path, ids, new_tokens, lora_path=None) -> list[int]:
 
 
 def lorakit_greedy(model, ids, new_tokens) -> list[int]:
+    """Greedy tokens without stopping (generate's min_new_tokens would hide eos instead)."""
+    tokens, past, inputs = [], None, torch.tensor([ids])
     with torch.no_grad():
-        out = model.generate(torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long),
-                             do_sample=False, max_new_tokens=new_tokens, min_new_tokens=new_tokens,
-                             pad_token_id=0)  # fmt: skip
-    return out[0, len(ids) :].tolist()
+        for _ in range(new_tokens):
+            out = model(inputs, past_key_values=past, use_cache=True)
+            past, token = out.past_key_values, int(out.logits[0, -1].argmax())
+            tokens.append(token)
+            inputs = torch.tensor([[token]])
+    return tokens
 
 
 @needs_llama_cpp
