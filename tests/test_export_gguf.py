@@ -236,3 +236,20 @@ def test_llama_cpp_with_the_exported_lora_and_merged_gguf_continues_as_lorakit(
         assert expected != lorakit_greedy(base, ids, 8)  # the adapter changes the answer
         assert llama_cpp_greedy(base_gguf, ids, 8, lora_path=lora_gguf) == expected
         assert llama_cpp_greedy(merged_gguf, ids, 8) == expected
+
+
+def test_a_base_converted_from_a_gguf_file_gives_the_merged_file_its_tokenizer(
+    tiny_llama_dir, tmp_path
+):
+    from lorakit.models.gguf import SOURCE_RECORD, smollm2_gguf
+
+    folder = shutil.copytree(tiny_llama_dir, tmp_path / "from-gguf")
+    (folder / SOURCE_RECORD).write_text(json.dumps({"gguf_file": str(smollm2_gguf())}))
+    model = AutoModelForCausalLM.from_pretrained(folder)
+    out = write_model_gguf(model, folder, tmp_path / "model.gguf", "f16")
+    source, written = gguf.GGUFReader(smollm2_gguf()), gguf.GGUFReader(out)
+    keys = [k for k in source.fields if k.startswith("tokenizer.")]
+    assert "tokenizer.ggml.merges" in keys and field(written, "tokenizer.ggml.pre") == "smollm"
+    for key in keys:
+        assert written.fields[key].types == source.fields[key].types, key
+        assert field(written, key) == field(source, key), key
