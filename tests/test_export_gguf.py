@@ -139,11 +139,16 @@ def test_the_merged_gguf_gives_the_merged_models_logits_in_transformers(
     assert float((expected - got).abs().max()) < tolerance
 
 
-def test_a_q8_0_export_quantizes_the_matrices_and_keeps_vectors_f32(chat_run, tmp_path):
-    out = export(chat_run, tmp_path / "q8.gguf", format="gguf-merged", outtype="q8_0")
-    kinds = {t.name: t.tensor_type for t in gguf.GGUFReader(out).tensors}
-    assert kinds["blk.0.attn_q.weight"] == gguf.GGMLQuantizationType.Q8_0
+@pytest.mark.parametrize("outtype", ["q8_0", "q4_1", "bf16"])
+def test_a_quantized_export_quantizes_the_matrices_and_keeps_vectors_f32(
+    chat_run, tmp_path, outtype
+):
+    out = export(chat_run, tmp_path / "q.gguf", format="gguf-merged", outtype=outtype)
+    reader = gguf.GGUFReader(out)
+    kinds = {t.name: t.tensor_type for t in reader.tensors}
+    assert kinds["blk.0.attn_q.weight"] == gguf.GGMLQuantizationType[outtype.upper()]
     assert kinds["blk.0.attn_norm.weight"] == gguf.GGMLQuantizationType.F32
+    assert field(reader, "general.file_type") == gguf.LlamaFileType[f"MOSTLY_{outtype.upper()}"]
 
 
 # ---------------------------------------------------------------- the command and its errors

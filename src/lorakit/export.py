@@ -54,14 +54,13 @@ class ExportError(ConfigError):
     """A run that cannot be exported in the format asked for."""
 
 
-def _quant_types() -> dict[str, Any]:
-    from gguf import GGMLQuantizationType as Q
-
-    return {"f32": Q.F32, "f16": Q.F16, "bf16": Q.BF16, "q8_0": Q.Q8_0, "q5_1": Q.Q5_1,
-            "q5_0": Q.Q5_0, "q4_1": Q.Q4_1, "q4_0": Q.Q4_0}  # fmt: skip
-
-
 OUTTYPES = ("f32", "f16", "bf16", "q8_0", "q5_1", "q5_0", "q4_1", "q4_0")  # what gguf quantizes
+
+
+def _quant_types() -> dict[str, Any]:
+    from gguf import GGMLQuantizationType
+
+    return {name: GGMLQuantizationType[name.upper()] for name in OUTTYPES}
 
 
 # ---------------------------------------------------------------- the run
