@@ -13,7 +13,8 @@ run's test prompts (the chat rendering, as the run trained) lorakit's base + ada
 - identical prefix: llama.cpp's own greedy continuation; the share of tokens before the first
   one that differs from lorakit's.
 
-llama-cpp-python must be installed (``make install-llamacpp`` builds it from source, minutes).
+llama-cpp-python is installed first when it is missing (PyPI has no wheel for Linux x86-64 CPython
+3.11: a source build, 17 minutes on 2 busy cores).
 
     python benchmarks/llamacpp_agreement.py          # table + benchmarks/results/llamacpp_agreement.json
     python benchmarks/llamacpp_agreement.py --run runs/instruct-... --prompts 100
@@ -24,17 +25,20 @@ llama-cpp-python must be installed (``make install-llamacpp`` builds it from sou
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
+import os
+import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-import torch
-
 import lorakit.api as lk
+from lorakit.data.causal import pad_id
 from lorakit.export import export, write_model_gguf
 from lorakit.generate import prompt_ids
+from lorakit.models.causal_lm import greedy_continuations
 from lorakit.models.gguf import gguf_source
 from lorakit.recipes import recipe_of_run
 from lorakit.recipes.causal_lm import chat_prompting, conversations_of
@@ -43,8 +47,20 @@ from lorakit.rundir import read_run_summary
 sys.path.insert(0, str(Path(__file__).parent))
 from common import RESULTS, machine, markdown_table  # noqa: E402
 
+LLAMA_CPP_PYTHON = "llama-cpp-python==0.3.36"
 SMALL_RUN = ["data.max_train_samples=256", "data.max_eval_samples=32", "train.max_steps=30",
              "train.eval_every=0", "train.checkpoint_every=0"]  # fmt: skip
+
+
+def ensure_llama_cpp() -> None:
+    """Build and install llama-cpp-python when it is missing (no wheel for this platform on
+    PyPI: a source build, about 17 minutes on 2 cores; GGML_NATIVE off keeps it portable)."""
+    if importlib.util.find_spec("llama_cpp") is not None:
+        return
+    print(f"building {LLAMA_CPP_PYTHON} from source (about 17 minutes) ...", flush=True)
+    env = {**os.environ, "CMAKE_ARGS": "-DGGML_NATIVE=OFF"}
+    subprocess.run([sys.executable, "-m", "pip", "install", "-q", LLAMA_CPP_PYTHON], env=env,
+                   check=True)  # fmt: skip
 
 
 def train_small_run(folder: Path, overrides: list[str]) -> Path:
@@ -53,32 +69,23 @@ def train_small_run(folder: Path, overrides: list[str]) -> Path:
     return folder / "run"
 
 
-def test_prompts(run_dir: Path, count: int) -> list[list[int]]:
+def run_test_prompts(run_dir: Path, count: int) -> list[list[int]]:
     """The token ids of the run's first ``count`` test prompts, as the run's model reads them."""
     from lorakit.data.causal import token_ids
     from lorakit.data.chat import render
 
     recipe = recipe_of_run(run_dir)
     recipe.load_data()
-    tokenizer, examples = recipe.tokenizer, recipe.data["test_pairs"].select(range(count))
+    tokenizer, examples = recipe.tokenizer, recipe.data["test_pairs"]
+    if examples is None:
+        raise SystemExit(f"{run_dir} trained on plain text (causal.mode = lm): it has no prompts")
+    examples = examples.select(range(min(count, len(examples))))
     chat, system = chat_prompting(run_dir)
     if chat:
         texts = [render(tokenizer, turns[:-1], open_turn=True)
                  for turns in conversations_of(examples, system)]  # fmt: skip
         return token_ids(tokenizer, texts)
     return [prompt_ids(tokenizer, prompt) for prompt in examples["prompt"]]
-
-
-@torch.no_grad()
-def lorakit_greedy(model, ids: list[int], new_tokens: int) -> list[int]:
-    """Greedy tokens without stopping at the end of a turn."""
-    tokens, past, inputs = [], None, torch.tensor([ids])
-    for _ in range(new_tokens):
-        out = model(inputs, past_key_values=past, use_cache=True)
-        past, token = out.past_key_values, int(out.logits[0, -1].argmax())
-        tokens.append(token)
-        inputs = torch.tensor([[token]])
-    return tokens
 
 
 def llama_cpp(model_path: Path, lora_path: Path | None, n_ctx: int):
@@ -119,6 +126,7 @@ def main() -> None:
     parser.add_argument("--new-tokens", type=int, default=32)
     parser.add_argument("--out", type=Path, default=RESULTS / "llamacpp_agreement.json")
     args = parser.parse_args()
+    ensure_llama_cpp()
     work = Path(tempfile.mkdtemp(prefix="llamacpp-agreement-"))
     run_dir = args.run or train_small_run(work, args.set)
     summary = read_run_summary(run_dir)
@@ -126,7 +134,7 @@ def main() -> None:
     start = time.perf_counter()
     lora_gguf = export(run_dir, work / "adapter.gguf", format="gguf")
     source = gguf_source(summary["base_model_path"])
-    model, _ = recipe_of_run(run_dir).load_adapted(run_dir, "lorakit")
+    model, tokenizer = recipe_of_run(run_dir).load_adapted(run_dir, "lorakit")
     model.eval()
     if source:
         base_gguf, base_label = Path(source["gguf_file"]), Path(source["gguf_file"]).name
@@ -144,8 +152,9 @@ def main() -> None:
         settings[f"merged GGUF ({outtype})"] = (merged, None)
     export_s = time.perf_counter() - start
 
-    prompts = test_prompts(run_dir, args.prompts)
-    expected = [lorakit_greedy(model, ids, args.new_tokens) for ids in prompts]
+    prompts = run_test_prompts(run_dir, args.prompts)
+    # lorakit's batched greedy generation, not stopped at the end of a turn
+    expected = greedy_continuations(model, prompts, args.new_tokens, (), pad_id(tokenizer)).tokens
     n_ctx = max(len(ids) for ids in prompts) + args.new_tokens + 8
     rows = []
     for name, (path, lora_path) in settings.items():

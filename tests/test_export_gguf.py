@@ -16,6 +16,7 @@ import lorakit.api as lk
 from lorakit import lora
 from lorakit.cli import main
 from lorakit.export import ExportError, export, write_lora_gguf, write_model_gguf
+from lorakit.models.causal_lm import greedy_continuations
 from lorakit.recipes import recipe_of_run
 
 # transformers' module name -> llama.cpp's tensor name (convert_hf_to_gguf.py's LlamaModel)
@@ -197,50 +198,96 @@ def test_a_run_that_trained_a_whole_module_exports_merged_only(tiny_llama_dir, t
 # ---------------------------------------------------------------- llama.cpp itself
 LLAMA_CPP = importlib.util.find_spec("llama_cpp") is not None
 needs_llama_cpp = pytest.mark.skipif(
-    not LLAMA_CPP, reason="llama-cpp-python is not installed (make install-llamacpp builds it)"
+    not LLAMA_CPP,
+    reason="llama-cpp-python is not installed: benchmarks/llamacpp_agreement.py installs it "
+    "(a source build, about 17 minutes on 2 cores)",
 )
 
 
-def llama_cpp_greedy(model_path, ids, new_tokens, lora_path=None) -> list[int]:
+def llama_cpp_run(model_path, ids, new_tokens, lora_path=None) -> tuple[np.ndarray, list[int]]:
+    """llama.cpp's logits at each prompt position, and its greedy continuation."""
     from llama_cpp import Llama
 
     llm = Llama(model_path=str(model_path), lora_path=lora_path and str(lora_path), n_ctx=128,
-                n_threads=1, seed=0, verbose=False)  # fmt: skip
+                n_threads=1, logits_all=True, seed=0, verbose=False)  # fmt: skip
+    llm.eval(ids)
+    logits = np.array(llm.scores[: len(ids)])
     tokens = []
     for token in llm.generate(ids, temp=0.0, top_k=1, reset=True):
         tokens.append(int(token))
         if len(tokens) == new_tokens:
             break
     llm.close()
-    return tokens
+    return logits, tokens
 
 
-def lorakit_greedy(model, ids, new_tokens) -> list[int]:
-    """Greedy tokens without stopping (generate's min_new_tokens would hide eos instead)."""
-    tokens, past, inputs = [], None, torch.tensor([ids])
+def with_random_lora(model, std: float):
+    """``model`` with LoRA on every linear layer and a random B (a fresh adapter does nothing)."""
+    torch.manual_seed(0)
+    lora.inject(model, lora.LoraConfig(r=8, lora_alpha=16, target_modules=list(LLAMA_NAMES)))
     with torch.no_grad():
-        for _ in range(new_tokens):
-            out = model(inputs, past_key_values=past, use_cache=True)
-            past, token = out.past_key_values, int(out.logits[0, -1].argmax())
-            tokens.append(token)
-            inputs = torch.tensor([[token]])
-    return tokens
+        for name, param in lora.adapter_parameters(model).items():
+            if "lora_B" in name:
+                param.normal_(std=std)
+    return model.eval()
+
+
+def lorakit_greedy(model, prompts, new_tokens) -> list[list[int]]:
+    return greedy_continuations(model, prompts, new_tokens, stop_ids=(), pad=0).tokens
 
 
 @needs_llama_cpp
-def test_llama_cpp_with_the_exported_lora_and_merged_gguf_continues_as_lorakit(
-    chat_run, lora_gguf, tiny_llama_dir, tmp_path
+def test_llama_cpp_computes_with_the_lora_gguf_and_the_merged_gguf_as_lorakit(
+    tiny_llama_dir, tmp_path
 ):
     base = AutoModelForCausalLM.from_pretrained(tiny_llama_dir).eval()
     base_gguf = write_model_gguf(base, tiny_llama_dir, tmp_path / "base.gguf", "f32")
-    merged_gguf = export(chat_run, tmp_path / "merged.gguf", format="gguf-merged", outtype="f32")
-    model, _ = recipe_of_run(chat_run).load_adapted(chat_run, "lorakit")
-    model.eval()
-    for ids in IDS:
-        expected = lorakit_greedy(model, ids, 8)
-        assert expected != lorakit_greedy(base, ids, 8)  # the adapter changes the answer
-        assert llama_cpp_greedy(base_gguf, ids, 8, lora_path=lora_gguf) == expected
-        assert llama_cpp_greedy(merged_gguf, ids, 8) == expected
+    model = with_random_lora(AutoModelForCausalLM.from_pretrained(tiny_llama_dir), std=0.5)
+    lora.save_adapter(model, tmp_path / "adapter")
+    lora_gguf = write_lora_gguf(tmp_path / "adapter", model.config, tmp_path / "lora.gguf")
+    with torch.no_grad():
+        expected_logits = [model(torch.tensor([ids])).logits[0].numpy() for ids in IDS]
+    expected = lorakit_greedy(model, IDS, 8)
+    assert expected != lorakit_greedy(base, IDS, 8)  # the adapter changes the answer
+    merged_gguf = write_model_gguf(
+        lora.merge_and_unload(model), tiny_llama_dir, tmp_path / "merged.gguf", "f32"
+    )
+    for path, lora_path in ((base_gguf, lora_gguf), (merged_gguf, None)):
+        for ids, logits, tokens in zip(IDS, expected_logits, expected, strict=True):
+            got_logits, got_tokens = llama_cpp_run(path, ids, 8, lora_path)
+            # llama.cpp keeps its KV cache in f16: about 0.1% of the largest logit apart here,
+            # where a LoRA GGUF without the q/k row permutation is about 100% apart
+            np.testing.assert_allclose(got_logits, logits, atol=1e-2 * np.abs(logits).max())
+            assert got_tokens == tokens, path.name
+
+
+@needs_llama_cpp
+def test_llama_cpp_on_smollm2s_own_q4_1_file_with_the_lora_gguf_predicts_as_lorakit(
+    smollm2_folder, tmp_path
+):
+    from transformers import AutoTokenizer
+
+    from lorakit.generate import prompt_ids
+    from lorakit.models.gguf import smollm2_gguf
+
+    model = with_random_lora(AutoModelForCausalLM.from_pretrained(smollm2_folder), std=0.04)
+    lora.save_adapter(model, tmp_path / "adapter")
+    lora_gguf = write_lora_gguf(tmp_path / "adapter", model.config, tmp_path / "lora.gguf")
+    tokenizer = AutoTokenizer.from_pretrained(smollm2_folder)
+    ids = prompt_ids(tokenizer, "Name three colours of the rainbow.", chat=True)
+    expected = lorakit_greedy(model, [ids], 8)[0]
+    with lora.disable_adapters(model):
+        assert expected != lorakit_greedy(model, [ids], 8)[0]  # the adapter changes the answer
+    with torch.no_grad():
+        logits = model(torch.tensor([ids + expected])).logits[0, len(ids) - 1 :]
+    # llama.cpp reads the prompt and lorakit's tokens and predicts each next one, with the 4-bit
+    # file itself as the base (lorakit's base is its dequantized copy; llama.cpp also rounds the
+    # activations to 8 bits): its pick is lorakit's, or a near tie for lorakit (0.25 logits)
+    got = llama_cpp_run(smollm2_gguf(), ids + expected, 1, lora_gguf)[0][len(ids) - 1 :]
+    picks = torch.from_numpy(got.argmax(-1))
+    gaps = logits.max(-1).values - logits.gather(1, picks[:, None])[:, 0]
+    assert (gaps <= 0.25).all(), gaps
+    assert (picks == logits.argmax(-1)).float().mean() >= 0.75
 
 
 def test_a_base_converted_from_a_gguf_file_gives_the_merged_file_its_tokenizer(

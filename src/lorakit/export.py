@@ -378,4 +378,6 @@ def _base_gguf(base: Path) -> str:
     from lorakit.models.gguf import gguf_source
 
     source = gguf_source(base)
-    return source["gguf_file"] if source else f"<{base} converted to GGUF>"
+    if source:  # the file lorakit converted the base from
+        return source["gguf_file"]
+    return f"BASE.gguf (llama.cpp's convert_hf_to_gguf.py {base})"
