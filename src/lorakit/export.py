@@ -169,10 +169,11 @@ def _add_tensor(writer, name: str, tensor: torch.Tensor, outtype: str) -> None:
 
 
 # ---------------------------------------------------------------- the LoRA GGUF
-def lora_pairs(adapter_dir: Path, config) -> Iterator[tuple[str, torch.Tensor, torch.Tensor]]:
-    """(llama.cpp weight name, A, B) of each LoRA layer in the adapter folder, B's rows
-    permuted for q/k and scaled where `lora_alpha` cannot say it (module docstring)."""
-    adapter_config, tensors, _ = lora.read_adapter(adapter_dir)
+def lora_pairs(
+    adapter_config: lora.LoraConfig, tensors: dict[str, torch.Tensor], config
+) -> Iterator[tuple[str, torch.Tensor, torch.Tensor]]:
+    """(llama.cpp weight name, A, B) of each LoRA layer of an adapter file's ``tensors``, B's
+    rows permuted for q/k and scaled where `lora_alpha` cannot say it (module docstring)."""
     whole = [k for k in tensors if lora.lora_tensor_module(k) is None or "lora_embedding" in k]
     if whole:
         raise ExportError(
@@ -205,14 +206,15 @@ def write_lora_gguf(adapter_dir: Path, config, out: Path, outtype: str = "f32") 
     """The adapter folder as a llama.cpp LoRA GGUF for the Llama model ``config`` describes."""
     import gguf
 
-    adapter_config = lora.read_adapter(adapter_dir)[0]
+    adapter_config, tensors, _ = lora.read_adapter(adapter_dir)
+    pairs = list(lora_pairs(adapter_config, tensors, config))  # refused before a file is made
     alpha = 0.0 if _folds_scaling(adapter_config) else float(adapter_config.lora_alpha)
     with _gguf_file(out) as writer:
         writer.add_type(gguf.GGUFType.ADAPTER)
         writer.add_string(gguf.Keys.Adapter.TYPE, "lora")
         writer.add_float32(gguf.Keys.Adapter.LORA_ALPHA, alpha)
         writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
-        for name, a, b in lora_pairs(adapter_dir, config):
+        for name, a, b in pairs:
             _add_tensor(writer, f"{name}.lora_a", a, outtype)
             _add_tensor(writer, f"{name}.lora_b", b, outtype)
     return out
