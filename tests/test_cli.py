@@ -138,7 +138,7 @@ def test_one_set_takes_several_key_values():
 
 COMMANDS_ON_A_RUN = [
     ["predict", "RUN", "text"], ["eval", "RUN"], ["generate", "RUN", "The"],
-    ["merge", "RUN", "OUT"], ["inspect", "RUN"],
+    ["merge", "RUN", "OUT"], ["inspect", "RUN"], ["export", "RUN", "OUT"],
 ]  # fmt: skip
 
 

@@ -10,6 +10,7 @@ lk.list_recipes()                                             # {name: descripti
 lk.sweep("classic", {"r": [2, 8]})                            # {"succeeded", ..., "sweep_dir"}
 lk.merge("runs/classic-...", "merged/")                       # a standalone model folder
 lk.merge_adapters(["runs/a", "runs/b"], "ab/", weights=[0.5, 0.5], method="ties", density=0.5)
+lk.export("runs/instruct-...", "lora.gguf", format="gguf")    # for llama.cpp (or gguf-merged)
 lk.generate("runs/instruct-...", "Is this movie review positive or negative? ...", temperature=0)
 ```
 """
@@ -43,6 +44,7 @@ __all__ = [
     "Predictor",
     "dry_run",
     "evaluate",
+    "export",
     "generate",
     "inspect",
     "list_recipes",
@@ -344,6 +346,21 @@ def merge_adapters(
     return add_weighted_adapter_files(
         folders, list(weights), out_dir, method, density=density, **options
     )
+
+
+def export(
+    run_dir: str | Path,
+    out: str | Path,
+    *,
+    format: str = "gguf",
+    outtype: str | None = None,
+    force: bool = False,
+) -> Path:
+    """Write a causal-LM run as one GGUF file for llama.cpp: its LoRA adapter (``gguf``) or the
+    merged model (``gguf-merged``) in ``outtype``; return ``out`` (``lorakit.export``)."""
+    from lorakit.export import export as export_run
+
+    return export_run(run_dir, out, format=format, outtype=outtype, force=force)
 
 
 def report(run_dir: str | Path) -> Path:

@@ -320,6 +320,32 @@ def merge_adapters(
 
 
 @app.command()
+def export(
+    run_dir: Annotated[Path, typer.Argument(help="a causal-LM run directory")],
+    out: Annotated[Path, typer.Argument(help="the GGUF file to write")],
+    format: Annotated[
+        str, typer.Option("--format", help="gguf (the LoRA adapter) or gguf-merged")
+    ] = "gguf",
+    outtype: Annotated[
+        str | None,
+        typer.Option(
+            help="f32, f16, bf16, q8_0, q5_1, q5_0, q4_1 or q4_0 (default: f32 for "
+            "gguf, f16 for gguf-merged)"
+        ),
+    ] = None,
+    force: Annotated[bool, typer.Option("--force", help="replace OUT if it exists")] = False,
+) -> None:
+    """Write a causal-LM run as one GGUF file for llama.cpp.
+
+    --format gguf: the adapter as a LoRA GGUF, loaded beside the base model's GGUF
+    (llama-cli -m BASE.gguf --lora OUT).
+
+    --format gguf-merged: the merged model, which llama.cpp runs alone (llama-cli -m OUT).
+    """
+    typer.echo(str(api.export(run_dir, out, format=format, outtype=outtype, force=force)))
+
+
+@app.command()
 def generate(
     run_dir: Annotated[Path, typer.Argument(help="a causal-LM run directory or its merged folder")],
     prompt: Annotated[str, typer.Argument(help="the question (chat runs) or the text to continue")],
