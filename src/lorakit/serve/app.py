@@ -39,6 +39,7 @@ from .errors import (
     TextTooLongError,
     TooManyTextsError,
     UnauthorizedError,
+    lorakit_error,
 )
 from .middleware import BodyLimit, InternalErrors
 from .registry import AdapterInfo, AdapterRegistry
@@ -75,11 +76,6 @@ class ServeSettings:
     def max_body_bytes(self) -> int:
         # room for every text at its longest, JSON-escaped (\uXXXX: 6 bytes a character)
         return self.max_texts * (self.max_text_chars * 6 + 16) + 65_536
-
-
-def lorakit_error(code: str, detail: str) -> dict:
-    """The body of an error answer: `{"error": CODE, "detail": MESSAGE}`."""
-    return {"error": code, "detail": detail}
 
 
 def _describe_validation(exc: RequestValidationError, content_type: str) -> tuple[int, str, str]:
