@@ -227,6 +227,26 @@ def test_bad_requests_get_one_line_errors(client):
         client.completions.create(model="r8", prompt="hi", max_tokens=2, n=2)
 
 
+def test_invalid_fields_are_named_as_the_client_wrote_them(live):
+    url, _ = live
+
+    def message(path, body: bytes) -> str:
+        headers = {"Content-Type": "application/json"}
+        answer = httpx.post(f"{url}{path}", content=body, headers=headers, timeout=30)
+        assert answer.status_code == 422
+        return answer.json()["error"]["message"]
+
+    cut = message("/v1/completions", b'{"model": "r8", "prompt": "x \\ud83d"}')
+    assert (
+        cut.startswith("prompt: character 2 is half of a UTF-16 surrogate pair") and ";" not in cut
+    )
+    part = (b'{"model": "r8", "messages": [{"role": "user", "content": '
+            b'[{"type": "text", "text": "\\ud83d"}]}]}')  # fmt: skip
+    assert message("/v1/chat/completions", part).startswith("messages[0].content[0].text: char")
+    n = message("/v1/completions", b'{"model": "r8", "prompt": "x", "n": 2}')
+    assert n == "n: not served by lorakit; leave them out (n must be 1)"
+
+
 def test_the_adapter_cache_evicts_and_reloads(live, client, runs):
     url, app = live
     registry = app.state.registry
