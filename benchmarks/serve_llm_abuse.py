@@ -34,7 +34,6 @@ import socket
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -46,7 +45,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
 from common import RESULTS, machine, markdown_table, wait_ready  # noqa: E402
-from serve_abuse import free_port, rss_bytes  # noqa: E402
+from serve_abuse import Watch, free_port  # noqa: E402
 
 KEY = "llm-abuse-benchmark-key"
 ADAPTERS = {"a1": (4, ["q_proj", "v_proj"]), "a2": (8, "all-linear")}  # name: (rank, targets)
@@ -190,33 +189,15 @@ def answers_alone(url: str, jobs: list[Job]) -> dict[str, str]:
 
 # ---------------------------------------------------------------- what runs beside the attacks
 @dataclass
-class Watch:
-    """Good clients, /healthz probes and RSS samples, each in the background."""
+class ChatWatch(Watch):
+    """`Watch` (good clients, /healthz probes, RSS samples) whose clients ask `jobs` in turn and
+    count the answers unlike `alone`, the same request's answer asked alone."""
 
-    url: str
-    pid: int
-    jobs: list[Job]
-    alone: dict[str, str]
-    clients: int = 16
-    good: dict = field(default_factory=lambda: {"ok": 0, "failed": 0, "unlike_alone": 0,
-                                                "errors": {}})  # fmt: skip
-    health: list = field(default_factory=list)  # (time, seconds)
-    rss: list = field(default_factory=list)  # (time, bytes)
-    stop: threading.Event = field(default_factory=threading.Event)
+    jobs: list[Job] = field(default_factory=list)
+    alone: dict[str, str] = field(default_factory=dict)
 
-    def start(self) -> None:
-        self.threads = [
-            threading.Thread(target=lambda: asyncio.run(self._good_clients())),
-            threading.Thread(target=self._probe_health),
-            threading.Thread(target=self._sample_rss),
-        ]
-        for thread in self.threads:
-            thread.start()
-
-    def finish(self) -> None:
-        self.stop.set()
-        for thread in self.threads:
-            thread.join()
+    def __post_init__(self) -> None:
+        self.good["unlike_alone"] = 0
 
     async def _good_clients(self) -> None:
         async def one(i: int) -> None:
@@ -227,7 +208,7 @@ class Watch:
                     turn += 1
                     try:
                         text = await ask(http, job)
-                    except (httpx.HTTPError, BadAnswer, ValueError, KeyError) as error:
+                    except Exception as error:  # noqa: BLE001 - each way of failing counts
                         self.good["failed"] += 1
                         name = str(error) if isinstance(error, BadAnswer) else type(error).__name__
                         self.good["errors"][name] = self.good["errors"].get(name, 0) + 1
@@ -236,25 +217,6 @@ class Watch:
                     self.good["unlike_alone"] += text != self.alone[repr(job)]
 
         await asyncio.gather(*(one(i) for i in range(self.clients)))
-
-    def _probe_health(self) -> None:
-        with httpx.Client(base_url=self.url, timeout=60) as http:
-            while not self.stop.is_set():
-                start = time.monotonic()
-                http.get("/healthz")
-                self.health.append((start, time.monotonic() - start))
-                time.sleep(0.02)
-
-    def _sample_rss(self) -> None:
-        while not self.stop.is_set():
-            self.rss.append((time.monotonic(), rss_bytes(self.pid)))
-            time.sleep(0.005)
-
-    def peak_rss(self, start: float, end: float) -> int:
-        return max((b for t, b in self.rss if start <= t <= end), default=0)
-
-    def longest_health(self, start: float = 0, end: float = float("inf")) -> float:
-        return max((s for t, s in self.health if start <= t <= end), default=0.0)
 
 
 def gauges(http: httpx.Client) -> dict[str, float]:
@@ -577,7 +539,7 @@ def run(args, root: Path) -> dict:
         base_name = httpx.get(f"{url}/v1/models").json()["data"][0]["id"]
         jobs = good_jobs(base_name)
         before = answers_alone(url, jobs)
-        watch = Watch(url, server.pid, jobs, before, clients=args.clients)
+        watch = ChatWatch(url, server.pid, clients=args.clients, jobs=jobs, alone=before)
         begin = time.monotonic()
         watch.start()
         time.sleep(args.rest)  # RSS at rest: under the good load, before any attack
