@@ -6,6 +6,7 @@ answers differently from the base and from the others). Every greedy answer of t
 whatever else shares its batch, must be the very tokens `lorakit generate` gives for that run.
 """
 
+import asyncio
 import json
 import shutil
 import threading
@@ -226,6 +227,26 @@ def test_bad_requests_get_one_line_errors(client):
         client.completions.create(model="r8", prompt="hi", max_tokens=2, n=2)
 
 
+def test_invalid_fields_are_named_as_the_client_wrote_them(live):
+    url, _ = live
+
+    def message(path, body: bytes) -> str:
+        headers = {"Content-Type": "application/json"}
+        answer = httpx.post(f"{url}{path}", content=body, headers=headers, timeout=30)
+        assert answer.status_code == 422
+        return answer.json()["error"]["message"]
+
+    cut = message("/v1/completions", b'{"model": "r8", "prompt": "x \\ud83d"}')
+    assert (
+        cut.startswith("prompt: character 2 is half of a UTF-16 surrogate pair") and ";" not in cut
+    )
+    part = (b'{"model": "r8", "messages": [{"role": "user", "content": '
+            b'[{"type": "text", "text": "\\ud83d"}]}]}')  # fmt: skip
+    assert message("/v1/chat/completions", part).startswith("messages[0].content[0].text: char")
+    n = message("/v1/completions", b'{"model": "r8", "prompt": "x", "n": 2}')
+    assert n == "n: not served by lorakit; leave them out (n must be 1)"
+
+
 def test_the_adapter_cache_evicts_and_reloads(live, client, runs):
     url, app = live
     registry = app.state.registry
@@ -265,6 +286,75 @@ def test_a_client_that_leaves_mid_stream_leaves_the_batch(live):
     assert json.loads(line.removeprefix("data: "))["object"] == "text_completion"
     ok = httpx.post(f"{url}/v1/completions", json={**body, "stream": False, "max_tokens": 3})
     assert ok.status_code == 200  # and the server goes on
+
+
+def call_gone_client(app, path: str, body: dict) -> list[int]:
+    """Calls `app` as uvicorn does for a client that hangs up once its request is sent: every
+    `receive` after the body says the client is gone. The statuses the app answered with."""
+    data = json.dumps(body).encode()
+    messages = [{"type": "http.request", "body": data, "more_body": False}]
+    sent = []
+
+    async def receive():  # without suspending, as uvicorn's once its client is gone
+        return messages.pop(0) if messages else {"type": "http.disconnect"}
+
+    async def send(message):
+        if message["type"] == "http.response.start":
+            sent.append(message["status"])
+
+    scope = {
+        "type": "http", "asgi": {"version": "3.0", "spec_version": "2.3"}, "http_version": "1.1",
+        "method": "POST", "scheme": "http", "path": path, "raw_path": path.encode(),
+        "query_string": b"", "root_path": "", "client": ("127.0.0.1", 9), "server": None,
+        "headers": [(b"content-type", b"application/json"), (b"content-length", b"%d" % len(data))],
+    }  # fmt: skip
+    asyncio.run(app(scope, receive, send))
+    return sent
+
+
+def test_a_stream_whose_client_left_before_its_first_token_leaves_the_batch(live, monkeypatch):
+    """The response never starts (its client is gone when the first token comes), and the row
+    leaves the batch all the same, rather than decoding max_tokens for nobody."""
+    _, app = live
+    batcher, submitted = app.state.batcher, []
+    submit = batcher.submit
+    monkeypatch.setattr(batcher, "submit", lambda g: submitted.append(g) or submit(g))
+    body = {"model": "r8", "prompt": "Say", "max_tokens": 64, "stream": True, "ignore_eos": True}
+    call_gone_client(app, "/v1/completions", body)
+    assert len(submitted) == 1 and submitted[0].cancelled.is_set()
+    deadline = time.monotonic() + 10
+    while batcher.running() and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert len(submitted[0].tokens) < 64
+
+
+def test_a_whole_answer_whose_client_left_is_no_server_error(live, caplog):
+    _, app = live
+    chat = {"model": "r8", "messages": [{"role": "user", "content": "Say"}], "max_tokens": 64,
+            "ignore_eos": True}  # fmt: skip
+    for path, body in (
+        ("/v1/chat/completions", chat),
+        ("/v1/completions", {**chat, "prompt": "Say"}),
+    ):
+        with caplog.at_level("ERROR", logger="lorakit.serve"):
+            statuses = call_gone_client(app, path, body)
+        assert 500 not in statuses and not caplog.records, path
+
+
+def test_the_body_limit_and_internal_errors_answer_in_openai_shape(live, monkeypatch):
+    url, app = live
+    too_long = {"model": "r8", "prompt": "a" * 400_000}
+    answer = httpx.post(f"{url}/v1/completions", json=too_long, timeout=30)
+    assert answer.status_code == 413
+    assert "at most" in answer.json()["error"]["message"]
+
+    def broken():
+        raise RuntimeError("a bug")
+
+    monkeypatch.setattr(app.state.registry, "names", broken)
+    answer = httpx.get(f"{url}/v1/models", timeout=30)
+    assert answer.status_code == 500
+    assert "request id" in answer.json()["error"]["message"]
 
 
 def test_concurrent_clients_of_many_adapters(live, runs):

@@ -39,6 +39,7 @@ from .errors import (
     TextTooLongError,
     TooManyTextsError,
     UnauthorizedError,
+    lorakit_error,
 )
 from .middleware import BodyLimit, InternalErrors
 from .registry import AdapterInfo, AdapterRegistry
@@ -77,11 +78,6 @@ class ServeSettings:
         return self.max_texts * (self.max_text_chars * 6 + 16) + 65_536
 
 
-def lorakit_error(code: str, detail: str) -> dict:
-    """The body of an error answer: `{"error": CODE, "detail": MESSAGE}`."""
-    return {"error": code, "detail": detail}
-
-
 def _describe_validation(exc: RequestValidationError, content_type: str) -> tuple[int, str, str]:
     errors = exc.errors()
     for err in errors:
@@ -89,8 +85,12 @@ def _describe_validation(exc: RequestValidationError, content_type: str) -> tupl
             reason = err.get("ctx", {}).get("error", err.get("msg", ""))
             return 400, "malformed_json", f"the request body is not valid JSON: {reason}"
     parts = []
-    for err in errors:
+    for err in _informative(errors):
         where = _location(err.get("loc", ()))
+        reason = err.get("ctx", {}).get("error") if err.get("type") == "value_error" else None
+        if not where and reason:  # a check of the body as a whole, which names its fields
+            parts.append(str(reason))
+            continue
         if not where:  # the body as a whole: missing, not JSON, or not an object
             if err.get("type") == "missing":
                 return (
@@ -108,18 +108,35 @@ def _describe_validation(exc: RequestValidationError, content_type: str) -> tupl
                     ),
                 )
             return 422, "invalid_input", f"the body must be a JSON object: {err.get('msg')}"
-        reason = err.get("ctx", {}).get("error") if err.get("type") == "value_error" else None
         parts.append(f"{where}: {reason or err.get('msg')}")
     return 422, "invalid_input", "; ".join(parts)
 
 
+def _informative(errors: list[dict]) -> list[dict]:
+    """The errors without the type mismatches of a union's other members, when some error is
+    left: a prompt that is a string with a bad character is not also "not a list"."""
+    kept = [e for e in errors if not (_in_union(e) and e.get("type", "").endswith("_type"))]
+    return kept or errors
+
+
+def _in_union(err: dict) -> bool:
+    return any(_is_member_tag(part) for part in err.get("loc", ()))
+
+
+def _is_member_tag(part) -> bool:
+    """pydantic's name for a member of a union in an error's location, e.g.
+    "function-after[_unicode(), str]" or "list[TextPart]": never a field's name."""
+    return isinstance(part, str) and "[" in part
+
+
 def _location(loc) -> str:
-    """("body", "texts", 3) -> "texts[3]": where in the body an error is."""
+    """("body", "texts", 3) -> "texts[3]": where in the body an error is, as the client wrote it
+    (without the union members pydantic names)."""
     where = ""
     for part in loc:
         if isinstance(part, int):
             where += f"[{part}]"
-        elif part != "body":
+        elif part != "body" and not _is_member_tag(part):
             where += f".{part}" if where else str(part)
     return where
 

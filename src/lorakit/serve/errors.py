@@ -3,6 +3,11 @@
 from __future__ import annotations
 
 
+def lorakit_error(code: str, detail: str) -> dict:
+    """The body of an error answer of lorakit's own API: `{"error": CODE, "detail": MESSAGE}`."""
+    return {"error": code, "detail": detail}
+
+
 class ServeError(ValueError):
     """A request (or a startup option) the user can fix; `status` is the HTTP status to answer."""
 

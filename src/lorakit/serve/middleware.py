@@ -9,19 +9,25 @@ answered before the app runs.
 `InternalErrors` turns an exception that no handler took into a 500 that tells the client
 nothing of the server, only a request id; the log has the traceback under that id. The app then
 returns normally, so the server keeps the client's keep-alive connection open.
+
+Both answer in the app's error shape, `error_body(code, message)`: lorakit's own by default,
+OpenAI's on the generation server.
 """
 
 from __future__ import annotations
 
 import logging
 import uuid
+from collections.abc import Callable
 
 from starlette.datastructures import Headers
 from starlette.exceptions import HTTPException
 from starlette.responses import JSONResponse
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from .errors import BodyTooLargeError
+from .errors import BodyTooLargeError, lorakit_error
+
+ErrorBody = Callable[[str, str], dict]  # (code, message) -> the JSON body of an error answer
 
 log = logging.getLogger("lorakit.serve")
 
@@ -36,10 +42,13 @@ class _BodyTooLarge(HTTPException):
 class BodyLimit:
     """Refuses (413) a request body of more than `max_bytes`; `hint` says what fits."""
 
-    def __init__(self, app: ASGIApp, max_bytes: int, hint: str = "") -> None:
+    def __init__(
+        self, app: ASGIApp, max_bytes: int, hint: str = "", error_body: ErrorBody = lorakit_error
+    ) -> None:
         self.app = app
         self.max_bytes = max_bytes
         self.hint = hint
+        self.error_body = error_body
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -81,7 +90,7 @@ class BodyLimit:
     async def _refuse(self, scope: Scope, receive: Receive, send: Send, size: str) -> None:
         detail = f"the request body {size}; at most {self.max_bytes:,} are read{self.hint}"
         response = JSONResponse(
-            {"error": BodyTooLargeError.code, "detail": detail},
+            self.error_body(BodyTooLargeError.code, detail),
             status_code=BodyTooLargeError.status,
             headers={"Connection": "close"},  # the rest of the body is never read
         )
@@ -91,8 +100,9 @@ class BodyLimit:
 class InternalErrors:
     """Answers an unhandled exception with a generic 500 and logs it under a request id."""
 
-    def __init__(self, app: ASGIApp) -> None:
+    def __init__(self, app: ASGIApp, error_body: ErrorBody = lorakit_error) -> None:
         self.app = app
+        self.error_body = error_body
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -114,12 +124,9 @@ class InternalErrors:
             )
             if started:  # half an answer is out: the server can only close the connection
                 raise
+            detail = f"the server failed on this request; its log has request id {request_id}"
             response = JSONResponse(
-                {
-                    "error": "internal_error",
-                    "detail": f"the server failed on this request; its log has request id "
-                    f"{request_id}",
-                },
+                self.error_body("internal_error", detail),
                 status_code=500,
                 headers={"X-Request-ID": request_id},
             )

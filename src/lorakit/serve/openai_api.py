@@ -62,6 +62,8 @@ from .openai_schemas import (
 )
 from .schemas import Health
 
+CLIENT_GONE = 499  # nginx's "client closed request": the status of an answer never sent
+
 
 @dataclass(frozen=True)
 class GenerationSettings:
@@ -142,8 +144,10 @@ def create_generation_app(
     _install_error_handlers(app, openai_error)
     require_key = _key_guard(api_key, allow_unauthenticated_admin)
     hint = f" (prompts of at most {settings.max_prompt_chars:,} characters)"
-    app.add_middleware(BodyLimit, max_bytes=settings.max_body_bytes(), hint=hint)
-    app.add_middleware(InternalErrors)
+    app.add_middleware(
+        BodyLimit, max_bytes=settings.max_body_bytes(), hint=hint, error_body=openai_error
+    )
+    app.add_middleware(InternalErrors, error_body=openai_error)
 
     @app.get("/healthz", response_model=Health)
     def healthz() -> Health:
@@ -170,6 +174,8 @@ def create_generation_app(
         if body.stream:
             return await _stream(generation, reply, body.include_usage())
         text, finished = await _collect(generation, request)
+        if finished.reason == "cancelled":  # the client is gone: nobody reads an answer
+            return Response(status_code=CLIENT_GONE)
         return reply.whole(text, finished)
 
     @app.post("/v1/completions", response_model=Completion)
