@@ -185,14 +185,15 @@ def write_sweep_table(
 
     ok = sum(row["status"] == "ok" for row in rows)
     heading = f"# Sweep: {ok} of {len(rows)} runs succeeded\n\n"
-    text = heading + markdown_table(columns, rows) + _settings_markdown(sweep_dir)
+    text = heading + markdown_table(columns, rows) + settings_markdown(sweep_dir)
     md_path = write_atomically(sweep_dir / SWEEP_MD, text)
     return csv_path, md_path
 
 
-def _settings_markdown(sweep_dir: Path) -> str:
-    """sweep.md's sections after the runs: each setting's mean and spread over its seeds, and
-    the Pareto-optimal settings for each cost (with the panel, once it is drawn)."""
+def settings_markdown(sweep_dir: Path, *, per_setting: bool | None = None) -> str:
+    """sweep.md's sections after the runs: each setting's mean and spread over its seeds
+    (``per_setting``: always, never, or None: when a setting ran more than once), and the
+    Pareto-optimal settings for each cost (with the panel, once it is drawn)."""
     try:
         table = read_sweep_table(sweep_dir)
     except ReportError:  # rows without the result columns: the runs table says it all
@@ -203,7 +204,7 @@ def _settings_markdown(sweep_dir: Path) -> str:
         return ""
     text = ""
     costs = cost_columns(settings)
-    if settings["runs"].max() > 1:
+    if per_setting or (per_setting is None and settings["runs"].max() > 1):
         columns = ["setting", "runs", f"{metric} mean", "std", "lowest", "highest", *costs]
         rows = [
             {"setting": row["setting"], "runs": row["runs"], f"{metric} mean": row[metric],
