@@ -210,12 +210,14 @@ def test_commands_are_calls_of_the_python_api(monkeypatch, tmp_path, capsys):
     fake("inspect", "modules\n")
     fake("merge", tmp_path / "merged")
     fake("report", tmp_path / "report.html")
-    assert main(["sweep", "classic", "--grid", "r=1,2", "--set", "train.epochs=1"]) == 1
+    sweep_args = ["sweep", "classic", "--grid", "r=1,2", "--set", "train.epochs=1", "--seeds", "3"]
+    assert main(sweep_args) == 1
     assert main(["inspect", "minilm"]) == 0
     assert main(["merge", "runs/a", str(tmp_path / "merged"), "--force"]) == 0
     assert main(["report", "runs/a"]) == 0
     assert [name for name, _, _ in calls] == ["sweep", "inspect", "merge", "report"]
     assert calls[0][1] == ("classic", ["r=1,2"]) and calls[0][2]["overrides"] == ["train.epochs=1"]
+    assert calls[0][2]["seeds"] == 3
     assert calls[2][2] == {"force": True}
     assert capsys.readouterr().out.splitlines() == [
         "runs/sweep-x", "modules", str(tmp_path / "merged"), str(tmp_path / "report.html"),

@@ -524,12 +524,15 @@ def test_sweep_table_plots_and_page(tmp_path: Path) -> None:
     assert "4 of 5 runs succeeded" in markdown and "| failed |" in markdown
 
     plots = plot_sweep(sweep_dir)
-    assert [p.name for p in plots] == ["metric_vs_trainable_params.png", "metric_vs_r.png"]
+    assert [p.name for p in plots] == [
+        "metric_vs_trainable_params.png", "metric_vs_r.png", "quality_vs_cost.png",
+    ]  # fmt: skip
     for plot in plots:
         assert_is_drawn_png(plot)
 
     page = write_report(sweep_dir).read_text()
-    assert len(assert_self_contained(page)) == 2
+    assert len(assert_self_contained(page)) == 3
+    assert 'id="pareto"' in page and "trainable parameters: " in page
     links = [value for tag, _, value in resources_of(page) if tag == "a"]
     assert len(links) == 4
     for link in links:

@@ -4,10 +4,12 @@ import csv
 import json
 import shutil
 
+import pandas as pd
 import pytest
 
 from lorakit import api
 from lorakit.config import ConfigError, resolve_key
+from lorakit.report.sweep import QUALITY_VS_COST_PNG, pareto_front, setting_summary
 from lorakit.sweep import combination_name, combinations, parse_grid, sweep
 
 TINY = ["pretrain.epochs=1", "train.epochs=1", "data.max_train_samples=300"]
@@ -125,3 +127,88 @@ def test_classic_sweep_survives_a_failing_combination(tmp_path, capsys):
     shutil.rmtree(out / "r=1,target_modules=fc1")
     moved = shutil.move(out, tmp_path / "moved")
     assert api.evaluate(moved / "r=2,target_modules=fc1")["accuracy"] == second["test_accuracy"]
+
+
+def test_setting_summary_means_each_setting_over_its_seeds():
+    table = pd.DataFrame({
+        "lora.r": [1, 1, 1, 2, 2, 2, 4],
+        "status": ["ok"] * 6 + ["failed"],
+        "seed": [42, 43, 44, 42, 43, 44, 42],
+        "test_accuracy": [0.8, 0.9, 1.0, 0.7, 0.7, 0.7, None],
+        "trainable_params": [10, 10, 10, 20, 20, 20, None],
+        "seconds_per_step": [0.1, 0.2, 0.3, 0.2, 0.2, 0.2, None],
+    })  # fmt: skip
+    settings = setting_summary(table, "test_accuracy")
+    assert list(settings["setting"]) == ["r=1", "r=2"]  # the failed r=4 has no figure
+    first, second = settings.iloc[0], settings.iloc[1]
+    assert first["runs"] == 3 and first["test_accuracy"] == pytest.approx(0.9)
+    assert first["test_accuracy_std"] == pytest.approx(0.1)  # sample standard deviation
+    assert (first["test_accuracy_min"], first["test_accuracy_max"]) == (0.8, 1.0)
+    assert first["seconds_per_step"] == pytest.approx(0.2)
+    assert second["test_accuracy_std"] == pytest.approx(0.0, abs=1e-12)
+    assert second["trainable_params"] == 20
+
+
+def test_setting_summary_of_single_runs_has_no_spread():
+    table = pd.DataFrame({"lora.r": [1, 2], "status": ["ok", "ok"], "seed": [42, 42],
+                          "test_perplexity": [9.0, 8.0], "trainable_params": [1, 2]})  # fmt: skip
+    settings = setting_summary(table, "test_perplexity")
+    assert list(settings["runs"]) == [1, 1]
+    assert settings["test_perplexity_std"].isna().all()
+
+
+def test_pareto_front_keeps_the_best_quality_for_its_cost():
+    table = pd.DataFrame(
+        {
+            "cost": [1, 2, 2, 3, 4, 5, None],
+            "accuracy": [0.5, 0.7, 0.6, 0.7, 0.9, 0.9, 1.0],
+        }
+    )
+    # 2/0.6 is beaten by 2/0.7, 3/0.7 by 2/0.7, 5/0.9 by 4/0.9; no cost: no place on the front
+    assert list(pareto_front(table, "cost", "accuracy")) == [
+        True, True, False, False, True, False, False,
+    ]  # fmt: skip
+    perplexity = table.rename(columns={"accuracy": "perplexity"})
+    assert list(pareto_front(perplexity, "cost", "perplexity", lower_is_better=True)) == [
+        True, False, False, False, False, False, False,
+    ]  # fmt: skip
+    ties = pd.DataFrame({"cost": [1, 1], "accuracy": [0.5, 0.5]})
+    assert list(pareto_front(ties, "cost", "accuracy")) == [True, True]
+
+
+def test_seeds_must_be_positive_and_not_also_in_the_grid(tmp_path):
+    with pytest.raises(ConfigError, match="seeds"):
+        sweep("classic", {"r": [1]}, out=tmp_path / "a", overrides=TINY, seeds=0)
+    with pytest.raises(ConfigError, match="--seeds"):
+        sweep("classic", {"r": [1], "seed": [1, 2]}, out=tmp_path / "b", overrides=TINY, seeds=2)
+    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+
+
+def test_classic_sweep_repeats_each_setting_with_seeds(tmp_path):
+    out = tmp_path / "sweep"
+    record = api.sweep("classic", ["r=1,2"], out=out, overrides=[*TINY, "seed=7"], seeds=2)
+    assert record["succeeded"] == 4 and record["seeds"] == 2
+
+    with open(out / "sweep.csv", newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    assert [(r["lora.r"], r["seed"]) for r in rows] == [
+        ("1", "7"),
+        ("1", "8"),
+        ("2", "7"),
+        ("2", "8"),
+    ]
+    assert (out / "r=1,seed=8" / "summary.json").is_file()
+    summary = json.loads((out / "r=1,seed=8" / "summary.json").read_text())
+    assert summary["seed"] == 8 and summary["peak_rss_bytes"] > 10_000_000
+    assert float(rows[1]["seconds_per_step"]) == pytest.approx(
+        summary["train_seconds"] / summary["steps"]
+    )
+
+    markdown = (out / "sweep.md").read_text()
+    accuracies = [float(r["test_accuracy"]) for r in rows if r["lora.r"] == "1"]
+    mean = sum(accuracies) / 2
+    assert "## Per setting" in markdown and f"| r=1 | 2 | {mean:.4g} |" in markdown
+    assert "## Pareto front" in markdown and f"plots/{QUALITY_VS_COST_PNG}" in markdown
+    assert (out / "plots" / QUALITY_VS_COST_PNG).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    report = (out / "report.html").read_text()
+    assert 'id="pareto"' in report and report.count("data:image/png;base64,") == 3

@@ -297,16 +297,18 @@ def sweep(
     grid: Mapping[str, Iterable[Any]] | Iterable[str],
     out: str | Path | None = None,
     overrides: Iterable[str] = (),
+    seeds: int = 1,
 ) -> dict[str, Any]:
     """Train every combination of ``grid`` ({key: values}, or ``KEY=V1,V2`` strings as on the
-    command line); return the sweep's record (``sweep.json``: ``succeeded``, ``failed``, ...)
-    with its ``sweep_dir``, which holds the table, plots and report (``lorakit.sweep``)."""
+    command line), each with ``seeds`` seeds (the config's seed + 0, 1, ...); return the sweep's
+    record (``sweep.json``: ``succeeded``, ``failed``, ...) with its ``sweep_dir``, which holds
+    the table, plots and report (``lorakit.sweep``)."""
     from lorakit.sweep import parse_grid
     from lorakit.sweep import sweep as run_sweep
 
     if not isinstance(grid, Mapping):
         grid = parse_grid(grid)
-    folder = run_sweep(recipe_or_config, grid, out=out, overrides=overrides)
+    folder = run_sweep(recipe_or_config, grid, out=out, overrides=overrides, seeds=seeds)
     record = json.loads((folder / "sweep.json").read_text(encoding="utf-8"))
     return {**record, "sweep_dir": str(folder)}
 

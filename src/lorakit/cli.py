@@ -238,9 +238,12 @@ def sweep(
     set_: Annotated[
         list[str] | None, typer.Option("--set", help="KEY=VALUE for every run (repeatable)")
     ] = None,
+    seeds: Annotated[
+        int, typer.Option(help="train each combination with N seeds (seed, seed+1, ...)")
+    ] = 1,
 ) -> None:
     """Train every combination of a grid; write sweep.csv, sweep.md, plots and report.html."""
-    record = api.sweep(config, grid, out=out, overrides=set_ or [])
+    record = api.sweep(config, grid, out=out, overrides=set_ or [], seeds=seeds)
     typer.echo(record["sweep_dir"])
     if record["succeeded"] == 0:
         raise typer.Exit(1)

@@ -5,6 +5,7 @@ from lorakit.sweep import sweep, parse_grid
 folder = sweep("classic", {"r": [1, 2, 4, 8]})                      # runs/sweep-classic-<time>/
 sweep("sentiment", parse_grid(["r=4,8", "target_modules=query|query,value"]),
       overrides=["train.max_steps=50"])
+sweep("sentiment", {"r": [4, 8]}, seeds=3)   # each setting with seeds 42, 43, 44
 ```
 
 Grid keys are dotted config keys (``lora.r``) or their last part (``r``, ``lr``). A short name
@@ -26,6 +27,10 @@ others go on. Recipes that pretrain their own base model (``classic``) pretrain 
 run's ``base/`` is copied to the sweep's own ``shared-base/``, which later runs load
 (``model.pretrained``), unless the grid changes ``pretrain.*`` or ``model.*``; so deleting one run
 breaks no other, and the sweep folder can move. Runs set ``compare = false``.
+
+``seeds=N`` (``--seeds N``) trains every combination N times, with ``seed`` = the config's seed
++ 0, 1, ..., N-1 (folders ``r=4,seed=43``): ``sweep.csv`` keeps every run with its seed, and the
+table, plots and Pareto front (``lorakit.report.sweep``) show each setting's mean and spread.
 """
 
 from __future__ import annotations
@@ -147,6 +152,21 @@ def combination_name(combination: Mapping[str, Any]) -> str:
     return re.sub(r"[^\w=,.+\-]", "_", text)[:150]
 
 
+def with_seeds(
+    combos: list[dict[str, Any]], seeds: int, source: str, overrides: list[str]
+) -> list[dict[str, Any]]:
+    """Each combination ``seeds`` times, with ``seed`` = the config's seed + 0 .. seeds-1
+    (one seed: the combinations as they are)."""
+    if not isinstance(seeds, int) or isinstance(seeds, bool) or seeds < 1:
+        raise ConfigError(f"seeds: {seeds!r}; give a whole number of seeds, 1 or more")
+    if seeds == 1:
+        return combos
+    if any("seed" in combo for combo in combos):
+        raise ConfigError("the grid sets seed; give either --seeds N or a grid over seed, not both")
+    base = resolve_config(source, overrides).seed
+    return [{**combo, "seed": base + i} for combo in combos for i in range(seeds)]
+
+
 def _as_overrides(combination: Mapping[str, Any]) -> list[str]:
     # JSON literals of numbers, strings, booleans and lists of them are TOML literals too
     return [f"{key}={json.dumps(value)}" for key, value in combination.items()]
@@ -196,13 +216,15 @@ def sweep(
     grid: Mapping[str, Iterable[Any]],
     out: str | Path | None = None,
     overrides: Iterable[str] = (),
+    seeds: int = 1,
 ) -> Path:
     """Train every combination of ``grid`` on ``config_or_recipe`` (a recipe name or a .toml),
-    sequentially; write the sweep table, plots and report; return the sweep folder."""
+    each with ``seeds`` seeds, sequentially; write the sweep table, plots and report; return the
+    sweep folder."""
     source = str(config_or_recipe or DEFAULT_RECIPE)
     grid = normalize_grid(grid)
-    combos = combinations(grid)
     overrides = [*SWEEP_SETTINGS, *overrides]
+    combos = with_seeds(combinations(grid), seeds, source, overrides)
     first = validate_all(source, overrides, combos)
     folder = _sweep_dir(out, first.recipe)
     make_out_folder(folder, "sweep folder")
@@ -214,7 +236,7 @@ def sweep(
     names = _unique_names(combos)
     write_json_atomic(folder / "sweep.json", {
         "source": source, "recipe": first.recipe, "grid": grid, "overrides": overrides,
-        "combinations": len(combos), "started": datetime.now(UTC).isoformat(timespec="seconds"),
+        "seeds": seeds, "combinations": len(combos), "started": datetime.now(UTC).isoformat(timespec="seconds"),
     })  # fmt: skip
 
     rows: list[dict[str, Any]] = []
@@ -240,6 +262,7 @@ def sweep(
             print(f"sweep: later runs reuse the pretrained base {shared_base}", flush=True)
 
     plot_sweep(folder)
+    write_sweep_table(folder, rows)  # again, now that the cost panel it links to is drawn
     report = write_report(folder)
     ok = sum(row["status"] == "ok" for row in rows)
     total = time.monotonic() - started

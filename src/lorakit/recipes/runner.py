@@ -20,6 +20,7 @@ from lorakit.config import Config, ConfigError
 from lorakit.rundir import RunDir
 from lorakit.train import engines
 from lorakit.train.loop import TrainResult, train_loop
+from lorakit.train.peak_memory import peak_memory, reset_peak_memory
 
 if TYPE_CHECKING:
     import torch
@@ -31,6 +32,7 @@ def run(recipe: Recipe, run_dir: RunDir, resume: Path | None = None) -> dict[str
     """Train and test ``recipe``; return the summary (also in ``RUN_DIR/summary.json``)."""
     config = recipe.config
     started = time.monotonic()
+    reset_peak_memory()
     start(recipe, run_dir, resume)
     model = recipe.build_model(run_dir, resume)
     trainable, total = engines.parameter_counts(model)
@@ -52,6 +54,7 @@ def run(recipe: Recipe, run_dir: RunDir, resume: Path | None = None) -> dict[str
             config, result, base_model=base_model, trainable=trainable, total=total,
             adapter_bytes=adapter_bytes, base_model_bytes=base_model_bytes,
         ),
+        **peak_memory(),
         **recipe.summary_figures(result, test, checks, (trainable, total)),
     }  # fmt: skip
     if config.compare:
@@ -130,6 +133,7 @@ def run_summary(
         "adapter_bytes": adapter_bytes,
         "base_model_bytes": base_model_bytes,
         "train_seconds": result.train_seconds,
+        "steps": result.steps,
         "best_step": result.best_step,
         "best_validation": result.best_metrics,
         "stopped_early": result.stopped_early,

@@ -32,13 +32,17 @@ from .runfiles import (
     write_atomically,
 )
 from .sweep import (
+    COSTS,
     format_value,
     grid_keys,
+    human_bytes,
     lower_is_better,
+    pareto_settings,
     plot_sweep,
     read_sweep_table,
     seed_spread,
     selection_column,
+    setting_summary,
     sweep_metric,
     test_noise,
 )
@@ -149,15 +153,6 @@ def html_table(
         f'<div class="scroll"><table><thead><tr>{head}</tr></thead>'
         f"<tbody>{''.join(body)}</tbody></table></div>"
     )
-
-
-def human_bytes(count: float) -> str:
-    """`1234567` -> `1.23 MB` (SI units, as file browsers show)."""
-    for unit in ("B", "KB", "MB", "GB"):
-        if abs(count) < 1000 or unit == "GB":
-            return f"{count:.0f} {unit}" if unit == "B" else f"{count:.3g} {unit}"
-        count /= 1000
-    raise AssertionError("unreachable")
 
 
 def human_seconds(seconds: float) -> str:
@@ -444,6 +439,14 @@ def sweep_report_html(sweep_dir: Path) -> str:
         sections.append(
             _section("Seed spread", html_table(list(spread[0]), spread) + note, "seeds")
         )
+    fronts = pareto_settings(setting_summary(table, metric), metric)
+    if fronts:
+        items = "".join(f"<li>{escape(COSTS[cost])}: {escape(', '.join(names))}</li>"
+                        for cost, names in fronts.items())  # fmt: skip
+        note = _note("The settings no other setting beats on both the cost and "
+                     f"{metric.replace('_', ' ')} (mean over seeds); the plot quality vs cost "
+                     "draws them.")  # fmt: skip
+        sections.append(_section("Pareto front", f"<ul>{items}</ul>{note}", "pareto"))
     body = "\n".join(_image(p, p.stem.replace("_", " "), "half") for p in plots) or _note(
         "No run succeeded, so there is nothing to plot."
     )

@@ -1,5 +1,11 @@
 """A sweep's outputs: `sweep.csv`, `sweep.md`, and plots of the metric against trainable
-parameters and against r (one line per lora_alpha and other varied grid key).
+parameters, against r (one line per lora_alpha and other varied grid key), and against each
+cost (`quality_vs_cost.png`: trainable parameters, seconds a step, peak memory, adapter bytes)
+with the Pareto front marked.
+
+A setting is a combination of the grid's values; `lorakit sweep --seeds N` trains each with N
+seeds, so `setting_summary` gives each setting's mean, standard deviation, lowest and highest,
+and the plots and the Pareto front use the means.
 
 The best run is chosen as each run chose its checkpoint, on validation (summary.json's
 ``best_validation``), never on test; `test_noise` says how large a test difference is noise
@@ -36,6 +42,7 @@ from .runfiles import (
 
 METRIC_VS_PARAMS_PNG = "metric_vs_trainable_params.png"
 METRIC_VS_R_PNG = "metric_vs_r.png"
+QUALITY_VS_COST_PNG = "quality_vs_cost.png"
 METRIC_COLUMNS = ("test_accuracy", "test_perplexity")
 # best_validation's figures, as sweep columns
 VALIDATION_COLUMNS = ("val_accuracy", "val_verdict_accuracy", "val_perplexity", "val_loss")
@@ -51,12 +58,24 @@ RESULT_COLUMNS = (
     "trainable_percent",
     "adapter_bytes",
     "train_seconds",
+    "steps",
+    "seconds_per_step",
+    "peak_rss_bytes",
+    "peak_gpu_bytes",
     "best_step",
     "seed",
     "error",
     "run_dir",
 )
 STATUSES = ("ok", "failed")
+# what a setting costs, with its axis label; peak memory is the GPU's where the runs used one
+COSTS = {
+    "trainable_params": "trainable parameters",
+    "seconds_per_step": "seconds per optimizer step",
+    "peak_gpu_bytes": "peak GPU memory (bytes)",
+    "peak_rss_bytes": "peak resident memory (bytes)",
+    "adapter_bytes": "adapter file (bytes)",
+}
 
 
 def collect_run_summary(run_dir: str | os.PathLike[str]) -> dict[str, Any]:
@@ -74,6 +93,8 @@ def collect_run_summary(run_dir: str | os.PathLike[str]) -> dict[str, Any]:
     trainable, total = summary.get("trainable_params"), summary.get("total_params")
     if trainable is not None and total:
         row["trainable_percent"] = 100.0 * trainable / total
+    if summary.get("train_seconds") is not None and summary.get("steps"):
+        row["seconds_per_step"] = summary["train_seconds"] / summary["steps"]
     for key, value in (summary.get("best_validation") or {}).items():
         if f"val_{key}" in VALIDATION_COLUMNS:
             row[f"val_{key}"] = value
@@ -108,6 +129,15 @@ def format_value(value: Any) -> str:
             return f"{int(value):,}"
         return f"{value:,.0f}" if abs(value) >= 1000 else f"{value:.4g}"
     return str(_cell(value))
+
+
+def human_bytes(count: float) -> str:
+    """`1234567` -> `1.23 MB` (SI units, as file browsers show)."""
+    for unit in ("B", "KB", "MB", "GB"):
+        if abs(count) < 1000 or unit == "GB":
+            return f"{count:.0f} {unit}" if unit == "B" else f"{count:.3g} {unit}"
+        count /= 1000
+    raise AssertionError("unreachable")
 
 
 def _columns(rows: list[dict[str, Any]]) -> list[str]:
@@ -155,8 +185,46 @@ def write_sweep_table(
 
     ok = sum(row["status"] == "ok" for row in rows)
     heading = f"# Sweep: {ok} of {len(rows)} runs succeeded\n\n"
-    md_path = write_atomically(sweep_dir / SWEEP_MD, heading + markdown_table(columns, rows))
+    text = heading + markdown_table(columns, rows) + settings_markdown(sweep_dir)
+    md_path = write_atomically(sweep_dir / SWEEP_MD, text)
     return csv_path, md_path
+
+
+def settings_markdown(sweep_dir: Path, *, per_setting: bool | None = None) -> str:
+    """sweep.md's sections after the runs: each setting's mean and spread over its seeds
+    (``per_setting``: always, never, or None: when a setting ran more than once), and the
+    Pareto-optimal settings for each cost (with the panel, once it is drawn)."""
+    try:
+        table = read_sweep_table(sweep_dir)
+    except ReportError:  # rows without the result columns: the runs table says it all
+        return ""
+    metric = sweep_metric(table)
+    settings = setting_summary(table, metric)
+    if settings.empty:
+        return ""
+    text = ""
+    costs = cost_columns(settings)
+    if per_setting or (per_setting is None and settings["runs"].max() > 1):
+        columns = ["setting", "runs", f"{metric} mean", "std", "lowest", "highest", *costs]
+        rows = [
+            {"setting": row["setting"], "runs": row["runs"], f"{metric} mean": row[metric],
+             "std": row[f"{metric}_std"], "lowest": row[f"{metric}_min"],
+             "highest": row[f"{metric}_max"], **{c: row[c] for c in costs}}
+            for _, row in settings.iterrows()
+        ]  # fmt: skip
+        text += "\n## Per setting (mean over seeds; std is the sample standard deviation)\n\n"
+        text += markdown_table(columns, rows)
+    fronts = pareto_settings(settings, metric)
+    if fronts:
+        better = "lower" if lower_is_better(metric) else "higher"
+        text += (f"\n## Pareto front\n\nThe settings no other setting beats on both cost and "
+                 f"{metric.replace('_', ' ')} ({better} is better); each cost on its own.\n\n")  # fmt: skip
+        for cost, names in fronts.items():
+            text += f"- {COSTS[cost]}: {', '.join(names)}\n"
+        panel = Path(PLOTS_DIR) / QUALITY_VS_COST_PNG
+        if (sweep_dir / panel).is_file():
+            text += f"\n![{metric} against cost]({panel.as_posix()})\n"
+    return text
 
 
 def read_sweep_table(sweep_dir: str | os.PathLike[str]) -> pd.DataFrame:
@@ -226,29 +294,93 @@ def test_noise(table: pd.DataFrame, metric: str, chosen: dict[str, Any]) -> str 
     )
 
 
-def seed_spread(table: pd.DataFrame, metric: str) -> list[dict[str, Any]] | None:
-    """For a grid over ``seed``: each setting's mean ± standard deviation of ``metric`` over its
-    seeds, with the lowest and highest; None when the seed does not vary."""
+def setting_summary(table: pd.DataFrame, metric: str) -> pd.DataFrame:
+    """One row per setting (the grid keys that vary, the seed aside), in the grid's order:
+    ``setting`` (``r=4, lora_alpha=16``), ``runs`` (the successful ones), the mean of ``metric``
+    with its sample standard deviation (``<metric>_std``; empty for one run), lowest and
+    highest (``_min``, ``_max``), and the mean of each cost the runs recorded."""
     ok = table[(table["status"] == "ok") & table[metric].notna()]
-    keys = grid_keys(list(table.columns))
-    # each run's seed (summary.json's, which a grid over `seed` sets)
-    seed = "seed" if "seed" in table.columns else _find_column(keys, "seed")
-    if seed is None or ok[seed].nunique() < 2:
-        return None
-    others = [k for k in _varied(ok, keys) if k != seed]
-    groups = ok.groupby(others, dropna=False, sort=True) if others else [((), ok)]
+    every = [k for k in grid_keys(list(table.columns)) if k != "seed"]
+    keys = _varied(ok, every)
+    groups = ok.groupby(keys, dropna=False, sort=False) if keys else [((), ok)]
+    costs = [c for c in COSTS if c in ok.columns]
     rows = []
     for _, group in groups:
-        values = group[metric]
-        deviation = values.std() if len(values) > 1 else 0.0
+        if group.empty:
+            continue
+        values = group[metric].astype(float)
+        first = group.iloc[0]
         rows.append({
-            "setting": _describe(group.iloc[0], others) or "every run",
-            "seeds": len(values),
-            f"{metric} mean ± std": f"{values.mean():.4f} ± {deviation:.4f}",
-            "lowest": float(values.min()),
-            "highest": float(values.max()),
+            **{k: first[k] for k in every},
+            "setting": _describe(first, keys) or "every run",
+            "runs": len(values),
+            metric: values.mean(),
+            f"{metric}_std": values.std(),  # ddof=1; NaN for a single run
+            f"{metric}_min": values.min(),
+            f"{metric}_max": values.max(),
+            **{c: pd.to_numeric(group[c], errors="coerce").mean() for c in costs},
         })  # fmt: skip
-    return rows
+    return pd.DataFrame(rows)
+
+
+def seed_spread(table: pd.DataFrame, metric: str) -> list[dict[str, Any]] | None:
+    """For runs over several seeds: each setting's mean ± standard deviation of ``metric``
+    over its seeds, with the lowest and highest; None when the seed does not vary."""
+    ok = table[(table["status"] == "ok") & table[metric].notna()]
+    if "seed" not in table.columns or ok["seed"].nunique() < 2:
+        return None
+    return [
+        {
+            "setting": row["setting"],
+            "seeds": row["runs"],
+            f"{metric} mean ± std": f"{row[metric]:.4f} ± {_zero_if_nan(row[metric + '_std']):.4f}",
+            "lowest": float(row[f"{metric}_min"]),
+            "highest": float(row[f"{metric}_max"]),
+        }
+        for _, row in setting_summary(table, metric).iterrows()
+    ]
+
+
+def _zero_if_nan(value: float) -> float:
+    return 0.0 if value != value else value
+
+
+def pareto_front(
+    table: pd.DataFrame, cost: str, quality: str, *, lower_is_better: bool = False
+) -> pd.Series:
+    """Which rows are Pareto-optimal in (``cost``, ``quality``): no other row costs as little or
+    less and scores as well or better, one of the two strictly. Rows missing either are not."""
+    costs = pd.to_numeric(table[cost], errors="coerce")
+    scores = pd.to_numeric(table[quality], errors="coerce") * (-1 if lower_is_better else 1)
+    known = costs.notna() & scores.notna()
+
+    def dominated(c: float, s: float) -> bool:
+        no_worse = known & (costs <= c) & (scores >= s)
+        return bool((no_worse & ((costs < c) | (scores > s))).any())
+
+    return pd.Series(
+        [bool(known[i]) and not dominated(costs[i], scores[i]) for i in table.index],
+        index=table.index,
+    )
+
+
+def cost_columns(settings: pd.DataFrame) -> list[str]:
+    """The costs the runs recorded, peak memory once (the GPU's where there is one)."""
+    present = [c for c in COSTS if c in settings.columns and settings[c].notna().any()]
+    if "peak_gpu_bytes" in present:
+        present = [c for c in present if c != "peak_rss_bytes"]
+    return present
+
+
+def pareto_settings(settings: pd.DataFrame, metric: str) -> dict[str, list[str]]:
+    """For each cost, the settings on the Pareto front, cheapest first, as
+    ``setting (mean metric)``."""
+    fronts = {}
+    for cost in cost_columns(settings):
+        on = pareto_front(settings, cost, metric, lower_is_better=lower_is_better(metric))
+        front = settings[on].sort_values(cost)
+        fronts[cost] = [f"{r['setting']} ({format_value(r[metric])})" for _, r in front.iterrows()]
+    return fronts
 
 
 def _find_column(columns: list[str], name: str) -> str | None:
@@ -269,13 +401,39 @@ def _metric_label(metric: str) -> str:
     return metric.replace("_", " ") + (" (lower is better)" if "perplexity" in metric else "")
 
 
-def _plot_against_params(ok: pd.DataFrame, metric: str, keys: list[str], path: Path) -> Path:
+def _spread(axes, x: pd.Series, settings: pd.DataFrame, metric: str, colour: str) -> None:
+    """Each setting's seeds: one standard deviation as error bars, lowest to highest as a line."""
+    if settings["runs"].max() < 2:
+        return
+    std = settings[f"{metric}_std"].fillna(0.0)
+    axes.errorbar(x, settings[metric], yerr=std, fmt="none", ecolor=colour, capsize=3, zorder=2)
+    axes.vlines(x, settings[f"{metric}_min"], settings[f"{metric}_max"], colors=colour,
+                alpha=0.35, linewidth=5, zorder=1)  # fmt: skip
+
+
+def _spread_note(settings: pd.DataFrame) -> str:
+    runs = settings["runs"].max()
+    return f" (mean of {runs} seeds; bars: ±1 std, band: lowest-highest)" if runs > 1 else ""
+
+
+def _log_axis_if_wide(axes, values: pd.Series, formatter: FuncFormatter) -> None:
+    axes.xaxis.set_major_formatter(formatter)
+    low, high = values.min(), values.max()
+    if low > 0 and high >= 10 * low:
+        axes.set_xscale("log")
+        axes.xaxis.set_major_formatter(formatter)
+        axes.xaxis.set_minor_formatter(NullFormatter())
+
+
+def _plot_against_params(settings: pd.DataFrame, metric: str, path: Path) -> Path:
     figure = Figure(figsize=(7.5, 4.5))
     axes = figure.subplots()
-    axes.scatter(ok["trainable_params"], ok[metric], color="#1f6feb", zorder=3)
-    for _, row in ok.iterrows():
+    x = settings["trainable_params"]
+    _spread(axes, x, settings, metric, "#1f6feb")
+    axes.scatter(x, settings[metric], color="#1f6feb", zorder=3)
+    for _, row in settings.iterrows():
         axes.annotate(
-            _describe(row, keys),
+            row["setting"],
             (row["trainable_params"], row[metric]),
             textcoords="offset points",
             xytext=(5, 5),
@@ -285,13 +443,15 @@ def _plot_against_params(ok: pd.DataFrame, metric: str, keys: list[str], path: P
     axes.set_xscale("log")
     plain = FuncFormatter(lambda value, _: f"{value:,.0f}")
     axes.xaxis.set_major_formatter(plain)
-    low, high = ok["trainable_params"].min(), ok["trainable_params"].max()
+    low, high = x.min(), x.max()
     # within one decade matplotlib labels minor ticks too; beyond that they would crowd
     axes.xaxis.set_minor_formatter(plain if high < 10 * low else NullFormatter())
     axes.margins(x=0.15, y=0.1)
     axes.set_xlabel("trainable parameters (log scale)")
     axes.set_ylabel(_metric_label(metric))
-    axes.set_title(f"{metric.replace('_', ' ')} against trainable parameters")
+    axes.set_title(
+        f"{metric.replace('_', ' ')} against trainable parameters{_spread_note(settings)}"
+    )
     axes.grid(alpha=0.3, which="both")
     axes.spines[["top", "right"]].set_visible(False)
     figure.tight_layout()
@@ -299,16 +459,21 @@ def _plot_against_params(ok: pd.DataFrame, metric: str, keys: list[str], path: P
 
 
 def _plot_against_r(
-    ok: pd.DataFrame, metric: str, r_key: str, line_keys: list[str], path: Path
+    settings: pd.DataFrame, metric: str, r_key: str, line_keys: list[str], path: Path
 ) -> Path:
     figure = Figure(figsize=(7.5, 4.5))
     axes = figure.subplots()
-    groups = ok.groupby(line_keys, dropna=False, sort=True) if line_keys else [((), ok)]
+    groups = settings.groupby(line_keys, dropna=False, sort=True) if line_keys else [((), settings)]
     for _, group in groups:
         group = group.sort_values(r_key)
         label = _describe(group.iloc[0], line_keys) if line_keys else None
-        axes.plot(group[r_key], group[metric], marker="o", linewidth=1.8, label=label)
-    ranks = sorted(ok[r_key].unique())
+        (line,) = axes.plot(group[r_key], group[metric], marker="o", linewidth=1.8, label=label)
+        if group["runs"].max() > 1:
+            axes.fill_between(group[r_key], group[f"{metric}_min"], group[f"{metric}_max"],
+                              color=line.get_color(), alpha=0.15, linewidth=0)  # fmt: skip
+            axes.errorbar(group[r_key], group[metric], yerr=group[f"{metric}_std"].fillna(0.0),
+                          fmt="none", ecolor=line.get_color(), capsize=3)  # fmt: skip
+    ranks = sorted(settings[r_key].unique())
     if all(r > 0 for r in ranks):
         axes.set_xscale("log", base=2)
     axes.set_xticks(ranks, [format_value(r) for r in ranks])
@@ -317,34 +482,81 @@ def _plot_against_r(
         axes.legend(frameon=False, fontsize=9)
     axes.set_xlabel("LoRA rank r")
     axes.set_ylabel(_metric_label(metric))
-    axes.set_title(f"{metric.replace('_', ' ')} against r")
+    axes.set_title(f"{metric.replace('_', ' ')} against r{_spread_note(settings)}")
     axes.grid(alpha=0.3)
     axes.spines[["top", "right"]].set_visible(False)
     figure.tight_layout()
     return save_figure(figure, path)
 
 
+def _cost_formatter(cost: str) -> FuncFormatter:
+    if cost.endswith("_bytes"):
+        return FuncFormatter(lambda value, _: human_bytes(value))
+    if cost == "seconds_per_step":
+        return FuncFormatter(lambda value, _: f"{value:.3g} s")
+    return FuncFormatter(lambda value, _: f"{value:,.0f}")
+
+
+def plot_quality_vs_cost(settings: pd.DataFrame, metric: str, path: Path) -> Path | None:
+    """`quality_vs_cost.png`: the metric against each recorded cost, one panel each, the
+    Pareto-optimal settings (best metric for their cost) ringed and joined."""
+    costs = cost_columns(settings)
+    if not costs:
+        return None
+    rows = math.ceil(len(costs) / 2)
+    figure = Figure(figsize=(11, 4.2 * rows))
+    panels = figure.subplots(rows, 2, squeeze=False).flatten()
+    lower = lower_is_better(metric)
+    for axes, cost in zip(panels, costs, strict=False):
+        points = settings[settings[cost].notna()].sort_values(cost)
+        front = pareto_front(points, cost, metric, lower_is_better=lower)
+        _spread(axes, points[cost], points, metric, "#8c959f")
+        axes.scatter(points[cost], points[metric], color="#8c959f", zorder=3, label="setting")
+        best = points[front]
+        axes.plot(best[cost], best[metric], color="#e8590c", linewidth=1.2, zorder=3)
+        axes.scatter(best[cost], best[metric], s=70, facecolors="none", edgecolors="#e8590c",
+                     linewidths=2, zorder=4, label="Pareto front")  # fmt: skip
+        for _, row in best.iterrows():
+            axes.annotate(row["setting"], (row[cost], row[metric]), textcoords="offset points",
+                          xytext=(5, 5), fontsize=7, color="#444")  # fmt: skip
+        _log_axis_if_wide(axes, points[cost], _cost_formatter(cost))
+        axes.margins(x=0.15, y=0.12)
+        axes.set_xlabel(COSTS[cost])
+        axes.set_ylabel(_metric_label(metric))
+        axes.grid(alpha=0.3, which="both")
+        axes.spines[["top", "right"]].set_visible(False)
+    panels[0].legend(frameon=False, fontsize=8)
+    for axes in panels[len(costs) :]:
+        axes.set_visible(False)
+    title = f"{metric.replace('_', ' ')} against what it costs{_spread_note(settings)}"
+    figure.suptitle(title)
+    figure.tight_layout()
+    return save_figure(figure, path)
+
+
 def plot_sweep(sweep_dir: str | os.PathLike[str]) -> list[Path]:
-    """Write the sweep plots from `sweep.csv`; failed runs are left out. Returns the files
-    written (none when no run succeeded)."""
+    """Write the sweep plots from `sweep.csv`; failed runs are left out, and a setting run with
+    several seeds is drawn as their mean and spread. Returns the files written (none when no
+    run succeeded)."""
     sweep_dir = Path(sweep_dir)
     table = read_sweep_table(sweep_dir)
     metric = sweep_metric(table)
-    ok = table[(table["status"] == "ok") & table[metric].notna()]
-    if ok.empty:
+    settings = setting_summary(table, metric)
+    if settings.empty:
         return []
-    keys = grid_keys(list(table.columns))
+    keys = [k for k in grid_keys(list(table.columns)) if k in settings.columns]
+    varied = _varied(settings, keys)
     plots = sweep_dir / PLOTS_DIR
     written = []
-    with_params = ok[ok["trainable_params"].notna()]
+    with_params = settings[settings["trainable_params"].notna()]
     if not with_params.empty:
-        path = plots / METRIC_VS_PARAMS_PNG
-        written.append(_plot_against_params(with_params, metric, _varied(ok, keys), path))
+        written.append(_plot_against_params(with_params, metric, plots / METRIC_VS_PARAMS_PNG))
     r_key = _find_column(keys, "r")
-    if r_key is not None and pd.api.types.is_numeric_dtype(ok[r_key]):
+    if r_key is not None and pd.api.types.is_numeric_dtype(settings[r_key]):
         alpha_key = _find_column(keys, "lora_alpha")
-        line_keys = [k for k in _varied(ok, keys) if k != r_key]
+        line_keys = [k for k in varied if k != r_key]
         if alpha_key is not None and alpha_key not in line_keys:
             line_keys.insert(0, alpha_key)
-        written.append(_plot_against_r(ok, metric, r_key, line_keys, plots / METRIC_VS_R_PNG))
-    return written
+        written.append(_plot_against_r(settings, metric, r_key, line_keys, plots / METRIC_VS_R_PNG))
+    panel = plot_quality_vs_cost(settings, metric, plots / QUALITY_VS_COST_PNG)
+    return [*written, panel] if panel else written
