@@ -58,6 +58,7 @@ def train_one(args: argparse.Namespace) -> dict:
     from lorakit.train.metrics import evaluate_causal
 
     logging.set_verbosity_error()
+    runtime = rss_bytes()  # torch, transformers and lorakit imported, no model yet
     quantize = "none" if args.train_one == "bf16" else args.train_one
     model, tokenizer = load_causal_lm(args.model, quantize=quantize)
     lora.inject(model, lora.LoraConfig(**LLM_LORA_OPTIONS, task_type="CAUSAL_LM"))
@@ -67,7 +68,13 @@ def train_one(args: argparse.Namespace) -> dict:
     train = DataLoader(rows[:-1], batch_size=args.batch)
     validation = DataLoader(rows[-1:], batch_size=1)  # the loop evaluates once, at the end
     config = TrainConfig(
-        epochs=1, max_steps=steps, batch_size=args.batch, lr=1e-4, log_every=1, bf16=True
+        epochs=1,
+        max_steps=steps,
+        batch_size=args.batch,
+        lr=1e-4,
+        log_every=1,
+        bf16=True,
+        gradient_checkpointing=args.gradient_checkpointing,
     )
     with torch.no_grad():  # the weights resident (a loaded file may be mapped, not yet read)
         for param in model.parameters():
@@ -80,7 +87,7 @@ def train_one(args: argparse.Namespace) -> dict:
     ends = [0.0] + [e["time"] for e in result.history if e["event"] == "train"]
     step_s = [b - a for a, b in pairwise(ends)][args.warmup :]
     return {
-        "step_s": step_s, "rss_before_training": before,
+        "step_s": step_s, "rss_runtime": runtime, "rss_before_training": before,
         "peak_rss_before_training": peak_before, "peak_rss": max_rss_bytes(),
     }  # fmt: skip
 
@@ -95,6 +102,7 @@ def train_in_subprocess(setting: str, args: argparse.Namespace) -> dict:
         sys.executable, __file__, "--train-one", setting, "--model", args.model,
         "--steps", str(args.steps), "--warmup", str(args.warmup), "--batch", str(args.batch),
         "--length", str(args.length),
+        *(["--gradient-checkpointing"] if args.gradient_checkpointing else []),
         *(["--threads", str(args.threads)] if args.threads else []),
     ]  # fmt: skip
     out = subprocess.run(command, capture_output=True, text=True, check=True).stdout
@@ -114,11 +122,14 @@ def measure(args: argparse.Namespace) -> list[dict]:
             "peak_rss_mb": max(run["peak_rss"] for run in measured) / 2**20,
             "rss_before_training_mb":
                 statistics.median(run["rss_before_training"] for run in measured) / 2**20,
+            "above_runtime_mb":
+                max(run["peak_rss"] - run["rss_runtime"] for run in measured) / 2**20,
             "runs": measured,
         })  # fmt: skip
     bf16 = rows[0]
     for row in rows:
         row["peak_rss_vs_bf16"] = row["peak_rss_mb"] / bf16["peak_rss_mb"]
+        row["above_runtime_vs_bf16"] = row["above_runtime_mb"] / bf16["above_runtime_mb"]
         row["step_s_vs_bf16"] = row["step_s"] / bf16["step_s"]
     return rows
 
@@ -130,6 +141,8 @@ COLUMNS = {
     "peak_rss_mb": ",.0f",
     "peak_rss_vs_bf16": ".2f",
     "rss_before_training_mb": ",.0f",
+    "above_runtime_mb": ",.0f",
+    "above_runtime_vs_bf16": ".2f",
 }
 QUICK = {"steps": 1, "warmup": 0, "batch": 2, "length": 16, "repeats": 1}
 
@@ -142,6 +155,8 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--length", type=int, default=512, help="tokens per row")
     parser.add_argument("--repeats", type=int, default=2, help="processes per setting")
+    parser.add_argument("--gradient-checkpointing", action="store_true",
+                        help="train.gradient_checkpointing in every setting")  # fmt: skip
     parser.add_argument("--quick", action="store_true", help="a check: " + str(QUICK))
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads")
     parser.add_argument("--train-one", choices=SETTINGS, help=argparse.SUPPRESS)
@@ -158,11 +173,13 @@ def main() -> None:
     rows = measure(args)
     result = {
         "model": args.model, "lora": LLM_LORA_OPTIONS, "batch": args.batch,
+        "gradient_checkpointing": args.gradient_checkpointing,
         "length": args.length, "steps": args.steps, "warmup": args.warmup, "rows": rows,
         "machine": env, "load_average_after": list(os.getloadavg()),
     }  # fmt: skip
     print(markdown_table(rows, COLUMNS))
-    print(f"\nbatch {args.batch} x {args.length}, train.bf16 in every setting")
+    checkpointing = ", gradient checkpointing" if args.gradient_checkpointing else ""
+    print(f"\nbatch {args.batch} x {args.length}, train.bf16 in every setting{checkpointing}")
     print(f"load average before {env['load_average']}, after {result['load_average_after']}")
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2))
