@@ -99,6 +99,9 @@ def test_run_report_renders_with_its_images(report: Path, tmp_path: Path) -> Non
 def test_sweep_report_renders_with_its_images(tmp_path: Path) -> None:
     sweep_dir = tmp_path / "sweep"
     write_sweep_table(sweep_dir, build_sweep(sweep_dir, ranks=(0, 1, 2), alphas=(8.0,)))
-    pixels, sizes = render(write_report(sweep_dir), tmp_path)
+    report = write_report(sweep_dir)
+    pixels, sizes = render(report, tmp_path)
     assert_not_blank(pixels)
-    assert len(sizes) == 2 and all(c and w > 300 and h > 200 for c, w, h in sizes), sizes
+    # the metric against r and against alpha, and the quality-against-cost panel
+    assert len(sizes) == report.read_text().count("<img ") == 3, sizes
+    assert all(c and w > 300 and h > 200 for c, w, h in sizes), sizes
