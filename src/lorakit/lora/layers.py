@@ -308,6 +308,9 @@ class Linear(LoraLayer):
         # result + (m/n - 1)·W0·dropout(x) + (m/n)·s·B·A·dropout(x), one more product with W0
         x = dropout(x)
         base = self._base_product(x)
+        if scale.dtype == base.dtype:  # two fused passes over the output
+            lora = F.linear(F.linear(x, A), B)
+            return torch.addcmul(torch.addcmul(result, base, scale - 1), lora, scale * scaling)
         kept = result - base  # first: the fused product below may write into `base`
         out = add_scaled_product(base, F.linear(x, A), B, scaling)
         return kept + dora.rescale(out, scale, None)
