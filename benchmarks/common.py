@@ -241,3 +241,49 @@ def rss_bytes() -> int:
     """This process's resident set size now."""
     with open("/proc/self/statm") as f:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def max_rss_bytes() -> int:
+    """This process's RSS high-water mark so far."""
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # kilobytes on Linux
+
+
+def measured_causal_training(model, tokenizer, args, **config) -> dict:
+    """Trains `model` (LoRA injected) through lorakit's loop for ``args.warmup + args.steps``
+    steps of ``args.batch`` x ``args.length`` packed review tokens, the loss everywhere
+    (``config``: more TrainConfig fields); returns the measured steps' seconds and the RSS
+    before and at the peak."""
+    from itertools import pairwise
+
+    from torch.utils.data import DataLoader
+
+    from lorakit.config import TrainConfig
+    from lorakit.nn.output_head import labeled_positions_loss
+    from lorakit.train.loop import train_loop
+    from lorakit.train.metrics import evaluate_causal
+
+    steps = args.warmup + args.steps
+    ids = packed_token_rows(tokenizer, steps * args.batch + 1, args.length)
+    rows = [{k: v[0] for k, v in causal_batch(ids[i : i + 1]).items()} for i in range(len(ids))]
+    train = DataLoader(rows[:-1], batch_size=args.batch)
+    validation = DataLoader(rows[-1:], batch_size=1)  # the loop evaluates once, at the end
+    config = TrainConfig(
+        epochs=1, max_steps=steps, batch_size=args.batch, lr=1e-4, log_every=1, **config
+    )
+    with torch.no_grad():  # the weights resident (a loaded file may be mapped, not yet read)
+        for param in model.parameters():
+            param.float().sum()
+    before, peak_before = rss_bytes(), max_rss_bytes()
+    result = train_loop(
+        model, train, validation, config, seed=0, metric="loss", show_progress=False,
+        evaluate_fn=evaluate_causal, loss_fn=labeled_positions_loss,
+    )  # fmt: skip
+    ends = [0.0] + [e["time"] for e in result.history if e["event"] == "train"]
+    return {
+        "step_s": [b - a for a, b in pairwise(ends)][args.warmup :],
+        "rss_before_training": before,
+        "peak_rss_before_training": peak_before,
+        "peak_rss": max_rss_bytes(),
+    }

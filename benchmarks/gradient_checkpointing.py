@@ -21,26 +21,21 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import statistics
 import subprocess
 import sys
-from itertools import pairwise
 from pathlib import Path
 
 import torch
-from torch.utils.data import DataLoader
 
 sys.path.insert(0, str(Path(__file__).parent))
 from common import (  # noqa: E402
     LLM_LORA_OPTIONS,
     RESULTS,
-    causal_batch,
     causal_lm,
     machine,
     markdown_table,
-    packed_token_rows,
-    rss_bytes,
+    measured_causal_training,
 )
 
 SETTINGS = {"off": False, "on": True}  # train.gradient_checkpointing
@@ -50,41 +45,13 @@ def train_one(args: argparse.Namespace) -> dict:
     """In this process: build the model and data, train ``warmup + steps`` steps through the
     loop, and report step times and memory."""
     import lorakit.lora as lora
-    from lorakit.config import TrainConfig
-    from lorakit.nn.output_head import labeled_positions_loss
-    from lorakit.train.loop import train_loop
-    from lorakit.train.metrics import evaluate_causal
 
     model, tokenizer = causal_lm(args.model)
     lora.inject(model, lora.LoraConfig(**LLM_LORA_OPTIONS, task_type="CAUSAL_LM"))
-    steps = args.warmup + args.steps
-    ids = packed_token_rows(tokenizer, steps * args.batch + 1, args.length)
-    rows = [{k: v[0] for k, v in causal_batch(ids[i : i + 1]).items()} for i in range(len(ids))]
-    train = DataLoader(rows[:-1], batch_size=args.batch)
-    validation = DataLoader(rows[-1:], batch_size=1)  # the loop evaluates once, at the end
-    config = TrainConfig(
-        epochs=1, max_steps=steps, batch_size=args.batch, lr=1e-4, log_every=1,
-        bf16=not args.fp32, gradient_checkpointing=SETTINGS[args.train_one],
+    return measured_causal_training(
+        model, tokenizer, args, bf16=not args.fp32,
+        gradient_checkpointing=SETTINGS[args.train_one],
     )  # fmt: skip
-    with torch.no_grad():  # the weights resident (a loaded file may be mapped, not yet read)
-        for param in model.parameters():
-            param.sum()
-    before, peak_before = rss_bytes(), max_rss_bytes()
-    result = train_loop(
-        model, train, validation, config, seed=0, metric="loss", show_progress=False,
-        evaluate_fn=evaluate_causal, loss_fn=labeled_positions_loss,
-    )  # fmt: skip
-    ends = [0.0] + [e["time"] for e in result.history if e["event"] == "train"]
-    step_s = [b - a for a, b in pairwise(ends)][args.warmup :]
-    return {
-        "step_s": step_s, "rss_before_training": before,
-        "peak_rss_before_training": peak_before, "peak_rss": max_rss_bytes(),
-    }  # fmt: skip
-
-
-def max_rss_bytes() -> int:
-    """This process's RSS high-water mark so far."""
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # kilobytes on Linux
 
 
 def train_in_subprocess(setting: str, args: argparse.Namespace) -> dict:
