@@ -39,14 +39,13 @@ from lorakit.lora import (
     read_adapter,
 )
 from lorakit.models.causal_lm import load_causal_lm
-from lorakit.models.transformer import public_name
 from lorakit.recipes import is_merged_model
 from lorakit.recipes.causal_lm import chat_prompting
 from lorakit.rundir import read_run_summary
 
 from .admission import AdapterLimits, check_adapter_files
 from .errors import AdapterExistsError, AdapterLoadError, ServeError, UnknownAdapterError
-from .registry import ADAPTER_NAME
+from .registry import ADAPTER_NAME, load_error
 
 
 @dataclass(frozen=True)
@@ -221,7 +220,7 @@ class CausalRegistry:
         try:
             load_adapter(self.model, adapter.path, adapter_name=adapter.name, files=files)
         except LoraError as e:
-            raise AdapterLoadError(self._load_error(config, e)) from None
+            raise load_error(config, self.base, e) from None
         for module, layer in lora_layers(self.model):
             if adapter.name in layer.r and not isinstance(layer, Linear):
                 delete_adapter(self.model, adapter.name)
@@ -251,12 +250,3 @@ class CausalRegistry:
             del self.loaded[idle]
             self.evictions += 1
             self.on_evict(idle)
-
-    def _load_error(self, config, error: LoraError) -> str:
-        recorded, served = config.base_model_name_or_path, public_name(str(self.base))
-        if not recorded or public_name(recorded) == served:
-            return str(error)
-        return (
-            f"this adapter was made for the base model {recorded}, but this server's base is "
-            f"{served}; it loads only on its own base ({error})"
-        )

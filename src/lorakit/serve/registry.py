@@ -148,6 +148,18 @@ def _shaped_like(original: nn.Module, path: str, shapes: dict[str, list[int]]) -
     return shaped
 
 
+def load_error(config, base: str, error: LoraError) -> AdapterLoadError:
+    """The engine's reason an adapter did not load on `base`, led by the base the adapter
+    records when it is not this one."""
+    recorded, served = config.base_model_name_or_path, public_name(str(base))
+    if not recorded or public_name(recorded) == served:
+        return AdapterLoadError(str(error))
+    return AdapterLoadError(
+        f"this adapter was made for the base model {recorded}, but this server's base is "
+        f"{served}; it loads only on its own base ({error})"
+    )
+
+
 class AdapterRegistry:
     """A base sequence classifier with named adapters; `predict` runs one adapter on texts."""
 
@@ -308,14 +320,7 @@ class AdapterRegistry:
         return []
 
     def _load_error(self, config, error: LoraError) -> AdapterLoadError:
-        """The engine's reason, led by the base the adapter records when it is not this one."""
-        recorded, served = config.base_model_name_or_path, public_name(self.base)
-        if not recorded or public_name(recorded) == served:
-            return AdapterLoadError(str(error))
-        return AdapterLoadError(
-            f"this adapter was made for the base model {recorded}, but this server's base is "
-            f"{served}; it loads only on its own base ({error})"
-        )
+        return load_error(config, self.base, error)
 
     def _refuse_base_tensors(self, adapter_dir, config, heads, tensors) -> None:
         """Every adapter shares the base: one that would write into it is refused (keeping its
