@@ -199,3 +199,28 @@ def test_hf_trainer_takes_gradient_checkpointing(tmp_path, tiny_bert_dir, stars_
     train_hf(config, model, loaders, tmp_path)
     assert len(seen) == 3 and all(seen)
     assert not is_checkpointing(model)
+
+
+def test_compare_trains_lora_full_and_head_from_the_same_start(tmp_path, tiny_bert_dir, stars_csv):
+    summary, run = run_recipe(tmp_path, [
+        f"data.path={stars_csv}", "data.text_column=review", "data.label_column=stars",
+        f"model.name={tiny_bert_dir}", "lora.target_modules=query,value", "train.epochs=2",
+        "train.batch_size=32", "train.lr=5e-3", "compare=true",
+    ])  # fmt: skip
+    lora, full, head = json.loads((run / "comparison.json").read_text())
+    assert [lora["method"], full["method"], head["method"]] == [
+        "LoRA r=8", "full fine-tuning", "head only"]  # fmt: skip
+    # the LoRA row is the run itself, trained again from the same seed
+    assert lora["test_accuracy"] == summary["test_accuracy"]
+    assert lora["trainable_params"] == summary["trainable_params"]
+    classifier = load_sequence_classifier(str(tiny_bert_dir), ["a", "b", "c"])[0].classifier
+    assert head["trainable_params"] == sum(p.numel() for p in classifier.parameters())
+    # every weight of the base: the LoRA run's total less its A and B matrices and the trained
+    # copy of the head that modules_to_save keeps beside the original
+    assert full["trainable_params"] == summary["total_params"] - lora["trainable_params"]
+    assert full["trainable_percent"] == 100
+    assert head["checkpoint_bytes"] < lora["checkpoint_bytes"] < full["checkpoint_bytes"]
+    assert full["lr"] == pytest.approx(5e-3 * pipeline.FULL_LR_FRACTION)
+    assert all(row["step_seconds"] > 0 and row["added_peak_rss_bytes"] >= 0
+               for row in (lora, full, head))  # fmt: skip
+    assert "| head only |" in (run / "comparison.md").read_text()

@@ -39,6 +39,15 @@ def peak_rss_bytes() -> int:
     return peak if sys.platform == "darwin" else peak * 1024
 
 
+def resident_bytes() -> int | None:
+    """The resident set size now (Linux's ``/proc/self/statm``); None elsewhere."""
+    try:
+        pages = int(Path("/proc/self/statm").read_text().split()[1])
+    except (OSError, IndexError, ValueError):
+        return None
+    return pages * resource.getpagesize()
+
+
 def peak_memory() -> dict[str, int]:
     """The peaks since `reset_peak_memory`: resident set, and GPU memory torch allocated."""
     peaks = {"peak_rss_bytes": peak_rss_bytes()}
