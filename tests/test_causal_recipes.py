@@ -36,7 +36,8 @@ def tiny_gpt2(tmp_path_factory):
 def lm_run(tiny_gpt2, tmp_path_factory):
     out = tmp_path_factory.mktemp("runs") / "causal"
     overrides = [f"model.name={tiny_gpt2}", "data.max_train_samples=600", "causal.block_size=64",
-                 "train.eval_every=0", "train.epochs=1", "compare=true"]  # fmt: skip
+                 "train.eval_every=0", "train.epochs=1", "compare=true",
+                 "causal.forgetting_on=bbc-news"]  # fmt: skip
     return lk.train("causal-lm", out=out, overrides=overrides), out
 
 
@@ -168,6 +169,18 @@ def test_compare_adds_a_full_fine_tuning_row(lm_run):
     assert [r["method"].split()[0] for r in rows] == ["base", "LoRA", "full"]
     assert rows[2]["trainable_percent"] == 100
     assert rows[1]["test_perplexity"] == summary["test_perplexity"]
+
+
+def test_forgetting_on_measures_other_text_before_and_after(lm_run):
+    summary, out = lm_run
+    base, tuned, full = json.loads((out / "comparison.json").read_text())
+    assert summary["forgetting_on"] == "bbc-news"
+    assert base["other_perplexity"] == summary["base_other_perplexity"]
+    assert tuned["other_perplexity"] == summary["other_perplexity"] != base["other_perplexity"]
+    assert full["other_perplexity"] > 1
+    # the figure is the perplexity `lorakit eval RUN --data bbc-news` measures
+    again = lk.evaluate(out, data="bbc-news")
+    assert again["perplexity"] == pytest.approx(summary["other_perplexity"], rel=1e-6)
 
 
 def test_instruction_file_trains_on_its_own_columns(tiny_gpt2, tmp_path):

@@ -190,6 +190,12 @@ class CausalConfig(_Section):
     full_lr: float | None = Field(
         None, gt=0, description="compare = true: full fine-tuning's lr; default train.lr / 10"
     )
+    forgetting_on: str | None = Field(
+        None,
+        description="other text (a built-in name or a file) whose test-split perplexity is "
+        "measured for the base, the tuned model and full fine-tuning (compare): how far "
+        "training moved the model beyond its own data",
+    )
     select_by: Literal["perplexity", "verdict_accuracy"] = Field(
         "perplexity",
         description="the validation figure that picks the adapter kept; 'verdict_accuracy' "

@@ -9,9 +9,6 @@ A sweep runs in ``--runs`` (``runs/guide/NAME``); its plots are copied to ``--fi
 Pareto fronts) written to ``docs/guide/NAME.md``. ``--small`` keeps each grid key's first two
 values, runs one seed, and adds the recipe's small settings (a few steps on little data).
 ``--set KEY=VALUE`` goes to every run (``model.name=...`` for a model of one's own).
-
-``forgetting`` also measures each run's perplexity on other text (``evaluate_on``), the
-change LoRA made beyond its own data.
 """
 
 from __future__ import annotations
@@ -69,14 +66,12 @@ class GuideSweep:
     grid: tuple[str, ...]  # --grid items
     settings: tuple[str, ...] = ()  # --set items for every run
     seeds: int = SEEDS
-    evaluate_on: str | None = None  # after the sweep: each run's figures on this data too
 
     def shrunk(self) -> GuideSweep:
         """The same sweep in seconds: two values a grid key, one seed, the small settings."""
         grid = tuple(_first_values(item, 2) for item in self.grid)
         settings = (*self.settings, *SMALL.get(self.recipe, ()))
-        return GuideSweep(self.name, self.question, self.recipe, grid, settings, 1,
-                          self.evaluate_on)  # fmt: skip
+        return GuideSweep(self.name, self.question, self.recipe, grid, settings, 1)
 
     def command(self, out: Path, extra: Sequence[str] = ()) -> list[str]:
         """The `lorakit sweep` command line."""
@@ -137,24 +132,7 @@ def run(sweep: GuideSweep, runs: Path, figures: Path, extra: Sequence[str] = ())
     text = f"# {sweep.name}: {sweep.question}\n\n`{shlex.join(sweep.command(out, extra))}`\n\n"
     text += f"{record['succeeded']} of {record['succeeded'] + record['failed']} runs succeeded.\n"
     text += settings_markdown(out, per_setting=True)
-    if sweep.evaluate_on:
-        text += _evaluated_elsewhere(out, sweep.evaluate_on)
     return write_atomically(figures / f"{sweep.name}.md", text)
-
-
-def _evaluated_elsewhere(out: Path, data: str) -> str:
-    """Each setting's mean figure on ``data`` (`lorakit eval RUN --data DATA`)."""
-    table = read_sweep_table(out)
-    table = table[table["status"] == "ok"].copy()
-    metric = sweep_metric(table).removeprefix("test_")
-    column = f"{data}_{metric}"
-    table[column] = [api.evaluate(out / Path(d).name, data=data)[metric] for d in table["run_dir"]]
-    settings = setting_summary(table, column)
-    columns = ["setting", "runs", column, f"{column}_std"]
-    rows = settings[columns].to_dict(orient="records")
-    return f"\n## On {data} (each run measured again on other text)\n\n" + markdown_table(
-        columns, rows
-    )
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -429,6 +429,7 @@ class CausalLM(Recipe):
                 "'instruction' on the built-in rotten-tomatoes verdicts); set causal.select_by = "
                 "'perplexity'"
             )
+        self.other_text = _other_text(config, self.tokenizer, self.positions)
         self.test_scores = TaskScores(config, self.data, self.tokenizer)
         self.val_scores = TaskScores(config, self.data, self.tokenizer, split="validation")
         return self.data["fingerprint"]
@@ -441,6 +442,8 @@ class CausalLM(Recipe):
         with bf16_inference(model, self.config.train.use_bf16):
             figures = {"perplexity": perplexity(model, self.data["splits"][split], batch_size)}
             figures.update(scores(model))
+            if self.other_text is not None and split == "test":
+                figures["other_perplexity"] = perplexity(model, self.other_text, batch_size)
         return figures
 
     def build_model(self, run_dir: RunDir, resume: Path | None):
@@ -532,6 +535,10 @@ class CausalLM(Recipe):
                 figures[f"base_test_{name}"] = base[name]
         if "verdict_accuracy" in test:
             figures["test_majority_accuracy"] = _majority(self.data["test_pairs"])
+        if "other_perplexity" in test:
+            figures["forgetting_on"] = causal_section(self.config).forgetting_on
+            figures["other_perplexity"] = test["other_perplexity"]
+            figures["base_other_perplexity"] = base["other_perplexity"]
         return figures
 
     def compare(self, run_dir: RunDir, summary: dict[str, Any]) -> None:
@@ -597,6 +604,19 @@ class CausalLM(Recipe):
         }  # fmt: skip
 
 
+def _other_text(config: Config, tokenizer, positions: int) -> datasets.Dataset | None:
+    """The test split of ``causal.forgetting_on`` as packed blocks of plain text (however the
+    run reads its own data), or None when the setting is off."""
+    source = causal_section(config).forgetting_on
+    if source is None:
+        return None
+    where = {"path": source} if Path(source).expanduser().exists() else {"name": source, "path": None}
+    data = config.data.model_copy(update={**where, "text_column": "text", "max_train_samples": 1})
+    causal = causal_section(config).model_copy(update={"mode": "lm", "packing": True})
+    other = config.model_copy(update={"data": data, "causal": causal})
+    return build_data(other, tokenizer, positions)["splits"]["test"]
+
+
 def _figures_line(figures: dict[str, float]) -> str:
     return ", ".join(
         [f"test perplexity {figures['perplexity']:.2f}"]
@@ -646,11 +666,15 @@ def comparison_rows(recipe: CausalLM, summary: dict[str, Any]) -> list[dict]:
             "vs_base": figures["perplexity"] / summary["base_test_perplexity"],
         }
         values.update({f"test_{name}": figures[name] for name in TASK_FIGURES if name in figures})
+        if "other_perplexity" in figures:
+            values["other_perplexity"] = figures["other_perplexity"]
         values["train_seconds"] = seconds
         return values
 
     tuned = {name: summary[f"test_{name}"] for name in ("perplexity", *TASK_FIGURES)
              if f"test_{name}" in summary}  # fmt: skip
+    if "other_perplexity" in summary:
+        tuned["other_perplexity"] = summary["other_perplexity"]
     return [
         row("base (no training)", 0, recipe.base_figures, 0.0),
         row(f"LoRA r={config.lora.r} ({config.lora.engine})", summary["trainable_params"],

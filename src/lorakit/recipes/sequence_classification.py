@@ -13,7 +13,6 @@ LoRA for text classification.
 
 from __future__ import annotations
 
-import gc
 import json
 import tempfile
 from pathlib import Path
@@ -143,8 +142,7 @@ class SequenceClassification(ClassificationRecipe):
         seconds per step, the resident memory that building, training and testing it added at
         its peak, and the bytes one would ship (the adapter, the head, or every weight)."""
         config = self.config
-        gc.collect()  # the previous row's model is gone before the memory peak restarts
-        reset_peak_memory()
+        reset_peak_memory()  # after the previous row's model is gone
         held = resident_bytes()
         set_seed(config.seed)  # the LoRA row starts as the run did: the same head and A
         if method == "lora":
