@@ -31,6 +31,14 @@ def test_inspect_minilm_lists_targets_and_counts():
     assert all(line == line.rstrip() for line in text.splitlines())  # clean in a log
 
 
+def test_inspect_smollm2_reads_the_converted_gguf():
+    text = inspect("smollm2")
+    assert "model: LlamaForCausalLM, 134,515,008 parameters" in text
+    assert "model.layers.{0-29}.self_attn.q_proj" in text
+    for name in ("q_proj (x30)", "gate_proj (x30)", "down_proj (x30)"):
+        assert name in text
+
+
 class Tiny(nn.Module):
     def __init__(self):
         super().__init__()

@@ -123,9 +123,10 @@ def describe_model(model: nn.Module) -> dict[str, Any]:
 
 
 def load_model_for_inspection(target: str) -> tuple[nn.Module, str]:
-    """A model from a folder (transformers or classic), ``minilm``, ``tiny-gpt2`` or a hub id,
-    and the folder or id it came from."""
+    """A model from a folder (transformers or classic), ``minilm``, ``tiny-gpt2``, ``smollm2``,
+    a .gguf file or a hub id, and the folder or id it came from."""
     from lorakit.models.classic import is_classic, load_classic
+    from lorakit.models.gguf import SMOLLM2, converted_folder, smollm2_gguf
 
     path = Path(target).expanduser()
     if path.is_dir() and is_classic(path):
@@ -134,6 +135,8 @@ def load_model_for_inspection(target: str) -> tuple[nn.Module, str]:
         from lorakit.recipes.pretrain_tiny_gpt2 import ensure_tiny_gpt2
 
         target = str(ensure_tiny_gpt2())
+    if target == SMOLLM2 or target.lower().endswith(".gguf"):  # converted once, then a folder
+        target = str(converted_folder(smollm2_gguf() if target == SMOLLM2 else path))
     from transformers import AutoConfig, AutoModel
     from transformers.utils import logging as hf_logging
 
