@@ -51,7 +51,7 @@ SEEDS = 3
 # afternoon on two cores; each figure's command carries these settings.
 MINILM = ("train.epochs=1", "data.max_train_samples=4000")
 INSTRUCT = (
-    "data.max_train_samples=600",
+    "data.max_train_samples=800",
     "data.max_eval_samples=200",
     "train.eval_every=0",
     "train.checkpoint_every=0",
@@ -124,7 +124,7 @@ SWEEPS = (
                "same data and selection rule (each run's comparison.json)", "sentiment",
                ("r=8",), (*MINILM, "compare=true")),
     GuideSweep("r-instruct", "How do perplexity and verdict accuracy move with r on an LLM?",
-               "instruct", ("r=1,8,64",), INSTRUCT, seeds=2,
+               "instruct", ("r=1,4,16,64",), INSTRUCT, seeds=2,
                figures=("test_perplexity", "test_verdict_accuracy",
                         "test_generated_verdict_accuracy", "base_test_verdict_accuracy")),
     GuideSweep("forgetting", "How far does domain adaptation move the model on other text, "

@@ -35,7 +35,6 @@ from lorakit.train.loop import train_loop
 from lorakit.train.metrics import evaluate
 from lorakit.train.peak_memory import peak_rss_bytes, reset_peak_memory, resident_bytes
 
-
 COMPARED_METHODS = ("lora", "full fine-tuning", "head only")
 HEAD_PREFIXES = ("classifier.", "score.")  # BERT-like heads, and Llama/GPT-2 classifiers
 # full fine-tuning's default lr, as a fraction of LoRA's: MiniLM fully fine-tuned on
