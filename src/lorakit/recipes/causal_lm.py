@@ -610,7 +610,9 @@ def _other_text(config: Config, tokenizer, positions: int) -> datasets.Dataset |
     source = causal_section(config).forgetting_on
     if source is None:
         return None
-    where = {"path": source} if Path(source).expanduser().exists() else {"name": source, "path": None}
+    where = (
+        {"path": source} if Path(source).expanduser().exists() else {"name": source, "path": None}
+    )
     data = config.data.model_copy(update={**where, "text_column": "text", "max_train_samples": 1})
     causal = causal_section(config).model_copy(update={"mode": "lm", "packing": True})
     other = config.model_copy(update={"data": data, "causal": causal})
