@@ -37,7 +37,7 @@ def lm_run(tiny_gpt2, tmp_path_factory):
     out = tmp_path_factory.mktemp("runs") / "causal"
     overrides = [f"model.name={tiny_gpt2}", "data.max_train_samples=600", "causal.block_size=64",
                  "train.eval_every=0", "train.epochs=1", "compare=true",
-                 "causal.forgetting_on=bbc-news"]  # fmt: skip
+                 "data.forgetting_on=bbc-news"]  # fmt: skip
     return lk.train("causal-lm", out=out, overrides=overrides), out
 
 

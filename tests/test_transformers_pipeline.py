@@ -205,7 +205,7 @@ def test_compare_trains_lora_full_and_head_from_the_same_start(tmp_path, tiny_be
     summary, run = run_recipe(tmp_path, [
         f"data.path={stars_csv}", "data.text_column=review", "data.label_column=stars",
         f"model.name={tiny_bert_dir}", "lora.target_modules=query,value", "train.epochs=2",
-        "train.batch_size=32", "train.lr=5e-3", "compare=true",
+        "train.batch_size=32", "train.lr=5e-3", "compare=true", "data.forgetting_on=bbc-news",
     ])  # fmt: skip
     lora, full, head = json.loads((run / "comparison.json").read_text())
     assert [lora["method"], full["method"], head["method"]] == [
@@ -224,3 +224,8 @@ def test_compare_trains_lora_full_and_head_from_the_same_start(tmp_path, tiny_be
     assert all(row["step_seconds"] > 0 and row["added_peak_rss_bytes"] >= 0
                for row in (lora, full, head))  # fmt: skip
     assert "| head only |" in (run / "comparison.md").read_text()
+    # a probe fitted on the base reads bbc-news topics from each trained encoder: training the
+    # head alone leaves the encoder as it was, so the probe reads it exactly as the base
+    assert summary["forgetting_on"] == "bbc-news"
+    assert head["other_probe_accuracy"] == summary["base_other_probe_accuracy"] > 0.2
+    assert full["other_probe_accuracy"] != head["other_probe_accuracy"]

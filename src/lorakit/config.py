@@ -63,6 +63,13 @@ class DataConfig(_Section):
         description="causal-LM recipes: validation examples that the evaluations during "
         "training use (a fixed random subset); the test split is always whole",
     )
+    forgetting_on: str | None = Field(
+        None,
+        description="other data (a built-in name or a file), measured on the base and after "
+        "training, to see how far training moved the model beyond its own data: a causal LM's "
+        "perplexity on its test text; a classifier's encoder (compare = true) read by a linear "
+        "probe fitted on the base for that data's labels",
+    )
 
     @property
     def source(self) -> str:
@@ -190,12 +197,7 @@ class CausalConfig(_Section):
     full_lr: float | None = Field(
         None, gt=0, description="compare = true: full fine-tuning's lr; default train.lr / 10"
     )
-    forgetting_on: str | None = Field(
-        None,
-        description="other text (a built-in name or a file) whose test-split perplexity is "
-        "measured for the base, the tuned model and full fine-tuning (compare): how far "
-        "training moved the model beyond its own data",
-    )
+
     select_by: Literal["perplexity", "verdict_accuracy"] = Field(
         "perplexity",
         description="the validation figure that picks the adapter kept; 'verdict_accuracy' "

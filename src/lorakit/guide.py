@@ -62,7 +62,7 @@ FORGETTING = (
     "train.eval_every=0",
     "train.checkpoint_every=0",
     "compare=true",
-    "causal.forgetting_on=bbc-news",
+    "data.forgetting_on=bbc-news",
 )
 TARGETS = (
     "query,value",
@@ -122,7 +122,7 @@ SWEEPS = (
                (f"target_modules={'|'.join(TARGETS)}",), MINILM),
     GuideSweep("methods", "LoRA against full fine-tuning and training the head only, on the "
                "same data and selection rule (each run's comparison.json)", "sentiment",
-               ("r=8",), (*MINILM, "compare=true")),
+               ("r=8",), (*MINILM, "compare=true", "data.forgetting_on=bbc-news")),
     GuideSweep("r-instruct", "How do perplexity and verdict accuracy move with r on an LLM?",
                "instruct", ("r=1,4,16,64",), INSTRUCT, seeds=2,
                figures=("test_perplexity", "test_verdict_accuracy",

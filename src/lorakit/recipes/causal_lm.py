@@ -536,7 +536,7 @@ class CausalLM(Recipe):
         if "verdict_accuracy" in test:
             figures["test_majority_accuracy"] = _majority(self.data["test_pairs"])
         if "other_perplexity" in test:
-            figures["forgetting_on"] = causal_section(self.config).forgetting_on
+            figures["forgetting_on"] = self.config.data.forgetting_on
             figures["other_perplexity"] = test["other_perplexity"]
             figures["base_other_perplexity"] = base["other_perplexity"]
         return figures
@@ -605,15 +605,17 @@ class CausalLM(Recipe):
 
 
 def _other_text(config: Config, tokenizer, positions: int) -> datasets.Dataset | None:
-    """The test split of ``causal.forgetting_on`` as packed blocks of plain text (however the
+    """The test split of ``data.forgetting_on`` as packed blocks of plain text (however the
     run reads its own data), or None when the setting is off."""
-    source = causal_section(config).forgetting_on
+    source = config.data.forgetting_on
     if source is None:
         return None
     where = (
         {"path": source} if Path(source).expanduser().exists() else {"name": source, "path": None}
     )
-    data = config.data.model_copy(update={**where, "text_column": "text", "max_train_samples": 1})
+    data = config.data.model_copy(
+        update={**where, "text_column": "text", "max_train_samples": 1, "forgetting_on": None}
+    )
     causal = causal_section(config).model_copy(update={"mode": "lm", "packing": True})
     other = config.model_copy(update={"data": data, "causal": causal})
     return build_data(other, tokenizer, positions)["splits"]["test"]

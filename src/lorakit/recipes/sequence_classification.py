@@ -28,12 +28,13 @@ from lorakit.config import Config, ConfigError, DataConfig, TrainConfig
 from lorakit.data.tokenize import classification_loaders, tokenize_splits
 from lorakit.models.transformer import load_sequence_classifier, public_name, weights_bytes
 from lorakit.nn.frozen_base import set_model_dropout
-from lorakit.recipes.base import ClassificationRecipe, lora_report
+from lorakit.recipes.base import ClassificationRecipe, load_task_data, lora_report
 from lorakit.rundir import RunDir
 from lorakit.train import engines
 from lorakit.train.loop import train_loop
 from lorakit.train.metrics import evaluate
 from lorakit.train.peak_memory import peak_rss_bytes, reset_peak_memory, resident_bytes
+from lorakit.train.probe import LinearProbe, head_inputs
 
 COMPARED_METHODS = ("lora", "full fine-tuning", "head only")
 HEAD_PREFIXES = ("classifier.", "score.")  # BERT-like heads, and Llama/GPT-2 classifiers
@@ -89,6 +90,7 @@ class SequenceClassification(ClassificationRecipe):
     """A transformers encoder with a fresh head for the data's labels, plus LoRA."""
 
     hf_trainer = True
+    other: dict[str, Any] | None = None  # compare with data.forgetting_on: the probe and its data
 
     def build_model(self, run_dir: RunDir, resume: Path | None):
         model, self.tokenizer, self.base_path = build_model(self.config, self.labels)
@@ -132,9 +134,32 @@ class SequenceClassification(ClassificationRecipe):
         }
 
     def compare(self, run_dir: RunDir, summary: dict[str, Any]) -> None:
+        self.other = self.forgetting_probe()
         rows = [self.compared(method) for method in COMPARED_METHODS]
         title = f"{self.config.run_name}: LoRA, full fine-tuning and the head alone"
         print(run_dir.write_comparison(rows, title=title), flush=True)
+        if self.other is not None:
+            summary["forgetting_on"] = self.config.data.forgetting_on
+            summary["base_other_probe_accuracy"] = self.other["base_accuracy"]
+
+    def forgetting_probe(self) -> dict[str, Any] | None:
+        """With ``data.forgetting_on``: that data's test loader, and a linear probe fitted on
+        the base encoder's features of its training split (`lorakit.train.probe`)."""
+        source = self.config.data.forgetting_on
+        if source is None:
+            return None
+        where = {"path": source} if Path(source).expanduser().exists() else {"name": source}
+        config = self.config.model_copy(update={"data": self.config.data.model_copy(
+            update={"path": None, **where, "max_train_samples": None, "forgetting_on": None})})  # fmt: skip
+        data = load_task_data(config)
+        classes = data["train"].features["label"].num_classes
+        loaders = data_loaders(config, data, self.tokenizer)
+        base, _, _ = load_base(self.config, self.labels)
+        probe = LinearProbe.fit(*head_inputs(base, loaders["train"]), classes, self.config.seed)
+        accuracy = probe.accuracy(*head_inputs(base, loaders["test"]))
+        print(f"{self.config.run_name}: a linear probe on the base reads {source} at test "
+              f"accuracy {accuracy:.4f}", flush=True)  # fmt: skip
+        return {"test": loaders["test"], "probe": probe, "base_accuracy": accuracy}
 
     def compared(self, method: str) -> dict[str, Any]:
         """Train ``method`` from the fresh base on the run's data; one comparison row: quality,
@@ -174,6 +199,10 @@ class SequenceClassification(ClassificationRecipe):
                 save_file(state, str(Path(folder) / "model.safetensors"))
             checkpoint = engines.folder_bytes(folder)
         print(f"compare {method}: test accuracy {test['accuracy']:.4f}", flush=True)
+        other = {}
+        if self.other is not None:  # after the peak: the probe is not the method's cost
+            probe = self.other["probe"]
+            other["other_probe_accuracy"] = probe.accuracy(*head_inputs(model, self.other["test"]))
         return {
             "method": f"LoRA r={config.lora.r}" if method == "lora" else method,
             "lr": train.lr,
@@ -185,6 +214,7 @@ class SequenceClassification(ClassificationRecipe):
             "test_accuracy": test["accuracy"],
             "step_seconds": result.train_seconds / max(result.steps, 1),
             "added_peak_rss_bytes": added,
+            **other,
         }
 
     def closing_line(self, summary: dict[str, Any], run_dir: RunDir) -> str:
