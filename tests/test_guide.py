@@ -1,7 +1,9 @@
 """`python -m lorakit.guide`: the guide's sweeps as commands, and one run small."""
 
 import json
+import re
 import shlex
+from pathlib import Path
 
 import pytest
 
@@ -90,3 +92,20 @@ def test_small_methods_sweep_tables_each_method_over_the_seeds(tmp_path, tiny_be
     mean = sum(r["test_accuracy"] for r in full) / 2
     assert cell.startswith(f"{format_value(mean)} ± ")
     assert (figures / "methods-comparison.png").is_file()
+
+
+GUIDE = Path(__file__).parent.parent / "docs" / "guide.md"
+# a measured figure: a decimal (0.7806, 1.26) or a count with thousands separators (111,362)
+FIGURE = re.compile(r"(?<![\w.,])\d{1,3}(?:,\d{3})+(?![\d,])|(?<![\w.])\d+\.\d+(?![\d.])")
+
+
+def test_every_figure_in_the_guide_is_in_a_table_the_script_wrote():
+    tables = " ".join(p.read_text() for p in GUIDE.with_suffix("").glob("*.*")
+                      if p.suffix in (".md", ".txt"))  # fmt: skip
+    text = GUIDE.read_text()
+    figures = FIGURE.findall(re.sub(r"`[^`]*`", "", text))  # commands are not measurements
+    assert len(figures) > 20
+    missing = sorted({f for f in figures if f not in tables})
+    assert not missing, f"figures in docs/guide.md that no docs/guide table carries: {missing}"
+    for link in re.findall(r"\]\((guide/[^)]+)\)", text):
+        assert (GUIDE.parent / link).is_file(), link
