@@ -384,7 +384,25 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(report(sweep, args.runs, args.figures, args.extra), flush=True)
         else:
             print(run(sweep, args.runs, args.figures, args.extra), flush=True)
+    if not args.only:
+        print(write_timings(args.runs, args.figures), flush=True)
     return 0
+
+
+def write_timings(runs: Path, figures: Path) -> Path:
+    """``timings.md``: how long each sweep in ``runs`` took, and all of them together."""
+    rows = []
+    for sweep in SWEEPS:
+        path = runs / sweep.name / "sweep.json"
+        record = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
+        if "seconds" in record:  # a finished sweep
+            rows.append({"sweep": sweep.name, "runs": record["combinations"],
+                         "minutes": round(record["seconds"] / 60, 1)})  # fmt: skip
+    total = round(sum(row["minutes"] for row in rows), 1)
+    rows.append({"sweep": "all", "runs": sum(row["runs"] for row in rows), "minutes": total})
+    text = ("# How long the guide's sweeps took\n\nEach sweep's `seconds` (sweep.json), one "
+            "after another on the machine the guide names.\n\n")  # fmt: skip
+    return write_atomically(figures / "timings.md", text + markdown_table(list(rows[0]), rows))
 
 
 if __name__ == "__main__":
