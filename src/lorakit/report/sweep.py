@@ -478,6 +478,7 @@ def _plot_against_r(
         axes.set_xscale("log", base=2)
     axes.set_xticks(ranks, [format_value(r) for r in ranks])
     axes.minorticks_off()
+    _cost_of_r(axes, settings, r_key)
     if line_keys:
         axes.legend(frameon=False, fontsize=9)
     axes.set_xlabel("LoRA rank r")
@@ -487,6 +488,29 @@ def _plot_against_r(
     axes.spines[["top", "right"]].set_visible(False)
     figure.tight_layout()
     return save_figure(figure, path)
+
+
+def _cost_of_r(axes, settings: pd.DataFrame, r_key: str) -> None:
+    """On a second axis: the trainable parameters at each r (grey, dashed), each point labelled
+    with the adapter file's size."""
+    if "trainable_params" not in settings.columns or settings["trainable_params"].isna().all():
+        return
+    cost = settings.groupby(r_key, sort=True)[["trainable_params"]].mean()
+    if "adapter_bytes" in settings.columns:
+        cost["adapter_bytes"] = settings.groupby(r_key, sort=True)["adapter_bytes"].mean()
+    right = axes.twinx()
+    right.plot(cost.index, cost["trainable_params"], color="#888", linestyle="--", marker="s",
+               markersize=4, linewidth=1, label="trainable parameters")  # fmt: skip
+    for r, row in cost.iterrows():
+        if pd.notna(row.get("adapter_bytes")):
+            right.annotate(human_bytes(row["adapter_bytes"]), (r, row["trainable_params"]),
+                           textcoords="offset points", xytext=(4, -10), fontsize=7,
+                           color="#666")  # fmt: skip
+    right.set_yscale("log")
+    right.yaxis.set_major_formatter(FuncFormatter(lambda value, _: f"{value:,.0f}"))
+    right.set_ylabel("trainable parameters (dashed; labels: adapter file)", color="#666")
+    right.tick_params(axis="y", colors="#666", labelsize=8)
+    right.spines["top"].set_visible(False)
 
 
 def _cost_formatter(cost: str) -> FuncFormatter:
