@@ -43,6 +43,7 @@ from lorakit.report.sweep import (
     markdown_table,
     read_sweep_table,
     settings_markdown,
+    standard_error,
 )
 from lorakit.rundir import read_run_summary
 
@@ -170,6 +171,7 @@ def report(sweep: GuideSweep, runs: Path, figures: Path, extra: Sequence[str] = 
              f"in {record['seconds'] / 60:.0f} minutes.\n")  # fmt: skip
     # the sweep's own links to its plots, pointed at their copies beside this table
     text += settings_markdown(out, per_setting=True).replace(f"]({PLOTS_DIR}/", f"]({sweep.name}-")
+    text += _test_noise(out)
     if sweep.figures:
         text += "\n## Figures per setting (mean ± sample standard deviation over the seeds)\n\n"
         text += _figures_table(out, sweep.figures)
@@ -182,6 +184,18 @@ def report(sweep: GuideSweep, runs: Path, figures: Path, extra: Sequence[str] = 
         plot = _plot_comparison(out, figures / f"{sweep.name}-comparison.png")
         text += f"\n![comparison]({plot.name})\n"
     return write_atomically(figures / f"{sweep.name}.md", text)
+
+
+def _test_noise(out: Path) -> str:
+    """For an accuracy: one binomial standard error on the test split, at the runs' mean."""
+    runs = _ok_runs(out)
+    if "test_accuracy" not in runs.columns or "test_examples" not in runs.columns:
+        return ""
+    accuracy, examples = runs["test_accuracy"].mean(), int(runs["test_examples"].max())
+    error = standard_error(accuracy, examples)
+    return (f"\nTest noise: at the runs' mean test accuracy, {format_value(accuracy)}, one "
+            f"binomial standard error sqrt(p(1-p)/n) on {examples} test examples is "
+            f"{format_value(error)}.\n")  # fmt: skip
 
 
 def _ok_runs(out: Path) -> pd.DataFrame:
