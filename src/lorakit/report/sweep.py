@@ -458,9 +458,11 @@ def _plot_against_params(settings: pd.DataFrame, metric: str, path: Path) -> Pat
     return save_figure(figure, path)
 
 
-def _plot_against_r(
+def _plot_against_value(
     settings: pd.DataFrame, metric: str, r_key: str, line_keys: list[str], path: Path
 ) -> Path:
+    """``metric`` against a numeric grid key (``r``, or another such as ``lora_alpha``), one line
+    per value of ``line_keys``, on a log-2 axis when the values allow."""
     figure = Figure(figsize=(7.5, 4.5))
     axes = figure.subplots()
     groups = settings.groupby(line_keys, dropna=False, sort=True) if line_keys else [((), settings)]
@@ -478,12 +480,14 @@ def _plot_against_r(
         axes.set_xscale("log", base=2)
     axes.set_xticks(ranks, [format_value(r) for r in ranks])
     axes.minorticks_off()
-    _cost_of_r(axes, settings, r_key)
+    if settings["trainable_params"].nunique() > 1:
+        _cost_of_r(axes, settings, r_key)
     if line_keys:
         axes.legend(frameon=False, fontsize=9)
-    axes.set_xlabel("LoRA rank r")
+    name = r_key.split(".")[-1]
+    axes.set_xlabel("LoRA rank r" if name == "r" else name)
     axes.set_ylabel(_metric_label(metric))
-    axes.set_title(f"{metric.replace('_', ' ')} against r{_spread_note(settings)}")
+    axes.set_title(f"{metric.replace('_', ' ')} against {name}{_spread_note(settings)}")
     axes.grid(alpha=0.3)
     axes.spines[["top", "right"]].set_visible(False)
     figure.tight_layout()
@@ -581,6 +585,12 @@ def plot_sweep(sweep_dir: str | os.PathLike[str]) -> list[Path]:
         line_keys = [k for k in varied if k != r_key]
         if alpha_key is not None and alpha_key not in line_keys:
             line_keys.insert(0, alpha_key)
-        written.append(_plot_against_r(settings, metric, r_key, line_keys, plots / METRIC_VS_R_PNG))
+        written.append(
+            _plot_against_value(settings, metric, r_key, line_keys, plots / METRIC_VS_R_PNG)
+        )
+    elif len(varied) == 1 and pd.api.types.is_numeric_dtype(settings[varied[0]]):
+        name = varied[0].split(".")[-1]  # lora_alpha, lr, ...
+        path = plots / f"metric_vs_{name}.png"
+        written.append(_plot_against_value(settings, metric, varied[0], [], path))
     panel = plot_quality_vs_cost(settings, metric, plots / QUALITY_VS_COST_PNG)
     return [*written, panel] if panel else written
