@@ -26,7 +26,7 @@ from typing import Any
 
 import pandas as pd
 from matplotlib.figure import Figure
-from matplotlib.ticker import FuncFormatter, NullFormatter
+from matplotlib.ticker import FuncFormatter, MaxNLocator, NullFormatter
 
 from .plots import save_figure
 from .runfiles import (
@@ -418,6 +418,7 @@ def _spread_note(settings: pd.DataFrame) -> str:
 
 def _log_axis_if_wide(axes, values: pd.Series, formatter: FuncFormatter) -> None:
     axes.xaxis.set_major_formatter(formatter)
+    axes.xaxis.set_major_locator(MaxNLocator(5))  # labels such as "2.4 GB" need the room
     low, high = values.min(), values.max()
     if low > 0 and high >= 10 * low:
         axes.set_xscale("log")
