@@ -169,8 +169,9 @@ def report(sweep: GuideSweep, runs: Path, figures: Path, extra: Sequence[str] = 
     text = f"# {sweep.name}: {sweep.question}\n\n`{shlex.join(sweep.command(out, extra))}`\n\n"
     text += (f"{record['succeeded']} of {record['succeeded'] + record['failed']} runs succeeded "
              f"in {record['seconds'] / 60:.0f} minutes.\n")  # fmt: skip
+    settings = settings_markdown(out, per_setting=True, max_cell=200)
     # the sweep's own links to its plots, pointed at their copies beside this table
-    text += settings_markdown(out, per_setting=True).replace(f"]({PLOTS_DIR}/", f"]({sweep.name}-")
+    text += settings.replace(f"]({PLOTS_DIR}/", f"]({sweep.name}-")
     text += _test_noise(out)
     if sweep.figures:
         text += "\n## Figures per setting (mean ± sample standard deviation over the seeds)\n\n"

@@ -190,10 +190,13 @@ def write_sweep_table(
     return csv_path, md_path
 
 
-def settings_markdown(sweep_dir: Path, *, per_setting: bool | None = None) -> str:
+def settings_markdown(
+    sweep_dir: Path, *, per_setting: bool | None = None, max_cell: int = 80
+) -> str:
     """sweep.md's sections after the runs: each setting's mean and spread over its seeds
     (``per_setting``: always, never, or None: when a setting ran more than once), and the
-    Pareto-optimal settings for each cost (with the panel, once it is drawn)."""
+    Pareto-optimal settings for each cost (with the panel, once it is drawn); table cells cut
+    at ``max_cell`` characters."""
     try:
         table = read_sweep_table(sweep_dir)
     except ReportError:  # rows without the result columns: the runs table says it all
@@ -213,7 +216,7 @@ def settings_markdown(sweep_dir: Path, *, per_setting: bool | None = None) -> st
             for _, row in settings.iterrows()
         ]  # fmt: skip
         text += "\n## Per setting (mean over seeds; std is the sample standard deviation)\n\n"
-        text += markdown_table(columns, rows)
+        text += markdown_table(columns, rows, max_cell)
     fronts = pareto_settings(settings, metric)
     if fronts:
         better = "lower" if lower_is_better(metric) else "higher"
