@@ -221,6 +221,7 @@ def test_compare_trains_lora_full_and_head_from_the_same_start(tmp_path, tiny_be
     assert full["trainable_percent"] == 100
     assert head["checkpoint_bytes"] < lora["checkpoint_bytes"] < full["checkpoint_bytes"]
     assert full["lr"] == pytest.approx(5e-3 * pipeline.FULL_LR_FRACTION)
+    assert head["lr"] == pytest.approx(5e-3 * pipeline.HEAD_LR_FACTOR)
     assert all(row["step_seconds"] > 0 and row["added_peak_rss_bytes"] >= 0
                for row in (lora, full, head))  # fmt: skip
     assert "| head only |" in (run / "comparison.md").read_text()

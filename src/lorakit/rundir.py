@@ -343,8 +343,8 @@ def markdown_table(rows: list[dict[str, Any]]) -> str:
     columns = list(rows[0])
 
     def cell(value: Any) -> str:
-        if isinstance(value, float):
-            return f"{value:.4f}"
+        if isinstance(value, float):  # a learning rate such as 5e-05 keeps its digits
+            return f"{value:.4f}" if value == 0 or abs(value) >= 1e-3 else f"{value:.3g}"
         if isinstance(value, int) and not isinstance(value, bool):
             return f"{value:,}"
         return str(value)
