@@ -132,7 +132,8 @@ SWEEPS = (
                "LoRA against full fine-tuning?", "causal-lm", ("r=8",), FORGETTING, seeds=2),
     GuideSweep("classic", "The classic path: a GloVe classifier pretrained on news topics, "
                "moved to review sentiment by LoRA, against other ways to train it", "classic",
-               ("r=2",), ("compare=true",)),
+               ("r=2",), ("compare=true",),
+               figures=("pretrain_test_accuracy", "test_accuracy")),
 )  # fmt: skip
 
 
