@@ -127,7 +127,8 @@ SWEEPS = (
     GuideSweep("r-instruct", "How do perplexity and verdict accuracy move with r on an LLM?",
                "instruct", ("r=1,4,16,64",), INSTRUCT, seeds=2,
                figures=("test_perplexity", "test_verdict_accuracy",
-                        "test_generated_verdict_accuracy", "base_test_verdict_accuracy")),
+                        "test_generated_verdict_accuracy", "base_test_verdict_accuracy",
+                        "base_test_generated_verdict_accuracy")),
     GuideSweep("forgetting", "How far does domain adaptation move the model on other text, "
                "LoRA against full fine-tuning?", "causal-lm", ("r=8",), FORGETTING, seeds=2),
     GuideSweep("classic", "The classic path: a GloVe classifier pretrained on news topics, "
