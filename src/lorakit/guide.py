@@ -255,24 +255,29 @@ def _comparison(out: Path) -> tuple[list[str], list[dict[str, Any]]] | None:
 
 
 def _plot_comparison(out: Path, path: Path) -> Path:
-    """One panel per measured column of the comparison: each method's mean, its spread as an
-    error bar; byte and parameter counts on a log axis."""
+    """One panel per measured column of the comparison, four to a row: each method's mean, its
+    spread as an error bar; a column spanning two decades or more on a log axis."""
     rows = _comparison_rows(out)
     skip = {"lr", "best_step", "trainable_percent", "vs_base"}
     columns = [c for c in rows.columns
                if c != "compared" and c not in skip and is_numeric_dtype(rows[c])]  # fmt: skip
     names = list(dict.fromkeys(rows["compared"]))
-    figure = Figure(figsize=(3.2 * len(columns), 3.4))
-    axes = figure.subplots(1, len(columns), squeeze=False)[0]
-    for ax, column in zip(axes, columns, strict=True):
+    across = min(4, len(columns))
+    down = math.ceil(len(columns) / across)
+    figure = Figure(figsize=(3.4 * across, 3.3 * down))
+    panels = figure.subplots(down, across, squeeze=False).flatten()
+    for ax, column in zip(panels, columns, strict=False):
         groups = [rows.loc[rows["compared"] == n, column].astype(float) for n in names]
         means = [g.mean() for g in groups]
         spreads = [0 if pd.isna(g.std()) else g.std() for g in groups]
         ax.bar(range(len(names)), means, yerr=spreads, capsize=4, color="tab:blue", alpha=0.8)
-        ax.set_xticks(range(len(names)), [textwrap.fill(str(n), 12) for n in names], fontsize=8)
+        ax.set_xticks(range(len(names)), [textwrap.fill(str(n), 14) for n in names], fontsize=8)
         ax.set_title(column.replace("_", " "), fontsize=9)
-        if column.endswith(("_bytes", "_params")):
+        positive = [m for m in means if m > 0]
+        if positive and max(positive) >= 100 * min(positive):
             ax.set_yscale("log")
+    for ax in panels[len(columns) :]:
+        ax.set_visible(False)
     figure.tight_layout()
     return save_figure(figure, path)
 
