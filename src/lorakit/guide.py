@@ -48,8 +48,8 @@ from lorakit.report.sweep import (
 from lorakit.rundir import read_run_summary
 
 SEEDS = 3
-# The guide's runs are shorter than the recipes' defaults so that every sweep reruns in an
-# afternoon on two cores; each figure's command carries these settings.
+# The guide's runs are shorter than the recipes' defaults, so that every sweep together reruns
+# in about two hours on two cores (docs/guide/timings.md); each figure's command carries them.
 MINILM = ("train.epochs=1", "data.max_train_samples=4000")
 INSTRUCT = (
     "data.max_train_samples=800",
