@@ -76,6 +76,13 @@ class DataConfig(_Section):
         """What to pass to ``lorakit.data.load_dataset``."""
         return self.path or self.name
 
+    def reading(self, source: str, **changes: Any) -> DataConfig:
+        """A copy that reads ``source`` instead: an existing file or folder as ``path``, else a
+        built-in ``name``; ``changes``: other fields to set."""
+        path = Path(source).expanduser()
+        where = {"path": str(path)} if path.exists() else {"name": source, "path": None}
+        return self.model_copy(update={**where, **changes})
+
     @model_validator(mode="after")
     def _some_data(self) -> DataConfig:
         if not (self.path or self.name):

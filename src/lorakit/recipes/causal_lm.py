@@ -589,11 +589,7 @@ class CausalLM(Recipe):
                 f"split: a causal-LM run is measured on {' or '.join(EVAL_SPLITS)}, not {split!r}"
             )
         if data is not None:
-            path = Path(data).expanduser()
-            where = {"path": str(path)} if path.exists() else {"name": data, "path": None}
-            self.config = self.config.model_copy(
-                update={"data": self.config.data.model_copy(update=where)}
-            )
+            self.config = self.config.model_copy(update={"data": self.config.data.reading(data)})
         self.load_data()
         model = engines.load(self.base, Path(run_dir) / "adapter").eval()
         figures = self.measure(model, split)
@@ -610,12 +606,7 @@ def _other_text(config: Config, tokenizer, positions: int) -> datasets.Dataset |
     source = config.data.forgetting_on
     if source is None:
         return None
-    where = (
-        {"path": source} if Path(source).expanduser().exists() else {"name": source, "path": None}
-    )
-    data = config.data.model_copy(
-        update={**where, "text_column": "text", "max_train_samples": 1, "forgetting_on": None}
-    )
+    data = config.data.reading(source, text_column="text", max_train_samples=1, forgetting_on=None)
     causal = causal_section(config).model_copy(update={"mode": "lm", "packing": True})
     other = config.model_copy(update={"data": data, "causal": causal})
     return build_data(other, tokenizer, positions)["splits"]["test"]

@@ -34,10 +34,9 @@ from lorakit.train import engines
 from lorakit.train.loop import train_loop
 from lorakit.train.metrics import evaluate
 from lorakit.train.peak_memory import peak_rss_bytes, reset_peak_memory, resident_bytes
-from lorakit.train.probe import LinearProbe, head_inputs
+from lorakit.train.probe import LinearProbe, classification_head, head_inputs
 
 COMPARED_METHODS = ("lora", "full fine-tuning", "head only")
-HEAD_PREFIXES = ("classifier.", "score.")  # BERT-like heads, and Llama/GPT-2 classifiers
 # The compared methods' lr, relative to LoRA's, as MiniLM on rotten-tomatoes picked them by
 # validation accuracy: full fine-tuning does best at 5e-5 where LoRA takes 1e-3
 # (benchmarks/full_finetune_sentiment.py); the head alone, on the encoder's pooled output, needs
@@ -151,9 +150,8 @@ class SequenceClassification(ClassificationRecipe):
         source = self.config.data.forgetting_on
         if source is None:
             return None
-        where = {"path": source} if Path(source).expanduser().exists() else {"name": source}
-        config = self.config.model_copy(update={"data": self.config.data.model_copy(
-            update={"path": None, **where, "max_train_samples": None, "forgetting_on": None})})  # fmt: skip
+        other = self.config.data.reading(source, max_train_samples=None, forgetting_on=None)
+        config = self.config.model_copy(update={"data": other})
         data = load_task_data(config)
         classes = data["train"].features["label"].num_classes
         loaders = data_loaders(config, data, self.tokenizer)
@@ -178,9 +176,7 @@ class SequenceClassification(ClassificationRecipe):
         else:
             model, _, _ = load_base(config, self.labels)
             model.requires_grad_(method == "full fine-tuning")
-            for name, parameter in model.named_parameters():
-                if name.startswith(HEAD_PREFIXES):
-                    parameter.requires_grad_(True)
+            classification_head(model).requires_grad_(True)
             full = method == "full fine-tuning"
             lr = config.train.lr * (FULL_LR_FRACTION if full else HEAD_LR_FACTOR)
             train = config.train.model_copy(update={"lr": lr})
