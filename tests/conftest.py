@@ -44,7 +44,7 @@ def stars_csv(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def smollm2_folder(lorakit_cache):
-    """SmolLM2-135M-Instruct converted into the session's lorakit cache (about 20 s), shared by
+    """SmolLM2-135M-Instruct converted into the test run's lorakit cache (about 20 s), shared by
     every test that needs it."""
     from lorakit.models.gguf import converted_folder, smollm2_gguf
 
